@@ -1,0 +1,58 @@
+"""Fixtures shared by the test modules: the repo on sys.path, checkpoints, scripts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import beit_model  # noqa: E402
+
+TINY = "beit_tiny_test_patch16_224"
+BASE = "beit_base_patch16_224"
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO
+
+
+def run_script(args, cwd=None, env=None, timeout=600, check=False):
+    """Run a repo script (``['beit_preprocess.py', '--flag', ...]``) with this Python.
+
+    Returns the CompletedProcess with text stdout/stderr.
+    """
+    cmd = list(args)
+    if cmd[0].endswith(".py"):
+        cmd = [sys.executable, os.path.join(REPO, cmd[0])] + cmd[1:]
+    elif cmd[0].endswith(".sh"):
+        cmd = ["bash", os.path.join(REPO, cmd[0])] + cmd[1:]
+    full_env = dict(os.environ)
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny BEiT checkpoint in the unilm format."""
+    path = tmp_path_factory.mktemp("ckpt") / "beit_tiny.pth"
+    beit_model.save_random_checkpoint(path, TINY, seed=1)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory):
+    """A randomly initialised beit_base_patch16_224 checkpoint in the unilm format (~350 MB)."""
+    path = tmp_path_factory.mktemp("ckpt_base") / "beit_base_patch16_224_pt22k_ft22kto1k.pth"
+    beit_model.save_random_checkpoint(path, BASE, seed=2)
+    return str(path)
