@@ -1,0 +1,410 @@
+"""Benchmarks: the guide's throughput and accuracy tables, measured on this machine.
+
+Not a pipeline step: it drives the pipeline's own scripts and measures, in one
+run and on the same randomly initialised weights and inputs,
+
+  * throughput (img/s) per batch size of PyTorch eager (timm), and of ONNX
+    Runtime on the exported, the onnxsim and the graph_modify models;
+  * the machine's fp32 ceiling: ONNX Runtime MatMul GFLOP/s on BEiT-shaped
+    GEMMs, and from it and BEiT-base's 17.6 GMACs per image the fraction of the
+    ceiling each runtime reaches;
+  * preprocessing img/s on realistic JPEGs: the reference pipeline (torchvision
+    transforms, one image at a time, one process, as the guide's script does)
+    against beit_preprocess.py with 1 worker and with all cores;
+  * the end-to-end wall time of run_all.sh on the demo set, split by step.
+
+It writes results.json, results.md (tables in the guide's shape) and
+throughput.png into --out.  Shared machines are noisy: compare the ratios
+measured in one run, not absolute numbers across runs.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GMACS_PER_IMAGE = {"beit_base_patch16_224": 17.6}
+RUNTIMES = ("pytorch", "onnx", "onnxsim", "graph_modify")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_out", help="folder for results.json, results.md, throughput.png "
+                   "and the converted models (reused by a later run)")
+    p.add_argument("--model", default="beit_base_patch16_224", help="BEiT variant to build with random weights")
+    p.add_argument("--batch_sizes", default="1,4,8,16,32", help="comma-separated batch sizes to time")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size before timing")
+    p.add_argument("--runtimes", default=",".join(RUNTIMES),
+                   help=f"which runtimes to time, comma-separated from {','.join(RUNTIMES)}")
+    p.add_argument("--providers", default="cpu", choices=sorted(PROVIDERS),
+                   help="ONNX Runtime execution provider, as for beit_infer.py (cuda/tensorrt need onnxruntime-gpu)")
+    p.add_argument("--torch_device", default="cpu", help="device for PyTorch eager (cpu or cuda)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for PyTorch and ONNX Runtime")
+    p.add_argument("--prep_images", type=int, default=96,
+                   help="number of 500x375 quality-90 JPEGs for the preprocessing benchmark (0 skips it)")
+    p.add_argument("--skip_e2e", action="store_true", help="skip timing run_all.sh on the demo set")
+    p.add_argument("--e2e_batch_size", type=int, default=8, help="batch size of the run_all.sh timing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- helpers
+
+def log(msg):
+    print(f"[bench {datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def run(cmd, **kwargs):
+    """Run a pipeline command, echoing it; raise with its output on failure."""
+    log("$ " + " ".join(str(c) for c in cmd))
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def time_calls(fn, warmup, repeats):
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def throughput_entry(batch_size, times):
+    median = statistics.median(times)
+    return {"batch_size": batch_size, "img_per_s": batch_size / median, "median_ms": median * 1e3,
+            "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "runs": len(times)}
+
+
+def machine_info():
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    import onnxruntime
+    import torch
+    info["torch"] = torch.__version__
+    info["onnxruntime"] = onnxruntime.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---------------------------------------------------------------- models
+
+def prepare_models(work, model_name, batch_sizes, seed):
+    """Random checkpoint -> ONNX (dynamic batch) -> onnxsim and graph_modify per batch size, reusing files."""
+    import beit_model
+    os.makedirs(work, exist_ok=True)
+    ckpt = os.path.join(work, f"{model_name}_random.pth")
+    if not os.path.exists(ckpt):
+        log(f"writing a random {model_name} checkpoint")
+        beit_model.save_random_checkpoint(ckpt, model_name, seed=seed)
+    models = {"checkpoint": ckpt, "onnx": os.path.join(work, f"{model_name}.onnx"), "onnxsim": {}, "graph_modify": {}}
+    py = sys.executable
+    if not os.path.exists(models["onnx"]):
+        run([py, os.path.join(HERE, "beit_pth2onnx.py"), "--source", ckpt, "--target", models["onnx"],
+             "--batch_size", "1"])
+    for bs in batch_sizes:
+        sim = os.path.join(work, f"beit_onnxsim_bs{bs}.onnx")
+        mg = os.path.join(work, f"beit_mg_bs{bs}.onnx")
+        if not os.path.exists(sim):
+            run([py, "-m", "onnxsim", models["onnx"], sim, "--overwrite-input-shape", f"{bs},3,224,224"])
+        if not os.path.exists(mg):
+            run([py, os.path.join(HERE, "graph_modify.py"), sim, mg, str(bs)])
+        models["onnxsim"][bs], models["graph_modify"][bs] = sim, mg
+    return models
+
+
+def ort_session(path, provider, threads):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(path, opts, providers=providers)
+
+
+def bench_runtimes(models, runtimes, batch_sizes, args):
+    """{runtime: [throughput entries per batch size]}; every runtime sees the same inputs."""
+    import torch
+    import beit_model
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    inputs = {bs: rng.standard_normal((bs, 3, 224, 224), dtype=np.float32) for bs in batch_sizes}
+    results = {name: [] for name in runtimes}
+    torch_model = None
+    if "pytorch" in runtimes:
+        model, _, _ = beit_model.build_model(beit_model.load_state_dict(models["checkpoint"]))
+        torch_model = model.to(args.torch_device)
+    for bs in batch_sizes:
+        x = inputs[bs]
+        for name in runtimes:
+            if name == "pytorch":
+                xt = torch.from_numpy(x).to(args.torch_device)
+
+                def call():
+                    with torch.inference_mode():
+                        torch_model(xt)
+                    if args.torch_device.startswith("cuda"):
+                        torch.cuda.synchronize()
+            else:
+                path = models["onnx"] if name == "onnx" else models[name][bs]
+                sess = ort_session(path, args.providers, args.threads)
+                feed = {sess.get_inputs()[0].name: x}
+
+                def call(sess=sess, feed=feed):
+                    sess.run(None, feed)
+            entry = throughput_entry(bs, time_calls(call, args.warmup, args.repeats))
+            results[name].append(entry)
+            log(f"{name:>12} bs{bs:<3} {entry['img_per_s']:8.2f} img/s (median {entry['median_ms']:.0f} ms)")
+    return results
+
+
+# ---------------------------------------------------------------- ceiling
+
+def beit_gemm_shapes(tokens=197, dim=768, batch=8):
+    """(M, K, N) of BEiT-base's linear layers at one batch: qkv, proj, fc1, fc2."""
+    m = tokens * batch
+    return [(m, dim, 3 * dim), (m, dim, dim), (m, dim, 4 * dim), (m, 4 * dim, dim)]
+
+
+def measure_matmul_ceiling(provider, threads, repeats=10):
+    """ONNX Runtime fp32 MatMul GFLOP/s on BEiT-shaped GEMMs: per shape and the best."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    per_shape = []
+    for m, k, n in beit_gemm_shapes():
+        weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) / k ** 0.5, "w")
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "gemm",
+                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        times = time_calls(lambda: sess.run(None, {"a": a}), 3, repeats)
+        gflops = 2 * m * k * n / statistics.median(times) / 1e9
+        per_shape.append({"m": m, "k": k, "n": n, "gflop_per_s": gflops})
+        log(f"MatMul {m}x{k}x{n}: {gflops:.0f} GFLOP/s")
+    return {"per_shape": per_shape, "peak_gflop_per_s": max(s["gflop_per_s"] for s in per_shape)}
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def bench_preprocess(work, count, threads):
+    """Reference torchvision pipeline vs beit_preprocess.py (1 worker and all cores), img/s."""
+    import beit_preprocess
+    import synthetic_data
+    from PIL import Image
+    folder = os.path.join(work, f"jpegs_{count}")
+    if not os.path.isdir(folder) or len(os.listdir(folder)) != count:
+        log(f"writing {count} realistic JPEGs (500x375, quality 90)")
+        synthetic_data.write_realistic_jpegs(folder, count)
+    names = sorted(os.listdir(folder))
+    transform = beit_preprocess.reference_transform()
+
+    def reference():
+        for name in names:
+            with Image.open(os.path.join(folder, name)) as img:
+                transform(img.convert("RGB")).numpy()
+
+    start = time.perf_counter()
+    reference()
+    ref_s = time.perf_counter() - start
+    results = {"images": count, "reference_img_per_s": count / ref_s}
+    log(f"preprocess reference: {count / ref_s:.1f} img/s")
+    for label, workers in (("workers_1", 1), ("workers_all", threads)):
+        out = os.path.join(work, f"prep_bench_{label}")
+        subprocess.run(["rm", "-rf", out], check=True)
+        start = time.perf_counter()
+        run([sys.executable, os.path.join(HERE, "beit_preprocess.py"), "--image_path", folder, "--prep_image", out,
+             "--batch_size", "8", "--workers", str(workers)])
+        elapsed = time.perf_counter() - start
+        results[f"{label}_img_per_s"] = count / elapsed
+        results[f"{label}_speedup"] = results[f"{label}_img_per_s"] / results["reference_img_per_s"]
+        log(f"preprocess {label} ({workers}): {count / elapsed:.1f} img/s "
+            f"({results[f'{label}_speedup']:.2f}x the reference, process start-up included)")
+    results["workers_all"] = threads
+    return results
+
+
+# ---------------------------------------------------------------- end to end
+
+STEP_TIME_RE = re.compile(r"step '?(?P<name>[\w-]+)'?.*?(?:done|finished|ok).*?(?P<secs>\d+(?:\.\d+)?)\s*s", re.I)
+
+
+def bench_e2e(work, batch_size):
+    """Wall time of run_all.sh on the demo set (fresh work folder), and each step's time from its log."""
+    wd = os.path.join(work, "e2e")
+    subprocess.run(["rm", "-rf", wd], check=True)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    start = time.perf_counter()
+    proc = run(["bash", os.path.join(HERE, "run_all.sh"), "--batch_size", str(batch_size), "--workdir", wd,
+                "--backend", "ort"], env=env)
+    total = time.perf_counter() - start
+    steps = [{"step": m.group("name"), "seconds": float(m.group("secs"))} for m in STEP_TIME_RE.finditer(proc.stdout)]
+    acc = {}
+    acc_path = os.path.join(wd, f"acc_bs{batch_size}.json")
+    if os.path.exists(acc_path):
+        with open(acc_path) as f:
+            data = json.load(f)
+        acc = {k: data.get(k) for k in ("num_images", "top1", "top5")}
+    log(f"run_all.sh bs{batch_size}: {total:.1f} s")
+    return {"batch_size": batch_size, "total_s": total, "steps": steps, "accuracy": acc,
+            "log_tail": proc.stdout[-2500:]}
+
+
+# ---------------------------------------------------------------- report
+
+def summarize(results, model_name):
+    """Ratios that the targets are stated in."""
+    gmacs = GMACS_PER_IMAGE.get(model_name)
+    ceiling = results.get("ceiling", {}).get("peak_gflop_per_s")
+    out = {}
+    tp = results.get("throughput", {})
+    if ceiling and gmacs:
+        out["ceiling_img_per_s"] = ceiling / (2 * gmacs)
+        for name, entries in tp.items():
+            for e in entries:
+                e["fraction_of_ceiling"] = e["img_per_s"] / out["ceiling_img_per_s"]
+
+    def at(name, bs):
+        for e in tp.get(name, []):
+            if e["batch_size"] == bs:
+                return e["img_per_s"]
+        return None
+
+    if at("onnxsim", 8) and at("pytorch", 8):
+        out["bs8_onnxsim_over_pytorch"] = at("onnxsim", 8) / at("pytorch", 8)
+    if at("onnx", 8) and at("pytorch", 8):
+        out["bs8_onnx_over_pytorch"] = at("onnx", 8) / at("pytorch", 8)
+    if at("graph_modify", 8) and at("onnxsim", 8):
+        out["bs8_graph_modify_over_onnxsim"] = at("graph_modify", 8) / at("onnxsim", 8)
+        out["token_ratio_197_over_208"] = 197 / 208
+    return out
+
+
+def markdown(results):
+    info, summary = results["machine"], results["summary"]
+    lines = [f"Machine: {info.get('cpu')}, {info.get('cores')} cores"
+             + (f", GPU {info['gpu']}" if info.get("gpu") else "")
+             + f"; torch {info.get('torch')}, onnxruntime {info.get('onnxruntime')}; provider "
+             f"{results['args']['providers']}; {results['date']}.", ""]
+    tp = results.get("throughput", {})
+    if tp:
+        names = list(tp)
+        lines += ["Throughput (img/s, median of timed runs; in brackets the fraction of the fp32 ceiling):", "",
+                  "| Batch Size | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, e0 in enumerate(tp[names[0]]):
+            cells = []
+            for n in names:
+                e = tp[n][i]
+                frac = f" ({e['fraction_of_ceiling']:.0%})" if "fraction_of_ceiling" in e else ""
+                cells.append(f"{e['img_per_s']:.2f}{frac}")
+            lines.append(f"| {e0['batch_size']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "ceiling" in results:
+        c = results["ceiling"]
+        lines.append(f"fp32 ceiling: ONNX Runtime MatMul peak {c['peak_gflop_per_s']:.0f} GFLOP/s on BEiT-shaped GEMMs"
+                     f" -> {summary.get('ceiling_img_per_s', float('nan')):.2f} img/s at 17.6 GMACs/image.")
+    for key, text in (("bs8_onnxsim_over_pytorch", "ONNX Runtime (onnxsim model) / PyTorch eager at bs8"),
+                      ("bs8_graph_modify_over_onnxsim", "graph_modify / onnxsim model at bs8 (197/208 = 0.947)")):
+        if key in summary:
+            lines.append(f"- {text}: {summary[key]:.2f}x")
+    if "preprocess" in results:
+        p = results["preprocess"]
+        lines += ["", f"Preprocessing, {p['images']} JPEGs 500x375 q90 (img/s): reference (torchvision, 1 process) "
+                  f"{p['reference_img_per_s']:.1f}; beit_preprocess.py 1 worker {p['workers_1_img_per_s']:.1f} "
+                  f"({p['workers_1_speedup']:.2f}x); {p['workers_all']} workers {p['workers_all_img_per_s']:.1f} "
+                  f"({p['workers_all_speedup']:.2f}x)."]
+    if "e2e" in results:
+        e = results["e2e"]
+        steps = ", ".join(f"{s['step']} {s['seconds']:.1f} s" for s in e["steps"])
+        lines += ["", f"run_all.sh on the demo set, bs{e['batch_size']}: {e['total_s']:.1f} s in all"
+                  + (f" ({steps})" if steps else "") + (f"; accuracy {e['accuracy']}" if e["accuracy"] else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entries in results.get("throughput", {}).items():
+        ax.plot([e["batch_size"] for e in entries], [e["img_per_s"] for e in entries], marker="o", label=name)
+    ceiling = results["summary"].get("ceiling_img_per_s")
+    if ceiling:
+        ax.axhline(ceiling, color="grey", linestyle="--", label=f"fp32 MatMul ceiling ({ceiling:.1f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("img/s")
+    info = results["machine"]
+    ax.set_title(f"BEiT-base throughput, {info.get('cores')} cores: {info.get('cpu', '')[:48]}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.path.insert(0, HERE)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    unknown = set(runtimes) - set(RUNTIMES)
+    if unknown:
+        print(f"error: unknown runtimes {sorted(unknown)}; choose from {RUNTIMES}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join(args.out, "work")
+    results = {"date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}", "args": vars(args), "machine": machine_info()}
+    log(f"machine: {results['machine']}")
+    results["ceiling"] = measure_matmul_ceiling(args.providers, args.threads)
+    if runtimes:
+        models = prepare_models(work, args.model, batch_sizes, args.seed)
+        results["throughput"] = bench_runtimes(models, runtimes, batch_sizes, args)
+    if args.prep_images:
+        results["preprocess"] = bench_preprocess(work, args.prep_images, args.threads)
+    if not args.skip_e2e:
+        results["e2e"] = bench_e2e(work, args.e2e_batch_size)
+    results["summary"] = summarize(results, args.model)
+    import beit_io
+    beit_io.write_json_atomic(os.path.join(args.out, "results.json"), results)
+    text = markdown(results)
+    beit_io.write_text_atomic(os.path.join(args.out, "results.md"), text)
+    if results.get("throughput"):
+        plot(results, os.path.join(args.out, "throughput.png"))
+    print(text)
+    log(f"results in {args.out}/results.json, results.md, throughput.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

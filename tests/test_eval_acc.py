@@ -1,0 +1,373 @@
+"""Tests for beit_eval_acc.py: exact Top-k counts on crafted outputs, row mapping, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import beit_eval_acc
+import beit_io
+from conftest import run_script
+
+N_IMAGES = 17
+BATCH = 4
+# Rank of the true label for each of the 17 images (0 = top prediction):
+# 11 top-1 hits, then one each at ranks 1..4, and two misses (-1: the last place).
+RANKS = [0] * 11 + [1, 2, 3, 4] + [5, -1]
+EXPECTED = {"num_images": 17, "correct": [11, 12, 13, 14, 15]}
+
+
+def crafted_logits(rng, label, rank, num_classes):
+    """Distinct logits whose ``label`` sits exactly at ``rank``."""
+    values = rng.permutation(num_classes).astype(np.float32) * 0.25 - 50.0
+    order = np.argsort(-values, kind="stable")
+    target = order[rank % num_classes]
+    values[label], values[target] = values[target], values[label]
+    return values
+
+
+def make_case(tmp_path, fmt="txt", num_classes=1000, order=None, label_padding=True, extra_label_lines=()):
+    """Outputs, manifest and label file for 17 images in batches of 4.
+
+    ``order`` permutes which image sits in which row (the manifest knows, the
+    guide's rule does not).  The 3 padded rows of the last batch hold the
+    labels of images 18..20 at rank 0, and with ``label_padding`` those images
+    are in the label file, so counting a padded row would change every number.
+    """
+    rng = np.random.default_rng(0)
+    names = [f"ILSVRC2012_val_{i + 1:08d}" for i in range(N_IMAGES + 3)]
+    labels = rng.integers(0, num_classes, size=len(names))
+    order = list(range(N_IMAGES)) if order is None else list(order)
+    out_dir = tmp_path / "ais_out"
+    prep_dir = tmp_path / "prep"
+    out_dir.mkdir()
+    prep_dir.mkdir()
+    batches = []
+    n_batches = (N_IMAGES + BATCH - 1) // BATCH
+    for b in range(n_batches):
+        rows, images = [], []
+        for r in range(BATCH):
+            slot = b * BATCH + r
+            if slot < N_IMAGES:
+                img = order[slot]
+                rows.append(crafted_logits(rng, labels[img], RANKS[img], num_classes))
+                images.append(names[img] + ".JPEG")
+            else:
+                # Padding: under the guide's rule this row is image slot+1, here made a sure top-1 hit.
+                rows.append(crafted_logits(rng, labels[slot], 0, num_classes) * 1000.0)
+        stem = f"input_{b:05d}"
+        beit_io.write_output(out_dir / beit_io.output_file_name(stem, fmt), np.stack(rows))
+        batches.append({"file": stem + ".bin", "images": images, "real": len(images)})
+    manifest = {"format": beit_io.MANIFEST_FORMAT, "batch_size": BATCH, "batches": batches,
+                "skipped": [{"image": "broken.JPEG", "reason": "cannot identify image file"}]}
+    beit_io.save_manifest(prep_dir, manifest)
+    # ais_bench leaves these next to the outputs; they must be ignored.
+    (out_dir / "sumary.json").write_text('{"NPU_compute_time": {}}')
+    (out_dir / "input_00000_summary.json").write_text("{}")
+    (out_dir / "ais_bench.log").write_text("log\n")
+    n_labelled = len(names) if label_padding else N_IMAGES
+    lines = [f"{names[i]}.JPEG {labels[i]}" for i in range(n_labelled)] + list(extra_label_lines)
+    label_file = tmp_path / "val_label.txt"
+    label_file.write_text("\n".join(lines) + "\n")
+    return {"out": str(out_dir), "prep": str(prep_dir), "labels": str(label_file), "res": str(tmp_path / "res"),
+            "manifest": manifest}
+
+
+def argv(case, *extra, manifest=True, batch=True):
+    args = ["--folder_davinci_target", case["out"], "--annotation_file_path", case["labels"],
+            "--result_json_path", case["res"], "--json_file_name", "acc.json"]
+    if batch:
+        args += ["--batch_size", str(BATCH)]
+    if manifest:
+        args += ["--prep_image", case["prep"]]
+    return args + list(extra)
+
+
+def read_result(case):
+    with open(os.path.join(case["res"], "acc.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_expected(res, expected=EXPECTED):
+    n = expected["num_images"]
+    assert res["num_images"] == n
+    assert res["top1_correct"] == expected["correct"][0]
+    assert res["top5_correct"] == expected["correct"][4]
+    assert res["top1"] == pytest.approx(100.0 * expected["correct"][0] / n)
+    assert res["top5"] == pytest.approx(100.0 * expected["correct"][4] / n)
+    table = {item["key"]: item["value"] for item in res["value"]}
+    assert table["Number of images"] == str(n)
+    for k in range(1, 6):
+        assert table[f"Top{k} accuracy"] == str(round(100.0 * expected["correct"][k - 1] / n, 2)) + "%"
+
+
+# ---------------------------------------------------------------- pure functions
+
+def test_topk_correct_counts_and_stable_ties():
+    logits = np.array([[0.0, 0.0, 0.0, 0.0],    # all tied: stable order 0,1,2,3
+                       [1.0, 3.0, 3.0, 2.0],    # order 1,2,3,0
+                       [5.0, 4.0, 3.0, 2.0]], dtype=np.float32)
+    labels = [2, 2, 3]
+    assert beit_eval_acc.label_ranks(logits, labels).tolist() == [2, 1, 3]
+    assert [beit_eval_acc.topk_correct(logits, labels, k) for k in (1, 2, 3, 4)] == [0, 1, 2, 3]
+    assert beit_eval_acc.topk_correct(logits[:0], [], 5) == 0
+
+
+def test_crafted_logits_put_label_at_rank():
+    rng = np.random.default_rng(5)
+    for rank in (0, 1, 4, 5, 999, -1):
+        row = crafted_logits(rng, 123, rank, 1000)
+        assert beit_eval_acc.label_ranks(row[None], [123])[0] == rank % 1000
+
+
+def test_evaluate_counts_only_given_rows_and_names_missing_label():
+    logits = np.eye(3, dtype=np.float32)
+    res = beit_eval_acc.evaluate([("a_0.bin", logits, ["x.JPEG", "y", "z"])], {"x": 0, "y": 2, "z": 2}, 3)
+    assert res["num_images"] == 3 and res["correct"] == [2, 2, 3]
+    assert res["top1"] == pytest.approx(200 / 3)
+    with pytest.raises(beit_io.PipelineFileError, match=r"labels\.txt: no label for image w.*a_0\.bin"):
+        beit_eval_acc.evaluate([("a_0.bin", logits, ["x", "y", "w"])], {"x": 0, "y": 2}, 3, "labels.txt")
+
+
+# ---------------------------------------------------------------- end to end, all formats
+
+@pytest.mark.parametrize("fmt", ["txt", "bin", "npy"])
+def test_exact_topk_with_manifest_all_formats(tmp_path, capsys, fmt):
+    order = np.random.default_rng(3).permutation(N_IMAGES)  # rows not in name order: only the manifest knows
+    case = make_case(tmp_path, fmt, order=order)
+    assert beit_eval_acc.main(argv(case)) == 0
+    res = read_result(case)
+    check_expected(res)
+    assert res["title"] == "Overall statistical evaluation"
+    assert [v["key"] for v in res["value"]] == ["Number of images", "Number of classes"] + [
+        f"Top{k} accuracy" for k in range(1, 6)]
+    assert res["value"][1]["value"] == "1000" and res["num_classes"] == 1000
+    assert res["value"][2]["value"] == "64.71%" and res["value"][6]["value"] == "88.24%"
+    assert res["skipped"] == case["manifest"]["skipped"]
+    out = capsys.readouterr()
+    assert "Top-1 accuracy: 64.71%  Top-5 accuracy: 88.24%  images: 17" in out.out
+    assert "1 images were skipped" in out.err
+
+
+def test_guide_rule_fallback_counts_labelled_rows_only(tmp_path, capsys):
+    # Label file without images 18..20: the padded rows are recognised by having no label.
+    case = make_case(tmp_path, "txt", label_padding=False)
+    assert beit_eval_acc.main(argv(case, manifest=False)) == 0
+    res = read_result(case)
+    check_expected(res)
+    assert res["rows_from"] == "guide rule" and res["skipped"] == []
+    err = capsys.readouterr().err
+    assert "3 rows" in err and "not counted" in err
+
+
+def test_guide_rule_counts_padding_the_manifest_excludes(tmp_path):
+    # With labels for 18..20 the guide's rule cannot tell padding apart: it counts
+    # 3 more rows, all top-1 hits.  The manifest gives the exact numbers.
+    case = make_case(tmp_path, "bin")
+    assert beit_eval_acc.main(argv(case, manifest=False)) == 0
+    check_expected(read_result(case), {"num_images": 20, "correct": [14, 15, 16, 17, 18]})
+    assert beit_eval_acc.main(argv(case)) == 0
+    check_expected(read_result(case))
+
+
+def test_manifest_path_alias_and_batchsize_alias(tmp_path):
+    case = make_case(tmp_path, "npy", num_classes=10)
+    args = ["--folder_davinci_target", case["out"], "--annotation_file_path", case["labels"],
+            "--result_json_path", case["res"], "--json_file_name", "acc.json", "--batchsize", "4",
+            "--manifest", os.path.join(case["prep"], "manifest.json"), "--num_classes", "10"]
+    assert beit_eval_acc.main(args) == 0
+    res = read_result(case)
+    check_expected(res)
+    assert res["value"][1] == {"key": "Number of classes", "value": "10"}
+
+
+def test_batch_size_optional_with_manifest(tmp_path):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0
+    check_expected(read_result(case))
+
+
+def test_crlf_label_file_with_trailing_blanks(tmp_path):
+    case = make_case(tmp_path, "txt", num_classes=10)
+    text = open(case["labels"], encoding="utf-8").read().splitlines()
+    with open(case["labels"], "wb") as f:
+        f.write(("\r\n".join(line + "  \t" for line in text) + "\r\n\r\n   \r\n").encode("utf-8"))
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10")) == 0
+    check_expected(read_result(case))
+
+
+def test_script_cli_and_help(tmp_path):
+    case = make_case(tmp_path, "txt")
+    proc = run_script(["beit_eval_acc.py"] + argv(case))
+    assert proc.returncode == 0, proc.stderr
+    assert "Top-1 accuracy: 64.71%  Top-5 accuracy: 88.24%  images: 17" in proc.stdout
+    check_expected(read_result(case))
+    proc = run_script(["beit_eval_acc.py", "--help"])
+    assert proc.returncode == 0
+    for flag in ("--folder_davinci_target", "--annotation_file_path", "--result_json_path", "--json_file_name",
+                 "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes"):
+        assert flag in proc.stdout
+
+
+def test_script_error_has_no_traceback(tmp_path):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    os.remove(os.path.join(case["out"], "input_00002_0.bin"))
+    proc = run_script(["beit_eval_acc.py"] + argv(case, "--num_classes", "10"))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and "input_00002_0.*" in proc.stderr
+    assert not os.path.exists(case["res"])
+
+
+# ---------------------------------------------------------------- errors
+
+def expect_error(case, capsys, args, *needles, code=1):
+    assert beit_eval_acc.main(args) == code
+    err = capsys.readouterr().err
+    assert "error:" in err
+    for needle in needles:
+        assert needle in err, err
+    assert not os.path.exists(os.path.join(case["res"], "acc.json"))
+    return err
+
+
+def write_bin(case, name, data):
+    with open(os.path.join(case["out"], name), "wb") as f:
+        f.write(np.asarray(data, dtype=np.float32).tobytes())
+
+
+def test_error_image_without_label(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    lines = open(case["labels"]).read().splitlines()
+    missing = case["manifest"]["batches"][1]["images"][2]
+    open(case["labels"], "w").write("\n".join(l for l in lines if not l.startswith(missing)) + "\n")
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), missing, case["labels"])
+
+
+def test_error_outputs_do_not_cover_manifest(tmp_path, capsys):
+    case = make_case(tmp_path, "txt", num_classes=10)
+    os.remove(os.path.join(case["out"], "input_00001_0.txt"))
+    os.remove(os.path.join(case["out"], "input_00004_0.txt"))
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), "input_00001_0.*", "input_00004_0.*",
+                 "2 of 5 batches")
+
+
+def test_error_gap_in_guide_rule_batches(tmp_path, capsys):
+    case = make_case(tmp_path, "txt", num_classes=10)
+    os.remove(os.path.join(case["out"], "input_00002_0.txt"))
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False), "input_00002_0.*")
+
+
+@pytest.mark.parametrize("kind", ["not_numbers", "byte_count", "nan", "width_txt", "width_npy", "width_bin"])
+def test_error_malformed_output(tmp_path, capsys, kind):
+    case = make_case(tmp_path, "npy" if kind == "width_npy" else ("txt" if "txt" in kind or kind == "not_numbers"
+                                                                     else "bin"), num_classes=10)
+    out = case["out"]
+    if kind == "not_numbers":
+        name = "input_00001_0.txt"
+        open(os.path.join(out, name), "w").write("1.0 2.0 abc" + " 0.0" * 7 + "\n")
+    elif kind == "byte_count":
+        name = "input_00001_0.bin"
+        write_bin(case, name, np.zeros(4 * 10 + 1))
+    elif kind == "nan":
+        name = "input_00003_0.bin"
+        data = np.zeros((4, 10))
+        data[2, 5] = np.nan
+        write_bin(case, name, data)
+    elif kind == "width_txt":
+        name = "input_00001_0.txt"
+        beit_io.write_output(os.path.join(out, name), np.zeros((4, 9)))
+    elif kind == "width_npy":
+        name = "input_00001_0.npy"
+        beit_io.write_output(os.path.join(out, name), np.zeros((4, 11)))
+    else:
+        # 4 x 10 floats read as rows of 1000 classes: not a whole row.
+        name = "input_00000_0.bin"
+        expect_error(case, capsys, argv(case), name)
+        return
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), name)
+
+
+def test_error_fewer_rows_than_real_images(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    write_bin(case, "input_00002_0.bin", np.zeros((3, 10)))
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), "input_00002_0.bin", "3 rows", "4 images")
+
+
+def test_last_batch_without_padding_rows_is_fine(tmp_path):
+    # An output holding only the real rows of the last batch (a runner that trims padding).
+    case = make_case(tmp_path, "bin", num_classes=10)
+    path = os.path.join(case["out"], "input_00004_0.bin")
+    beit_io.write_output(path, beit_io.read_output(path, 10)[:1])
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10")) == 0
+    check_expected(read_result(case))
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_error_more_rows_than_batch_size(tmp_path, capsys, manifest):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    write_bin(case, "input_00001_0.bin", np.zeros((5, 10)))
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=manifest), "input_00001_0.bin",
+                 "more than the batch size 4")
+
+
+def test_error_batch_size_disagrees_with_manifest(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    args = argv(case, "--num_classes", "10", batch=False) + ["--batch_size", "8"]
+    expect_error(case, capsys, args, "manifest.json", "batch size is 4")
+
+
+def test_error_guide_rule_needs_batch_size(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False, batch=False), "--batch_size",
+                 code=2)
+
+
+@pytest.mark.parametrize("bad_line, needle", [
+    ("ILSVRC2012_val_00000001.JPEG 3", "listed twice"),
+    ("ILSVRC2012_val_00099999.JPEG 10", "outside [0, 10)"),
+    ("ILSVRC2012_val_00099999.JPEG", "expected 'IMAGE_NAME LABEL'"),
+    ("ILSVRC2012_val_00099999.JPEG cat", "not an integer"),
+])
+def test_error_bad_label_file(tmp_path, capsys, bad_line, needle):
+    case = make_case(tmp_path, "bin", num_classes=10, extra_label_lines=[bad_line])
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), case["labels"], needle)
+
+
+def test_error_missing_label_file(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    os.remove(case["labels"])
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), case["labels"], "not found")
+
+
+def test_error_missing_or_empty_output_folder(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    args = argv(case, "--num_classes", "10")
+    missing = str(tmp_path / "nowhere")
+    args[args.index(case["out"])] = missing
+    expect_error(case, capsys, args, missing, "not found")
+    # ais_bench's dated subfolder holds the outputs; the parent has only that folder and a summary.
+    empty = tmp_path / "ais_parent"
+    (empty / "2024_01_01-00_00_00").mkdir(parents=True)
+    (empty / "sumary.json").write_text("{}")
+    args[args.index(missing)] = str(empty)
+    expect_error(case, capsys, args, str(empty), "no inference outputs", "2024_01_01-00_00_00")
+
+
+def test_error_two_formats_for_one_stem(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    beit_io.write_output(os.path.join(case["out"], "input_00003_0.txt"), np.zeros((4, 10)))
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), "input_00003_0.bin", "input_00003_0.txt")
+
+
+def test_error_leaves_existing_json_untouched(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10")) == 0
+    path = os.path.join(case["res"], "acc.json")
+    before = open(path, "rb").read()
+    write_bin(case, "input_00000_0.bin", np.full((4, 10), np.nan))
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10")) == 1
+    assert "input_00000_0.bin" in capsys.readouterr().err
+    assert open(path, "rb").read() == before
+    assert os.listdir(case["res"]) == ["acc.json"]

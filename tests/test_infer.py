@@ -1,0 +1,286 @@
+"""beit_infer.py: ais_bench-compatible outputs, summary, performance mode, errors, providers, resume."""
+
+import json
+import os
+import re
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import beit_infer
+import beit_io
+import beit_model
+from conftest import TINY, run_script
+
+# timm's BEiT converts a few tensors to Python numbers while tracing; harmless for a fixed 224 input.
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+
+B = 4  # static batch of the exported test model
+THREADS = "1"  # the same thread count on both sides keeps ORT's results bit-identical
+
+
+def _export(checkpoint, path, batch, dynamic):
+    model, _, _ = beit_model.build_model(beit_model.load_state_dict(checkpoint), TINY)
+    dummy = torch.zeros(batch, 3, 224, 224)
+    kwargs = {}
+    if dynamic:
+        kwargs["dynamic_axes"] = {"image": {0: "batch"}, "class": {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=["image"],
+                          output_names=["class"], opset_version=17, **kwargs)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory):
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "beit_tiny_bs4.onnx", B, False)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dynamic(tiny_checkpoint, tmp_path_factory):
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("onnx_dyn") / "beit_tiny_dyn.onnx", 1, True)
+
+
+def make_batches(folder, sizes, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i, n in enumerate(sizes):
+        arr = rng.standard_normal((n, 3, 224, 224)).astype(np.float32)
+        beit_io.write_batch(os.path.join(folder, beit_io.batch_file_name(i)), arr)
+        arrays.append(arr)
+    return arrays
+
+
+def direct_run(model, arr):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(THREADS)
+    sess = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": arr})[0]
+
+
+def txt_rounded(arr):
+    """What TXT can hold: every value rounded to %f's six decimals."""
+    return np.array([[float(f"{v:f}") for v in row] for row in arr], dtype=np.float32)
+
+
+def infer(argv, capsys):
+    rc = beit_infer.main(list(argv) + ["--no_progress", "--threads", THREADS])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("fmt", ["TXT", "BIN", "NPY"])
+def test_outputs_equal_direct_onnxruntime_run(tiny_onnx, tmp_path, capsys, fmt):
+    arrays = make_batches(tmp_path / "prep", [B, B, B])
+    rc, out, err = infer(["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+                          "--output_dirname", "run", "--outfmt", fmt], capsys)
+    assert rc == 0, err
+    folder = tmp_path / "out" / "run"
+    ext = fmt.lower()
+    assert sorted(os.listdir(folder)) == [f"input_{i:05d}_0.{ext}" for i in range(3)]
+    for i, arr in enumerate(arrays):
+        got = beit_io.read_output(folder / f"input_{i:05d}_0.{ext}")
+        want = direct_run(tiny_onnx, arr)
+        assert got.shape == (B, 1000)
+        if fmt == "TXT":
+            assert np.max(np.abs(got - txt_rounded(want))) == 0
+            assert np.max(np.abs(got - want)) <= 5e-7 + 1e-6 * np.max(np.abs(want))
+        else:
+            assert np.max(np.abs(got - want)) == 0
+    if fmt == "TXT":
+        lines = (folder / "input_00000_0.txt").read_text().splitlines()
+        assert len(lines) == B and lines[0].endswith(" ") and len(lines[0].split(" ")) == 1001
+
+
+def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, monkeypatch):
+    make_batches(tmp_path / "prep", [B, B, B])
+    writes = []
+    real_write = beit_io.write_output
+    monkeypatch.setattr(beit_io, "write_output", lambda path, *a, **k: (writes.append(path), real_write(path, *a, **k)))
+    rc, out, err = infer(["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+                          "--loop", "2", "--warmup_count", "2"], capsys)
+    assert rc == 0, err
+    entries = sorted(os.listdir(tmp_path / "out"))
+    assert len(entries) == 2
+    dirname = entries[0]
+    assert re.fullmatch(r"\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}", dirname)
+    assert entries[1] == dirname + "_summary.json"
+    # --loop 2 times every batch twice but writes each output once
+    assert sorted(os.listdir(tmp_path / "out" / dirname)) == [f"input_{i:05d}_0.bin" for i in range(3)]
+    assert len(writes) == 3
+
+    summary = json.loads((tmp_path / "out" / entries[1]).read_text())
+    for key in ("filesinfo", "args", "NPU_compute_time", "throughput", "npu_compute_time_list", "pid",
+                "provider", "batchsize"):
+        assert key in summary
+    times = summary["npu_compute_time_list"]
+    assert len(times) == 6 and all(t > 0 for t in times)
+    stats = summary["NPU_compute_time"]
+    assert stats["count"] == 6
+    assert stats["min"] == pytest.approx(min(times)) and stats["max"] == pytest.approx(max(times))
+    assert stats["mean"] == pytest.approx(np.mean(times)) and stats["median"] == pytest.approx(np.median(times))
+    assert stats["percentile(99%)"] == pytest.approx(np.percentile(times, 99))
+    assert summary["throughput"] == pytest.approx(B * len(times) / sum(times) * 1000, rel=1e-9)
+    assert summary["provider"] == "CPUExecutionProvider"
+    assert summary["batchsize"] == B
+    assert summary["args"]["loop"] == 2 and summary["args"]["model"] == tiny_onnx
+    assert summary["filesinfo"]["1"]["infiles"] == [str(tmp_path / "prep" / "input_00001.bin")]
+    assert summary["filesinfo"]["1"]["outfiles"] == [str(tmp_path / "out" / dirname / "input_00001_0.bin")]
+
+    # ais_bench's wording; run_all.sh takes the number after the last colon
+    line = [ln for ln in out.splitlines() if ln.startswith("[INFO] throughput ")][-1]
+    assert line.startswith(f"[INFO] throughput 1000*batchsize.mean({B})/NPU_compute_time.mean(")
+    assert float(line.rsplit(":", 1)[1]) == pytest.approx(summary["throughput"], rel=1e-12)
+    assert "NPU_compute_time (ms): min = " in out and "percentile(99%) = " in out
+
+
+def test_performance_mode_writes_summary_only(tiny_onnx, tmp_path, capsys):
+    rc, out, err = infer(["--model", tiny_onnx, "--output", str(tmp_path / "out"), "--output_dirname", "perf",
+                          "--loop", "5"], capsys)
+    assert rc == 0, err
+    assert os.listdir(tmp_path / "out") == ["perf_summary.json"]
+    summary = json.loads((tmp_path / "out" / "perf_summary.json").read_text())
+    assert summary["mode"] == "pure" and summary["NPU_compute_time"]["count"] == 5
+    assert summary["batchsize"] == B and summary["filesinfo"] == {}
+    assert summary["throughput"] == pytest.approx(B * 5 / sum(summary["npu_compute_time_list"]) * 1000)
+    assert "throughput 1000*batchsize.mean(4)" in out
+
+
+def test_dynamic_batch_model_takes_each_files_batch(tiny_onnx_dynamic, tmp_path, capsys):
+    arrays = make_batches(tmp_path / "prep", [2, 3])
+    rc, out, err = infer(["--model", tiny_onnx_dynamic, "--input", str(tmp_path / "prep"),
+                          "--output", str(tmp_path / "out"), "--output_dirname", "d", "--outfmt", "NPY"], capsys)
+    assert rc == 0, err
+    for i, arr in enumerate(arrays):
+        got = beit_io.read_output(tmp_path / "out" / "d" / f"input_{i:05d}_0.npy")
+        assert got.shape == (arr.shape[0], 1000)
+        assert np.max(np.abs(got - direct_run(tiny_onnx_dynamic, arr))) == 0
+    summary = json.loads((tmp_path / "out" / "d_summary.json").read_text())
+    assert summary["batchsize"] == 2.5  # ais_bench's batchsize.mean
+    assert summary["throughput"] == pytest.approx(5 / sum(summary["npu_compute_time_list"]) * 1000)
+
+
+def test_comma_separated_files(tiny_onnx, tmp_path, capsys):
+    arrays = make_batches(tmp_path / "prep", [B, B])
+    npy = tmp_path / "extra.npy"
+    np.save(npy, arrays[0])
+    files = [str(tmp_path / "prep" / "input_00001.bin"), str(npy)]
+    rc, out, err = infer(["--model", tiny_onnx, "--input", ",".join(files), "--output", str(tmp_path / "out"),
+                          "--output_dirname", "c"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "out" / "c")) == ["extra_0.bin", "input_00001_0.bin"]
+    got = beit_io.read_output(tmp_path / "out" / "c" / "extra_0.bin")
+    assert np.max(np.abs(got - direct_run(tiny_onnx, arrays[0]))) == 0
+
+
+def test_batch_size_mismatch_names_file_and_writes_nothing(tiny_onnx, tmp_path, capsys):
+    make_batches(tmp_path / "prep", [B, B])
+    make_batches(tmp_path / "bad", [2])
+    os.replace(tmp_path / "bad" / "input_00000.bin", tmp_path / "prep" / "input_00002.bin")
+    rc, out, err = infer(["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+                          "--output_dirname", "x"], capsys)
+    assert rc == 2
+    assert "input_00002.bin" in err and "batch of 2 images" in err and "batches of 4" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "empty_folder"])
+def test_user_errors_exit_nonzero_with_a_message(tiny_onnx, tmp_path, capsys, case):
+    model, inp = tiny_onnx, tmp_path / "prep"
+    os.makedirs(inp)
+    if case == "missing":
+        model = str(tmp_path / "nope.onnx")
+        make_batches(inp, [B])
+    elif case == "not_onnx":
+        model = str(tmp_path / "junk.onnx")
+        with open(model, "wb") as f:
+            f.write(b"this is not a protobuf" * 10)
+        make_batches(inp, [B])
+    rc, out, err = infer(["--model", model, "--input", str(inp), "--output", str(tmp_path / "out")], capsys)
+    assert rc == 2
+    assert err.startswith("error: ")
+    expected = {"missing": "nope.onnx: model not found", "not_onnx": "junk.onnx: not a loadable ONNX model",
+                "empty_folder": "no batch files"}[case]
+    assert expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    proc = run_script(["beit_infer.py", "--model", str(tmp_path / "missing.onnx"), "--output", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "missing.onnx: model not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unavailable_provider_warns_and_runs_on_cpu(tiny_onnx, tmp_path, capsys):
+    assert "CUDAExecutionProvider" not in ort.get_available_providers()  # this test needs a CPU-only onnxruntime
+    rc, out, err = infer(["--model", tiny_onnx, "--output", str(tmp_path / "out"), "--output_dirname", "p",
+                          "--providers", "cuda", "--loop", "1"], capsys)
+    assert rc == 0, err
+    assert "cuda (CUDAExecutionProvider) is not available" in err and "CPUExecutionProvider" in err
+    assert "[INFO] provider:CPUExecutionProvider" in out
+    summary = json.loads((tmp_path / "out" / "p_summary.json").read_text())
+    assert summary["provider"] == "CPUExecutionProvider" and summary["providers_requested"] == "cuda"
+
+
+def test_resolve_providers_order_and_fallback():
+    avail = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert beit_infer.resolve_providers("cuda,cpu", avail) == (["CUDAExecutionProvider", "CPUExecutionProvider"], [])
+    wanted, warnings = beit_infer.resolve_providers("tensorrt,cuda", avail)
+    assert wanted == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert len(warnings) == 1 and "TensorrtExecutionProvider" in warnings[0]
+    with pytest.raises(beit_infer.InferError):
+        beit_infer.resolve_providers("gpu", avail)
+
+
+def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys):
+    make_batches(tmp_path / "prep", [B, B, B])
+    argv = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+            "--output_dirname", "r", "--outfmt", "TXT"]
+    assert infer(argv, capsys)[0] == 0
+    folder = tmp_path / "out" / "r"
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    stamps = {name: os.stat(folder / name).st_mtime_ns for name in before}
+    os.unlink(folder / "input_00001_0.txt")
+    (folder / ".input_00002_0.txt.abc.tmp").write_text("half")  # an interrupted atomic write
+
+    rc, out, err = infer(argv, capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(folder)) == sorted(before)
+    assert (folder / "input_00001_0.txt").read_bytes() == before["input_00001_0.txt"]
+    for name in ("input_00000_0.txt", "input_00002_0.txt"):
+        assert os.stat(folder / name).st_mtime_ns == stamps[name]
+    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    assert summary["outputs_written"] == 1 and summary["outputs_kept"] == 2
+    assert summary["NPU_compute_time"]["count"] == 1
+    assert "resume: 2 of 3 outputs already in" in out
+
+    # a different format next to the earlier outputs would leave eval two candidates
+    rc, out, err = infer(argv[:-1] + ["BIN"], capsys)
+    assert rc == 2 and "--outfmt TXT" in err
+    assert not any(n.endswith(".bin") for n in os.listdir(folder))
+
+
+def test_timing_stats_and_throughput():
+    times = [4.0, 1.0, 3.0, 2.0, 10.0]
+    s = beit_infer.timing_stats(times)
+    assert (s["min"], s["max"], s["mean"], s["median"], s["count"]) == (1.0, 10.0, 4.0, 3.0, 5)
+    assert s["percentile(99%)"] == pytest.approx(4.0 + 6.0 * 0.96)  # linear interpolation between 4.0 and 10.0
+    assert beit_infer.timing_stats([])["count"] == 0 and beit_infer.timing_stats([])["mean"] == 0.0
+    assert beit_infer.throughput([8, 8, 8, 8, 8], times) == pytest.approx(8 * 5 / 20.0 * 1000)
+    assert beit_infer.throughput([], []) == 0.0
+
+
+def test_model_that_is_not_a_one_image_input_model_is_refused(tmp_path, capsys):
+    from onnx import TensorProto, helper, save_model
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3, 224, 224])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, 224, 224])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 3, 224, 224])
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "two_inputs", [a, b], [c])
+    path = str(tmp_path / "two_inputs.onnx")
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rc, out, err = infer(["--model", path, "--output", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "two_inputs.onnx: the model has 2 inputs" in err
+    assert not (tmp_path / "out").exists()
