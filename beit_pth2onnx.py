@@ -203,10 +203,14 @@ def main(argv=None):
     dynamic = not args.static
 
     target = os.path.abspath(args.target)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
-                               dir=os.path.dirname(target))
-    os.close(fd)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(target))
+        os.close(fd)
+    except OSError as exc:
+        progress.close()
+        return fail(f"{args.target}: cannot write here ({exc.strerror or exc})")
     try:
         progress.set_description_str(f"export opset {args.opset}")
         t0 = time.perf_counter()

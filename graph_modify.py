@@ -102,7 +102,7 @@ class GraphIndex:
             for inp in node.input:
                 if inp:
                     self.consumers[inp].append(node)
-        inferred = onnx.shape_inference.infer_shapes(self.model)
+        inferred = infer_shapes(self.model)
         self.shapes = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             t = vi.type.tensor_type
@@ -162,6 +162,35 @@ class GraphIndex:
                     order.append(node)
                     todo.extend(node.output)
         return order
+
+
+def weightless_copy(model):
+    """The model with its large float weights turned into typed graph inputs.
+
+    Shape inference needs the values of shape constants but only the shapes of
+    weights; serializing a 330 MB model for every inference pass would dominate
+    the run time.
+    """
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    declared = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims)) if len(t.dims) else 1
+        if size <= 64 or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def infer_shapes(model, strict=False):
+    return onnx.shape_inference.infer_shapes(weightless_copy(model), check_type=strict, strict_mode=strict)
 
 
 def attr(node, name, default=None):
@@ -548,7 +577,7 @@ def check_result(model, batch_size, tokens, padded, padded_stream, exempt):
     del model.graph.value_info[:]
     try:
         onnx.checker.check_model(model)
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        inferred = infer_shapes(model, strict=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise PatternError("valid rewritten graph", f"the rewritten graph fails the ONNX checks: {exc}") from exc
     model.graph.value_info.extend(inferred.graph.value_info)

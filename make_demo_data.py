@@ -34,6 +34,8 @@ from tqdm import tqdm
 import beit_io
 import beit_model
 import synthetic_data
+# The labels must come from the pipeline's own transform, not a look-alike.
+from beit_preprocess import preprocess_image
 
 DEMO_FORMAT = 1
 DEFAULT_COUNT = 28
@@ -66,32 +68,6 @@ def is_complete(out, wanted):
             and os.path.isdir(images) and len(os.listdir(images)) == wanted["count"])
 
 
-def _torchvision_preprocess(path):
-    """The guide's eval transform (bicubic resize to 248, centre crop 224, mean = std = 0.5)."""
-    from PIL import Image
-    from torchvision import transforms
-    transform = transforms.Compose([
-        transforms.Resize(int(beit_io.IMAGE_SIZE / 0.9), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(beit_io.IMAGE_SIZE),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-    ])
-    with Image.open(path) as img:
-        return transform(img.convert("RGB")).numpy()
-
-
-def _load_preprocess():
-    """beit_preprocess.preprocess_image: the labels must come from the pipeline's own transform."""
-    try:
-        from beit_preprocess import preprocess_image
-    except ModuleNotFoundError as exc:
-        if exc.name != "beit_preprocess":
-            raise
-        print("warning: beit_preprocess.py not found; labelling with torchvision's eval transform", file=sys.stderr)
-        return _torchvision_preprocess
-    return preprocess_image
-
-
 def write_images(out, count, seed):
     """Write the images into a fresh folder, then put it in place whole."""
     final = os.path.join(out, IMAGES_DIR)
@@ -107,7 +83,7 @@ def write_images(out, count, seed):
     return [os.path.join(final, n) for n in names]
 
 
-def predict(model, preprocess_image, paths, batch_size=8):
+def predict(model, paths, batch_size=8):
     """PyTorch logits (len(paths), classes) for the images, preprocessed as the pipeline does."""
     logits = []
     with torch.inference_mode():
@@ -132,7 +108,6 @@ def make_demo(out, model_name, count, seed):
     record_path = os.path.join(out, RECORD_NAME)
     if os.path.exists(record_path):
         os.unlink(record_path)
-    preprocess_image = _load_preprocess()
 
     checkpoint = beit_model.random_checkpoint(model_name, seed=seed)
     buf = io.BytesIO()
@@ -143,7 +118,7 @@ def make_demo(out, model_name, count, seed):
     paths = write_images(out, count, seed)
     # Built from the saved file, as beit_pth2onnx.py builds it, so both start from the same tensors.
     model, _, _ = beit_model.build_model(beit_model.load_state_dict(ckpt_path), model_name)
-    logits = predict(model, preprocess_image, paths)
+    logits = predict(model, paths)
     labels = logits.argmax(axis=1)
     lines = [f"{os.path.basename(p)} {int(label)}\n" for p, label in zip(paths, labels)]
     beit_io.write_text_atomic(os.path.join(out, LABELS_NAME), "".join(lines))

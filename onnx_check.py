@@ -97,7 +97,7 @@ def session_input_shape(session):
     return [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
 
 
-def batch_shape(cand_shape, ref_shape=None, batch_size=None):
+def batch_shape(cand_shape, ref_shape=None, batch_size=None, name="the candidate"):
     """The shape to feed both models: static dims of the candidate, then the reference, then --batch_size.
 
     The batch (first) axis takes ``batch_size`` where it is dynamic in the
@@ -108,7 +108,7 @@ def batch_shape(cand_shape, ref_shape=None, batch_size=None):
         ref_dim = ref_shape[axis] if ref_shape is not None and axis < len(ref_shape) else None
         if axis == 0:
             if dim is not None and batch_size is not None and dim != batch_size:
-                raise OnnxCheckError(f"the candidate's batch size is fixed at {dim}, not {batch_size}")
+                raise OnnxCheckError(f"{name}: batch size is fixed at {dim}, not {batch_size}")
             dim = dim or batch_size or ref_dim
             if dim is None:
                 raise OnnxCheckError("both models take any batch size: give --batch_size")
@@ -148,7 +148,7 @@ def compare_models(ref_path, cand_path, batch, seed=0):
     ref = open_session(ref_path)
     cand = open_session(cand_path)
     if isinstance(batch, (int, np.integer)):
-        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), int(batch))
+        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), int(batch), os.fspath(cand_path))
         batch = random_batch(shape, seed)
     return compare_sessions(ref, cand, batch, os.fspath(ref_path), os.fspath(cand_path))
 
@@ -161,7 +161,10 @@ def compare_sessions(ref, cand, batch, ref_name="reference", cand_name="candidat
     mid = time.perf_counter()
     actual = run_session(cand, batch, cand_name)
     end = time.perf_counter()
-    errors = output_errors(actual, expected)
+    try:
+        errors = output_errors(actual, expected)
+    except OnnxCheckError as exc:
+        raise OnnxCheckError(f"{cand_name} vs {ref_name}: {exc}") from exc
     errors.update(shape=tuple(batch.shape), output_shape=tuple(actual.shape),
                   ref_seconds=mid - start, cand_seconds=end - mid)
     return errors
@@ -198,7 +201,7 @@ def simplify(in_path, out_path, batch_size, tolerance=DEFAULT_TOLERANCE, seed=0,
     OnnxCheckError (and leaves no ``out_path``) otherwise.
     """
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    shape = batch_shape(model_input_shape(in_path), batch_size=batch_size)
+    shape = batch_shape(model_input_shape(in_path), batch_size=batch_size, name=in_path)
     folder = os.path.dirname(os.path.abspath(out_path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out_path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
@@ -255,7 +258,7 @@ def main(argv=None):
     try:
         ref = open_session(args.reference)
         cand = open_session(args.candidate)
-        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), args.batch_size)
+        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), args.batch_size, args.candidate)
         errors = compare_sessions(ref, cand, random_batch(shape, args.seed), args.reference, args.candidate)
     except OnnxCheckError as exc:
         print(f"error: {exc}", file=sys.stderr)

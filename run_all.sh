@@ -106,10 +106,14 @@ parse_args() {
         opt="${opt%%=*}"
         shift
         ;;
-      --*)
+      --batch_size | --batchsize | --image_path | --label_file | --checkpoint | --workdir | --backend | \
+        --soc_version | --device | --model)
         (($# >= 2)) || die "${opt} needs a value (see --help)"
         val="$2"
         shift 2
+        ;;
+      --*)
+        die "unknown option '${opt}' (see --help)"
         ;;
       *)
         die "unexpected argument '${opt}' (see --help)"
@@ -153,10 +157,20 @@ parse_args() {
   WORKDIR="$(abspath "${WORKDIR}")"
 }
 
-# Microseconds since the epoch, for step timings.
+# Microseconds since the epoch, for step timings (EPOCHREALTIME needs bash 5; CANN hosts may have 4).
 now_us() {
-  local t="${EPOCHREALTIME}"
-  printf '%s' "${t//[.,]/}"
+  local t="${EPOCHREALTIME:-}"
+  if [[ -n "${t}" ]]; then
+    printf '%s' "${t//[.,]/}"
+  else
+    printf '%s000000' "$(date +%s)"
+  fi
+}
+
+# seconds_since START_US: elapsed time as "12.3".
+seconds_since() {
+  local elapsed=$(($(now_us) - $1))
+  printf '%d.%d' "$((elapsed / 1000000))" "$((elapsed % 1000000 / 100000))"
 }
 
 # run_step NAME CMD...: log the command, run it (cwd: the work folder), log its time;
@@ -164,9 +178,16 @@ now_us() {
 run_step() {
   local name="$1"
   shift
-  local start rc=0 elapsed
+  local start rc=0 arg
   printf '[run_all] step %s:' "${name}"
-  printf ' %q' "$@"
+  for arg in "$@"; do
+    # Shell-quoted only where needed, so that the line can be pasted back into a shell.
+    if [[ "${arg}" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then
+      printf ' %s' "${arg}"
+    else
+      printf ' %q' "${arg}"
+    fi
+  done
   printf '\n'
   start="$(now_us)"
   if [[ -n "${STEP_LOG}" ]]; then
@@ -178,8 +199,7 @@ run_step() {
     printf "error: step '%s' failed (exit %d); see above\n" "${name}" "${rc}" >&2
     exit 1
   fi
-  elapsed=$(($(now_us) - start))
-  printf '[run_all] step %s done in %d.%d s\n' "${name}" "$((elapsed / 1000000))" "$((elapsed % 1000000 / 100000))"
+  printf '[run_all] step %s done in %s s\n' "${name}" "$(seconds_since "${start}")"
   RAN["${name}"]=1
 }
 
@@ -202,16 +222,16 @@ should_run() {
   return 1
 }
 
+# py_json_field FILE KEY: print a JSON file's top-level KEY; fails quietly.
 py_json_field() {
-  # py_json_field FILE KEY: print a JSON file's top-level KEY; fails quietly.
   python3 -c 'import json, sys
 with open(sys.argv[1], encoding="utf-8") as f:
     v = json.load(f)[sys.argv[2]]
 print(v)' "$1" "$2" 2>/dev/null
 }
 
+# manifest_complete DIR: 0 when DIR/manifest.json says complete=true for this batch size.
 manifest_complete() {
-  # 0 when DIR/manifest.json says complete=true for this batch size.
   python3 -c 'import json, sys
 with open(sys.argv[1], encoding="utf-8") as f:
     m = json.load(f)
@@ -322,6 +342,11 @@ step_preprocess() {
   local prep="$1" ok=0
   manifest_complete "${prep}" && ok=1
   should_run preprocess "${ok}" "${prep}" demo || return 0
+  # beit_preprocess.py resumes from the batches it finds; a redo must start from nothing.
+  if ((FORCE || ok)) && [[ -e "${prep}" ]]; then
+    log "removing ${prep} to redo it"
+    rm -rf "${prep}"
+  fi
   run_step preprocess python3 "${SCRIPT_DIR}/beit_preprocess.py" --image_path "${IMAGE_PATH}" \
     --prep_image "${prep}" --batch_size "${BATCH_SIZE}"
 }
@@ -383,8 +408,12 @@ step_infer() {
   local final="${out_root}/${dirname}" partial="${out_root}/bs${BATCH_SIZE}_partial"
   local log_file="${out_root}/bs${BATCH_SIZE}.log" recorded="" cmd
   [[ -f "${log_file}" ]] && recorded="$(head -n 1 "${log_file}")"
-  if outputs_complete "${prep}" "${final}" && [[ "${recorded}" == "backend: ${BACKEND}" ]]; then
-    ok=1
+  if outputs_complete "${prep}" "${final}"; then
+    if [[ "${recorded}" == "backend: ${BACKEND}" ]]; then
+      ok=1
+    else
+      log "redo ${name}: ${final} holds outputs of another backend (${recorded:-unknown})"
+    fi
   fi
   should_run "${name}" "${ok}" "${final}" preprocess "${dep}" || return 0
   mkdir -p "${out_root}"
@@ -467,13 +496,18 @@ print_summary() {
   printf '| %-20s | %5s | %6s | %9s | %9s | %18s |\n' "${backend}" "${BATCH_SIZE}" "${images}" "${top1}" "${top5}" "${tput}"
   if ((DEMO)); then
     printf '\nnote: this was the built-in demo: its labels are the PyTorch model'"'"'s own predictions, so Top-1/Top-5\n'
-    printf 'measure how faithfully the exported pipeline reproduces PyTorch (100%% expected), not ImageNet accuracy.\n'
+    printf 'measure fidelity to PyTorch (100%% expected), not ImageNet accuracy.  fp16 on an NPU may flip an image\n'
+    printf 'whose two highest PyTorch logits are nearly tied (see min_top1_margin in demo/demo.json).\n'
   fi
   log "results: ${acc}"
 }
 
 main() {
+  local run_start
+  run_start="$(now_us)"
   parse_args "$@"
+  # Keeps the steps' stdout in order with their stderr when this script's output is piped.
+  export PYTHONUNBUFFERED=1
   command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
   mkdir -p "${WORKDIR}" || die "cannot create the work folder ${WORKDIR}"
   log "work folder: ${WORKDIR}"
@@ -504,6 +538,10 @@ main() {
     step_eval "${prep}" "${acc}" beit_infer
   fi
   print_summary "${acc}"
+  log "total time $(seconds_since "${run_start}") s"
 }
 
-main "$@"
+# Sourcing the file (for tests of its functions) defines them without running the pipeline.
+if [[ "${BASH_SOURCE[0]}" == "${0}" ]]; then
+  main "$@"
+fi

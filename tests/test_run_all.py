@@ -1,0 +1,314 @@
+"""run_all.sh end to end with the tiny BEiT: ONNX Runtime and (stand-in) Ascend paths, skips, --force,
+failures, hostile paths; make_demo_data.py's labels against PyTorch."""
+
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import beit_model
+import make_demo_data
+from conftest import REPO, TINY, run_script
+
+N_IMAGES = 19  # not a multiple of 8 or 16: the last batch is padded at every batch size tested
+WRONG_TOP1_ONLY = (2, 9)  # labels moved to the 2nd-ranked class: Top-1 misses, Top-5 still hits
+WRONG_BOTH = (5, 14)  # labels moved to the lowest-ranked class: both miss
+ORT_STEPS = ("preprocess", "pth2onnx", "onnxsim", "graph_modify", "beit_infer", "eval")
+FAKE_ASCEND = os.path.join(REPO, "tests", "fake_ascend")
+
+
+def pytorch_logits(checkpoint, image_dir):
+    """The reference: PyTorch on the images exactly as beit_preprocess.py prepares them."""
+    from beit_preprocess import preprocess_image
+    model, _, _ = beit_model.build_model(beit_model.load_state_dict(checkpoint), TINY)
+    names = sorted(os.listdir(image_dir))
+    batch = np.stack([np.asarray(preprocess_image(os.path.join(image_dir, n)), np.float32) for n in names])
+    with torch.inference_mode():
+        return names, model(torch.from_numpy(batch)).numpy()
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory):
+    """19 demo images and a tiny checkpoint from make_demo_data.py, labels with 4 deliberate mistakes.
+
+    Returns paths and the Top-1/Top-5 that PyTorch itself scores against those labels.
+    """
+    out = tmp_path_factory.mktemp("inputs") / "demo"
+    run_script(["make_demo_data.py", "--out", str(out), "--model", TINY, "--count", str(N_IMAGES)], check=True)
+    checkpoint = str(out / make_demo_data.CHECKPOINT_NAME)
+    images = str(out / make_demo_data.IMAGES_DIR)
+    names, logits = pytorch_logits(checkpoint, images)
+    demo_labels = dict(line.split() for line in (out / make_demo_data.LABELS_NAME).read_text().splitlines())
+    order = np.argsort(-logits, axis=1, kind="stable")
+    labels = order[:, 0].copy()
+    for i in WRONG_TOP1_ONLY:
+        labels[i] = order[i, 1]
+    for i in WRONG_BOTH:
+        labels[i] = order[i, -1]
+    label_file = out.parent / "labels_4_wrong.txt"
+    label_file.write_text("".join(f"{n} {int(label)}\n" for n, label in zip(names, labels)))
+    ranks = np.argmax(order == labels[:, None], axis=1)
+    return {
+        "images": images, "checkpoint": checkpoint, "labels": str(label_file),
+        "demo_labels": demo_labels, "names": names, "pytorch_top1": order[:, 0],
+        "top1": 100.0 * np.mean(ranks < 1), "top5": 100.0 * np.mean(ranks < 5),
+    }
+
+
+@pytest.fixture(scope="module")
+def ort_workdir(tmp_path_factory, image_set):
+    """One work folder for every batch size (they share the exported ONNX model), runs memoised."""
+    workdir = tmp_path_factory.mktemp("work") / "work"
+    done = {}
+
+    def run(batch_size):
+        if batch_size not in done:
+            done[batch_size] = run_all(workdir, image_set, batch_size, "--backend", "auto")
+        return done[batch_size]
+
+    run.workdir = workdir
+    return run
+
+
+def run_all(workdir, image_set, batch_size, *extra, env=None, cwd=None):
+    args = ["run_all.sh", "--batch_size", str(batch_size), "--workdir", str(workdir), "--model", TINY]
+    if image_set is not None:
+        args += ["--image_path", image_set["images"], "--label_file", image_set["labels"],
+                 "--checkpoint", image_set["checkpoint"]]
+    return run_script(args + list(extra), env=env, cwd=cwd)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def table_row(stdout):
+    """The values of run_all.sh's closing table: backend, batch, images, Top-1, Top-5, throughput."""
+    rows = [line for line in stdout.splitlines() if line.startswith("|") and not line.startswith("|-")]
+    assert len(rows) == 2, stdout
+    return [cell.strip() for cell in rows[1].strip("|").split("|")]
+
+
+def mtimes(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture
+def fake_ascend(tmp_path):
+    """PATH and PYTHONPATH with the stand-in atc, npu-smi and ais_bench; their calls are logged."""
+    bin_dir = tmp_path / "fake_bin"
+    shutil.copytree(os.path.join(FAKE_ASCEND, "bin"), bin_dir)
+    for tool in os.listdir(bin_dir):
+        path = bin_dir / tool
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "fake_ascend.jsonl"
+    env = {
+        # run_script's PATH (this Python's folder first) is replaced here, so it is repeated.
+        "PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+        "PYTHONPATH": os.path.join(FAKE_ASCEND, "python"),
+        "FAKE_ASCEND_LOG": str(log),
+        "PYTHONDONTWRITEBYTECODE": "1",  # the stand-in package lives in the repo
+    }
+
+    def calls(tool):
+        if not log.exists():
+            return []
+        return [c for c in map(json.loads, log.read_text().splitlines()) if c["tool"] == tool]
+
+    env_calls = type("FakeAscend", (), {})()
+    env_calls.env, env_calls.calls = env, calls
+    return env_calls
+
+
+# ---------------------------------------------------------------- make_demo_data.py
+
+def test_demo_labels_are_pytorch_predictions(image_set):
+    assert [image_set["demo_labels"][n] for n in image_set["names"]] == [str(int(c)) for c in image_set["pytorch_top1"]]
+    # The deliberate mistakes make the expected accuracy a real number, not 100.
+    assert image_set["top1"] == pytest.approx(100.0 * 15 / 19)
+    assert image_set["top5"] == pytest.approx(100.0 * 17 / 19)
+
+
+# ---------------------------------------------------------------- ONNX Runtime path
+
+@pytest.mark.parametrize("batch_size", [1, 8, 16])
+def test_ort_pipeline_scores_what_pytorch_scores(ort_workdir, image_set, batch_size):
+    proc = ok(ort_workdir(batch_size))
+    workdir = ort_workdir.workdir
+    if shutil.which("atc") is None:
+        assert "backend: ort (ONNX Runtime), because 'atc' is not on PATH" in proc.stdout
+    acc = json.loads((workdir / f"acc_bs{batch_size}.json").read_text())
+    assert acc["num_images"] == N_IMAGES
+    assert acc["top1"] == pytest.approx(image_set["top1"], abs=1e-9)
+    assert acc["top5"] == pytest.approx(image_set["top5"], abs=1e-9)
+    backend, batch, images, top1, top5, throughput = table_row(proc.stdout)
+    assert (backend, batch, images) == ("ort (ONNX Runtime)", str(batch_size), str(N_IMAGES))
+    assert (top1, top5) == (f"{image_set['top1']:.2f}", f"{image_set['top5']:.2f}")
+    summary = json.loads((workdir / "ais_out" / f"bs{batch_size}_summary.json").read_text())
+    assert float(throughput) == pytest.approx(summary["throughput"], abs=0.006) and float(throughput) > 0
+    # The guide's file names; one output per batch; no temporary left behind.
+    n_batches = -(-N_IMAGES // batch_size)
+    for name in (f"prep_image_bs{batch_size}/manifest.json", f"{TINY}.onnx", f"beit_onnxsim_bs{batch_size}.onnx",
+                 f"beit_mg_bs{batch_size}.onnx"):
+        assert (workdir / name).is_file(), name
+    outputs = sorted(os.listdir(workdir / "ais_out" / f"bs{batch_size}"))
+    assert outputs == [f"input_{i:05d}_0.txt" for i in range(n_batches)]
+    leftovers = [f for f in mtimes(workdir) if "partial" in f or f.endswith(".tmp")]
+    assert leftovers == []
+    for step in ORT_STEPS[:1] + ORT_STEPS[2:]:  # the ONNX export is shared by the batch sizes
+        assert f"[run_all] step {step}: " in proc.stdout
+
+
+def test_second_run_skips_every_step_and_force_redoes_them(ort_workdir, image_set):
+    first = ok(ort_workdir(8))
+    workdir = ort_workdir.workdir
+    before = mtimes(workdir)
+    again = ok(run_all(workdir, image_set, 8))
+    for step in ORT_STEPS:
+        assert f"[run_all] skip {step}: " in again.stdout
+    assert "[run_all] step " not in again.stdout
+    assert mtimes(workdir) == before
+    assert table_row(again.stdout) == table_row(first.stdout)
+
+    forced = ok(run_all(workdir, image_set, 8, "--force"))
+    for step in ORT_STEPS:
+        assert f"[run_all] step {step}: " in forced.stdout and f"[run_all] step {step} done in " in forced.stdout
+    after = mtimes(workdir)
+    for name in ("prep_image_bs8/input_00000.bin", f"{TINY}.onnx", "beit_onnxsim_bs8.onnx", "beit_mg_bs8.onnx",
+                 "ais_out/bs8/input_00000_0.txt", "acc_bs8.json"):
+        assert after[name] > before[name], name
+    assert table_row(forced.stdout)[:5] == table_row(first.stdout)[:5]
+
+
+def test_other_inputs_in_the_same_workdir_are_refused(ort_workdir, image_set, tmp_path):
+    ok(ort_workdir(8))
+    other = dict(image_set, labels=str(tmp_path / "other_labels.txt"))
+    shutil.copyfile(image_set["labels"], other["labels"])
+    proc = run_all(ort_workdir.workdir, other, 8)
+    assert proc.returncode == 2
+    assert "was made from other inputs" in proc.stderr and "--force" in proc.stderr
+    assert "[run_all] step " not in proc.stdout
+
+
+# ---------------------------------------------------------------- Ascend path (stand-in tools)
+
+def test_ascend_path_with_stand_in_tools(ort_workdir, image_set, fake_ascend, tmp_path):
+    ok(ort_workdir(8))
+    workdir = tmp_path / "work"
+    shutil.copytree(ort_workdir.workdir, workdir)
+    env = dict(fake_ascend.env, FAKE_EXPECT_DEVICE="3")
+    proc = ok(run_all(workdir, image_set, 8, "--backend", "auto", "--device", "3", env=env))
+    assert "backend: ascend, because atc is at " in proc.stdout
+    for step in ("preprocess", "pth2onnx", "onnxsim", "graph_modify"):
+        assert f"[run_all] skip {step}: " in proc.stdout
+    # The ORT outputs of the copied folder are not taken for the NPU's.
+    assert "[run_all] redo ais_bench: " in proc.stdout and "outputs of another backend (backend: ort)" in proc.stdout
+    assert "[run_all] step ais_bench: " in proc.stdout and "[run_all] step eval: " in proc.stdout
+
+    (atc,) = fake_ascend.calls("atc")
+    assert "--soc_version=Ascend310P3" in atc["argv"] and "--input_shape=image:8,3,224,224" in atc["argv"]
+    assert f"--model={workdir / 'beit_mg_bs8.onnx'}" in atc["argv"]
+    assert atc["cwd"] == str(workdir) and (workdir / "fusion_result.json").is_file()
+    assert (workdir / "beit_mg_bs8.om").read_bytes() == (workdir / "beit_mg_bs8.onnx").read_bytes()
+    (bench,) = fake_ascend.calls("ais_bench")
+    argv = bench["argv"]
+    assert argv[argv.index("--model") + 1] == str(workdir / "beit_mg_bs8.om")
+    assert [argv[argv.index(f) + 1] for f in ("--outfmt", "--batchsize", "--device")] == ["TXT", "8", "3"]
+
+    backend, batch, images, top1, top5, _ = table_row(proc.stdout)
+    assert (backend, batch, images) == ("ascend", "8", str(N_IMAGES))
+    acc = json.loads((workdir / "acc_bs8.json").read_text())
+    assert (acc["num_images"], acc["top1"], acc["top5"]) == (N_IMAGES, pytest.approx(image_set["top1"]),
+                                                            pytest.approx(image_set["top5"]))
+
+    # Older CANN: ais_infer.py through AIS_INFER, no ais_bench package; only inference and eval are redone.
+    shutil.rmtree(workdir / "ais_out" / "bs8")
+    env_old = dict(env, PYTHONPATH="", AIS_INFER=os.path.join(FAKE_ASCEND, "python", "ais_bench", "__main__.py"))
+    old = ok(run_all(workdir, image_set, 8, "--backend", "ascend", "--device", "3", env=env_old))
+    assert f"[run_all] step ais_bench: python3 {env_old['AIS_INFER']} --model" in old.stdout
+    assert "[run_all] skip atc: " in old.stdout and len(fake_ascend.calls("atc")) == 1
+    assert len(fake_ascend.calls("ais_bench")) == 2
+    assert table_row(old.stdout)[:5] == table_row(proc.stdout)[:5]
+
+
+def test_failing_step_stops_the_run_naming_it(ort_workdir, image_set, fake_ascend, tmp_path):
+    ok(ort_workdir(8))
+    workdir = tmp_path / "work"
+    shutil.copytree(ort_workdir.workdir, workdir)
+    env = dict(fake_ascend.env, FAKE_ATC_FAIL="1")
+    proc = run_all(workdir, image_set, 8, "--backend", "ascend", env=env)
+    assert proc.returncode == 1
+    assert "error: step 'atc' failed (exit 1); see above" in proc.stderr
+    assert "ATC run failed" in proc.stderr
+    assert fake_ascend.calls("ais_bench") == [] and "step ais_bench" not in proc.stdout
+    assert not any(name.endswith(".om") for name in os.listdir(workdir))
+
+
+def test_bad_checkpoint_stops_at_pth2onnx(image_set, tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    proc = run_all(tmp_path / "work", dict(image_set, checkpoint=str(bad)), 16, "--backend", "ort")
+    assert proc.returncode == 1
+    assert "error: step 'pth2onnx' failed (exit 1); see above" in proc.stderr
+    assert "[run_all] step preprocess done in " in proc.stdout and "step onnxsim" not in proc.stdout
+    assert not (tmp_path / "work" / f"{TINY}.onnx").exists()
+
+
+# ---------------------------------------------------------------- the built-in demo, hostile paths
+
+def test_demo_in_a_hostile_path_runs_nothing_it_should_not(tmp_path):
+    parent = tmp_path / "a dir with spaces; $HOME 'single' \"double\" `touch pwned` $(touch pwned)"
+    workdir = parent / "work $(touch pwned)"
+    proc = ok(run_script(["run_all.sh", "--batch_size", "16", "--workdir", str(workdir), "--model", TINY,
+                          "--backend", "ort"], cwd=str(tmp_path)))
+    record = json.loads((workdir / "demo" / make_demo_data.RECORD_NAME).read_text())
+    assert (record["model"], record["count"]) == (TINY, make_demo_data.DEFAULT_COUNT)
+    assert make_demo_data.DEFAULT_COUNT % 8 != 0
+    backend, batch, images, top1, top5, _ = table_row(proc.stdout)
+    assert (backend, batch, images, top1, top5) == ("ort (ONNX Runtime)", "16", str(make_demo_data.DEFAULT_COUNT),
+                                                    "100.00", "100.00")
+    assert "fidelity to PyTorch (100% expected), not ImageNet accuracy" in proc.stdout.replace("\n", " ")
+    pwned = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f == "pwned"]
+    assert pwned == [] and not os.path.exists(os.path.join(REPO, "pwned"))
+    assert not os.path.exists(os.path.join(os.environ.get("HOME", "/nonexistent"), "pwned"))
+
+
+# ---------------------------------------------------------------- command line
+
+def test_help_and_usage_errors(tmp_path):
+    helped = ok(run_script(["run_all.sh", "--help"]))
+    for flag in ("--batch_size", "--image_path", "--label_file", "--checkpoint", "--workdir", "--backend",
+                 "--soc_version", "--device", "--force", "--model"):
+        assert flag in helped.stdout
+    for args, message in [([], "--batch_size is required"),
+                          (["--batch_size", "0"], "--batch_size must be a positive integer"),
+                          (["--batch_size", "8", "--backend", "gpu"], "--backend must be auto, ascend or ort"),
+                          (["--batch_size", "8", "--image_path", str(tmp_path)], "give --image_path, --label_file and --checkpoint together"),
+                          (["--batch_size", "8", "--bogus"], "unknown option '--bogus'")]:
+        proc = run_script(["run_all.sh", "--workdir", str(tmp_path / "w")] + args)
+        assert proc.returncode == 2 and f"error: {message}" in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "w").exists()
+
+
+def test_ascend_backend_asked_for_without_cann_is_an_error(tmp_path):
+    if shutil.which("atc"):
+        pytest.skip("a real atc is on PATH")
+    proc = run_script(["run_all.sh", "--batch_size", "8", "--workdir", str(tmp_path / "w"), "--backend", "ascend"])
+    assert proc.returncode == 2 and "'atc' is not on PATH" in proc.stderr
+
+
+def test_soc_version_comes_from_npu_smi(fake_ascend, tmp_path):
+    """--soc_version wins; else Ascend + the chip name in `npu-smi info` (here a 310B1 board)."""
+    script = ('source "$1"; SOC_VERSION=""; soc_version; echo; SOC_VERSION=Ascend910B3; soc_version')
+    env = dict(fake_ascend.env, FAKE_NPU_CHIP="310B1")
+    proc = run_script(["bash", "-c", script, "bash", os.path.join(REPO, "run_all.sh")], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["Ascend310B1", "Ascend910B3"]
