@@ -30,7 +30,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 from tqdm import tqdm
 
 MIN_OPSET, MAX_OPSET = 11, 17

@@ -345,9 +345,10 @@ def find_attention(gi, softmax, batch_size, tokens):
     attn_v = gi.sole_consumer(softmax.output[0], ("MatMul",), pattern)
     if attn_v.input[0] != softmax.output[0]:
         raise PatternError(pattern, "the Softmax output should be the left operand of the attention @ v MatMul")
-    qkv = {walk_to_reshape(gi, scores.input[0], pattern).name,
-           walk_to_reshape(gi, scores.input[1], pattern).name,
-           walk_to_reshape(gi, attn_v.input[1], pattern).name}
+    # ids, not names: node names are optional in ONNX and never relied on here
+    qkv = {id(walk_to_reshape(gi, scores.input[0], pattern)),
+           id(walk_to_reshape(gi, scores.input[1], pattern)),
+           id(walk_to_reshape(gi, attn_v.input[1], pattern))}
     trans = gi.sole_consumer(attn_v.output[0], ("Transpose",), pattern)
     if list(attr(trans, "perm", [])) != [0, 2, 1, 3]:
         raise PatternError(pattern, f"the Transpose after attention @ v has perm {attr(trans, 'perm')}, "
@@ -358,7 +359,7 @@ def find_attention(gi, softmax, batch_size, tokens):
         raise PatternError(pattern, f"the attention-output Reshape gives {oshape}, "
                                     f"expected [{batch_size}, {tokens}, D]")
     return dict(softmax=softmax, bias_add=bias_add, bias_input=bias_input, scores=scores,
-                qkv_reshapes=qkv, out_reshape=out_reshape.name, heads=heads)
+                qkv_reshapes=qkv, out_reshape=id(out_reshape), heads=heads)
 
 
 def find_pooling(gi, after, tokens):
@@ -399,7 +400,7 @@ def find_pooling(gi, after, tokens):
             if int(ends.reshape(-1)[0]) < tokens:
                 raise PatternError(pattern, f"the pooling Slice ends at {int(ends.reshape(-1)[0])}, "
                                             f"before the last token {tokens}")
-        elif gi.shape(node.input[0]) == [gi.shape(node.input[0])[0], tokens, gi.shape(node.input[0])[2]]:
+        elif gi.shape(node.input[0])[1] == tokens:
             slice_node = None  # mean over all tokens: a Slice [0:T] will be inserted
         else:
             raise PatternError(pattern, "the pooling ReduceMean reads neither a Slice nor the token stream")
@@ -452,6 +453,8 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
     if padded == tokens:
         raise PatternError("unpadded token stream", f"{tokens} tokens are already a multiple of {pad_to}")
     stream = concat.output[0]
+    if stream in {o.name for o in gi.graph.output}:
+        raise PatternError("token stream", "the token Concat output is a graph output")
     downstream = gi.downstream(stream)
 
     softmaxes = [n for n in downstream if n.op_type == "Softmax"]
@@ -465,6 +468,22 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
                            f"{len(blocks)} Softmax nodes but {len(qkv_names)} qkv Reshapes and "
                            f"{len(out_names)} attention-output Reshapes")
     pool_kind, pool_node, pool_slice = find_pooling(gi, stream, tokens)
+
+    # Per-token constants added to the stream (an absolute position embedding (1, T, D)): padded with zeros.
+    token_consts = []
+    for node in downstream:
+        if node.op_type not in ("Add", "Sub", "Mul") or len(node.input) != 2:
+            continue
+        consts = [i for i in node.input if gi.is_const(i)]
+        if len(consts) != 1:
+            continue
+        value = gi.const(consts[0])
+        other = gi.shape(next(i for i in node.input if i != consts[0]))
+        if value.ndim >= 2 and value.shape[-2] == tokens and other and len(other) == 3 and other[1] == tokens:
+            if value.ndim != 3 or value.shape[0] != 1:
+                raise PatternError("per-token constant (1, T, D)", f"{node.op_type} '{node.name}' uses a constant "
+                                                                   f"of shape {list(value.shape)}")
+            token_consts.append((node, consts[0], value))
 
     # Every shape constant downstream that holds the token count must be a Reshape on the token axis.
     reshape_plan = []
@@ -492,13 +511,10 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
     padded_stream = gi.unique_name(stream + "_padded")
     pad_node = helper.make_node("Concat", [stream, pad_name], [padded_stream], axis=1,
                                 name=gi.unique_name("graph_modify_pad_tokens"))
-    users = list(gi.consumers[stream])
-    for user in users:
+    for user in list(gi.consumers[stream]):
         for k, inp in enumerate(user.input):
             if inp == stream:
                 user.input[k] = padded_stream
-    if stream in {o.name for o in gi.graph.output}:
-        raise PatternError("token stream", "the token Concat output is a graph output")
     idx = next(i for i, n in enumerate(gi.graph.node) if n is concat)
     gi.graph.node.insert(idx + 1, pad_node)
     counts["token padding Concat"] += 1
@@ -529,12 +545,19 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
         else:
             counts["attention without bias (left unmasked)"] += 1
 
+    for node, name, value in token_consts:
+        grown = np.zeros((1, padded, value.shape[2]), dtype=value.dtype)
+        grown[:, :tokens] = value
+        new_name = gi.add_const(f"{name}_padded{padded}", grown)
+        node.input[list(node.input).index(name)] = new_name
+        counts["per-token constant (position embedding) padded"] += 1
+
     # 3. Reshapes that name the token count
     for node, shape in reshape_plan:
         new = shape.copy()
         new[1] = padded
         node.input[1] = gi.add_const(f"{node.input[1]}_tokens{padded}", new.astype(shape.dtype))
-        kind = "qkv" if node.name in qkv_names else "attention-output" if node.name in out_names else "other"
+        kind = "qkv" if id(node) in qkv_names else "attention-output" if id(node) in out_names else "other"
         counts[f"{kind} Reshape {tokens}->{padded}"] += 1
 
     # 4. the pooling
@@ -660,6 +683,10 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(args.input):
         print(f"error: {args.input}: ONNX model not found", file=sys.stderr)
+        return 2
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        print(f"error: {args.output}: output folder {folder} does not exist", file=sys.stderr)
         return 2
     try:
         model = onnx.load(args.input)

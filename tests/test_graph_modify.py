@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from timm.models.beit import checkpoint_filter_fn
 
 from conftest import BASE, TINY, run_script
 
@@ -30,7 +32,8 @@ INT64_MAX = np.iinfo(np.int64).max
 
 def export_onnx(model, path, opset, dynamic=True):
     kwargs = dict(dynamic_axes={"image": {0: "batch"}, "class": {0: "batch"}}) if dynamic else {}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(model, torch.randn(1 if dynamic else 8, 3, 224, 224), str(path), dynamo=False,
                           input_names=["image"], output_names=["class"], opset_version=opset, **kwargs)
     return str(path)
@@ -61,6 +64,14 @@ class OnnxModels:
             model = beit_model.create_model(config)
             state = beit_model.random_checkpoint(TINY, seed=3)["model"]
             model.load_state_dict({k: v for k, v in state.items() if "relative_position" not in k}, strict=True)
+            return model
+        if kind == "tiny_posemb":  # with an absolute position embedding added after the cls Concat
+            config = beit_model.config_for(TINY)
+            config["use_abs_pos_emb"] = True
+            model = beit_model.create_model(config)
+            state = beit_model.random_checkpoint(TINY, seed=4)["model"]
+            state["pos_embed"] = torch.randn((1, TOKENS, 64), generator=torch.Generator().manual_seed(4))
+            model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
             return model
         raise KeyError(kind)
 
@@ -272,6 +283,17 @@ def test_graph_without_bias_gets_a_mask_add(models, tmp_path, capsys):
     assert rel_err(run_ort(guide, batch), ref) > 1e-2
 
 
+def test_position_embedding_is_padded(models, tmp_path, capsys):
+    src = models.get("tiny_posemb", 17, 8)
+    out = tmp_path / "mod.onnx"
+    rc, text, err = modify(src, out, 8, capsys=capsys)
+    assert rc == 0, err
+    assert printed_counts(text)["per-token constant (position embedding) padded"] == 1
+    check_padded_shapes(out, 8, heads=2, dim=64, depth=2)
+    batch = seeded_batch(9, 8)
+    assert rel_err(run_ort(out, batch), run_ort(src, batch)) <= 1e-5
+
+
 def test_pad_to_other_multiple(models, tmp_path, capsys):
     src = models.get("tiny", 17, 1)
     out = tmp_path / "mod.onnx"
@@ -356,3 +378,5 @@ def test_unreadable_inputs(tmp_path, capsys):
     rc, _, err = modify(junk, tmp_path / "o.onnx", 8, capsys=capsys)
     assert rc == 2 and "not a readable ONNX model" in err
     assert not (tmp_path / "o.onnx").exists()
+    rc, _, err = modify(junk, tmp_path / "no_such_folder" / "o.onnx", 8, capsys=capsys)
+    assert rc == 2 and "does not exist" in err

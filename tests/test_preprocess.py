@@ -132,7 +132,11 @@ def test_resize_center_crop_is_exact_on_noise():
     sizes = list(synthetic_data.AWKWARD_SIZES) + [
         (1, 300), (300, 1), (3, 3), (255, 255), (256, 1000), (1000, 256), (257, 2000), (640, 480), (480, 640),
         (500, 333), (333, 500), (224, 225), (4000, 30)]
+    sizes += [(400, 1300), (260, 900), (333, 1000)]  # tall: Pillow >= 13 runs the vertical pass first
     sizes += [tuple(int(v) for v in rng.integers(20, 1300, 2)) for _ in range(25)]
+    orders = {beit_preprocess.pillow_vertical_first(w, h, *beit_preprocess.resize_geometry(w, h)[:2])
+              for w, h in sizes}
+    assert orders == ({False, True} if beit_preprocess._VERTICAL_FIRST_EXISTS else {False})
     for width, height in sizes:
         img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
         ours = beit_preprocess.resize_center_crop(img)

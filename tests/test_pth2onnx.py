@@ -20,7 +20,7 @@ import torch
 import beit_model
 import beit_pth2onnx
 import onnx_check
-from conftest import TINY, run_script  # noqa: E402
+from conftest import TINY, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
 # Measured on this machine: ORT fp32 vs PyTorch and onnxsim vs original are ~1e-6 relative
