@@ -52,7 +52,7 @@ def parse_args(argv=None):
                    help="ONNX Runtime execution provider, as for beit_infer.py (cuda/tensorrt need onnxruntime-gpu)")
     p.add_argument("--torch_device", default="cpu", help="device for PyTorch eager (cpu or cuda)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for PyTorch and ONNX Runtime")
-    p.add_argument("--prep_images", type=int, default=96,
+    p.add_argument("--prep_images", type=int, default=800,
                    help="number of 500x375 quality-90 JPEGs for the preprocessing benchmark (0 skips it)")
     p.add_argument("--skip_e2e", action="store_true", help="skip timing run_all.sh on the demo set")
     p.add_argument("--e2e_batch_size", type=int, default=8, help="batch size of the run_all.sh timing")

@@ -29,8 +29,8 @@ def reference_rows(folder, names):
     transform = beit_preprocess.reference_transform()
     rows = {}
     for name in names:
-        with Image.open(os.path.join(folder, name)) as img:
-            rows[name] = transform(img.convert("RGB")).numpy()
+        with open(os.path.join(folder, name), "rb") as f:
+            rows[name] = transform(Image.open(f).convert("RGB")).numpy()
     return rows
 
 
@@ -39,8 +39,19 @@ def prep(folder, out, *extra, batch_size=5, workers=1, **kwargs):
                        "--batch_size", str(batch_size), "--workers", str(workers), *extra], **kwargs)
 
 
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def batch_bytes(out):
-    return {os.path.basename(p): open(p, "rb").read() for p in beit_io.list_batch_files(out)}
+    return {os.path.basename(p): read_bytes(p) for p in beit_io.list_batch_files(out)}
+
+
+def image_info(path):
+    """(mode, format, size) as stored, without decoding; the file is closed again."""
+    with open(path, "rb") as f, Image.open(f) as img:
+        return img.mode, img.format, img.size
 
 
 def png_header_only(width, height):
@@ -87,10 +98,7 @@ def prepared(image_set, tmp_path_factory):
 def test_batches_equal_torchvision_reference(image_set, prepared):
     folder, names = image_set
     out, proc = prepared
-    opened = []
-    for name in names:
-        with Image.open(os.path.join(folder, name)) as img:
-            opened.append((img.mode, img.format, img.size))
+    opened = [image_info(os.path.join(folder, name)) for name in names]
     # The set really exercises what it claims to (modes as stored, a PNG under a .JPEG name, all sizes).
     assert {"RGB", "L", "CMYK", "RGBA", "P", "LA", "1"} <= {mode for mode, _, _ in opened}
     assert any(fmt == "PNG" for _, fmt, _ in opened)
@@ -190,19 +198,30 @@ def big_set(tmp_path_factory):
         path = os.path.join(folder, f"src{i}.tmpimg")
         synthetic_data.synthetic_image(rng, 1200, 900).save(path, format="JPEG", quality=90)
         sources.append(path)
+    picks = {}
     for i, pick in enumerate(rng.integers(0, 4, 120)):
-        shutil.copy(sources[pick], os.path.join(folder, synthetic_data.imagenet_name(i)))
+        name = synthetic_data.imagenet_name(i)
+        shutil.copy(sources[pick], os.path.join(folder, name))
+        picks[name] = int(pick)
     for path in sources:
         os.unlink(path)
-    return folder
+    return folder, picks
 
 
 def test_sigkill_then_rerun_is_byte_identical(big_set, tmp_path):
+    big_set, picks = big_set
     clean = tmp_path / "clean"
     proc = prep(big_set, clean, batch_size=2, workers=2)
     assert proc.returncode == 0, proc.stderr
     expected = batch_bytes(clean)
     assert len(expected) == 60
+    # 120 images go through the pool's shared slots many times over: every row is still its own image.
+    first_of = {pick: name for name, pick in sorted(picks.items(), reverse=True)}
+    sources = {pick: beit_preprocess.preprocess_image(os.path.join(big_set, name)) for pick, name in first_of.items()}
+    for batch in beit_io.load_manifest(clean)["batches"]:
+        arr = beit_io.read_batch(os.path.join(clean, batch["file"]), batch_size=2)
+        for row, name in enumerate(batch["images"]):
+            assert np.array_equal(arr[row], sources[picks[name]]), name
 
     out = tmp_path / "killed"
     cmd = [sys.executable, os.path.join(REPO, "beit_preprocess.py"), "--image_path", big_set,
@@ -240,7 +259,7 @@ def test_sigkill_then_rerun_is_byte_identical(big_set, tmp_path):
 def test_refuses_other_batch_size_and_other_image_set(image_set, prepared, tmp_path):
     folder, names = image_set
     out, _ = prepared
-    before = open(os.path.join(out, "manifest.json"), "rb").read()
+    before = read_bytes(os.path.join(out, "manifest.json"))
     proc = prep(folder, out, batch_size=4)
     assert proc.returncode == 2
     assert "batch size 5" in proc.stderr and "batch size 4" in proc.stderr and "delete" in proc.stderr
@@ -253,7 +272,7 @@ def test_refuses_other_batch_size_and_other_image_set(image_set, prepared, tmp_p
     old_fp = beit_io.image_set_fingerprint(names)
     new_fp = beit_io.image_set_fingerprint(names[:3])
     assert old_fp in proc.stderr and new_fp in proc.stderr and "from 24 images" in proc.stderr
-    assert open(os.path.join(out, "manifest.json"), "rb").read() == before
+    assert read_bytes(os.path.join(out, "manifest.json")) == before
 
     stray = tmp_path / "stray"
     stray.mkdir()
@@ -271,7 +290,7 @@ def make_bad(path, kind, good_jpeg):
         with open(path, "wb") as f:
             f.write(np.random.default_rng(5).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     elif kind == "truncated_jpeg":
-        data = open(good_jpeg, "rb").read()
+        data = read_bytes(good_jpeg)
         with open(path, "wb") as f:
             f.write(data[:len(data) // 2])
     else:
@@ -285,7 +304,7 @@ BAD_KINDS = {"zero_bytes": "empty file", "random_bytes": "not a readable image",
 def test_bad_image_stops_the_run_naming_it(image_set, tmp_path, kind):
     folder, names = image_set
     src = tmp_path / "src"
-    good = [n for n in names if Image.open(os.path.join(folder, n)).format == "JPEG"][:4]
+    good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:4]
     copy_images(folder, good, src, rename=dict(zip(good, ["a.JPEG", "b.JPEG", "d.JPEG", "e.JPEG"])))
     bad = src / "c.JPEG"
     make_bad(bad, kind, src / "a.JPEG")
@@ -302,7 +321,7 @@ def test_bad_image_stops_the_run_naming_it(image_set, tmp_path, kind):
 def test_skip_bad_records_and_skips(image_set, tmp_path):
     folder, names = image_set
     src = tmp_path / "src"
-    good = [n for n in names if Image.open(os.path.join(folder, n)).format == "JPEG"][:7]
+    good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:7]
     copy_images(folder, good, src)
     bad_names = ["ILSVRC2012_val_00000001.x.JPEG", "ILSVRC2012_val_00000005.x.JPEG",
                  "ILSVRC2012_val_00000009.x.JPEG"]
@@ -327,10 +346,10 @@ def test_skip_bad_records_and_skips(image_set, tmp_path):
         assert not arr[batch["real"]:].any()
 
     # A rerun finds everything done and changes nothing; without --skip_bad it is refused.
-    before = batch_bytes(out), open(out / "manifest.json", "rb").read()
+    before = batch_bytes(out), read_bytes(out / "manifest.json")
     proc = prep(src, out, "--skip_bad", batch_size=3)
     assert proc.returncode == 0, proc.stderr
-    assert (batch_bytes(out), open(out / "manifest.json", "rb").read()) == before
+    assert (batch_bytes(out), read_bytes(out / "manifest.json")) == before
     proc = prep(src, out, batch_size=3)
     assert proc.returncode == 2 and "--skip_bad" in proc.stderr
 
@@ -415,8 +434,8 @@ def test_decompression_bomb_refused(image_set, tmp_path, capsys, monkeypatch):
 
     # Between the limit and twice it Pillow only warns: that is refused too (--max_pixels lowers the limit).
     small = src / names[0]
-    with Image.open(small) as img:
-        pixels = img.width * img.height
+    width, height = image_info(small)[2]
+    pixels = width * height
     out2 = tmp_path / "out2"
     rc = beit_preprocess.main(["--image_path", str(src), "--prep_image", str(out2), "--batch_size", "1",
                                "--workers", "1", "--skip_bad", "--max_pixels", str(pixels * 3 // 4)])
