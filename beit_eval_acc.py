@@ -210,6 +210,20 @@ def modelzoo_json(result, skipped=(), rows_from="manifest"):
     }
 
 
+def remove_own_temporaries(out_path):
+    """Delete what a killed run left of its atomic write of ``out_path`` (``.<name>.XXXX.tmp``).
+
+    Only this JSON's leftovers: the result folder may be a work folder shared with other steps.
+    """
+    folder, name = os.path.split(out_path)
+    for entry in os.listdir(folder or "."):
+        if entry.startswith("." + name + ".") and entry.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
 def summary_line(result):
     return (f"Top-1 accuracy: {result['top1']:.2f}%  Top-5 accuracy: {result['top5']:.2f}%  "
             f"images: {result['num_images']}")
@@ -257,6 +271,11 @@ def run(args):
     if args.prep_image is not None:
         manifest_file = beit_io.manifest_path(args.prep_image)
         manifest = beit_io.load_manifest(args.prep_image)
+        if manifest.get("complete") is False:
+            raise PipelineFileError(
+                f"{manifest_file}: beit_preprocess.py did not finish (complete: false; the run was killed or stopped "
+                "by an error), so its batches are only part of the images; rerun beit_preprocess.py with the same "
+                "arguments to finish it, then inference and evaluation")
         skipped = manifest.get("skipped") or []
         plan, extra = plan_from_manifest(manifest, outputs, args.batch_size, manifest_file)
         if extra:
@@ -287,6 +306,7 @@ def run(args):
         raise PipelineFileError(f"{out_dir}: --result_json_path exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
     out_path = os.path.join(out_dir, args.json_file_name)
+    remove_own_temporaries(out_path)
     beit_io.write_json_atomic(out_path, modelzoo_json(result, skipped, rows_from))
     return result, out_path
 

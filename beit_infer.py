@@ -165,6 +165,26 @@ def list_inputs(spec):
     return parts
 
 
+def check_preprocessing_finished(spec):
+    """Refuse an input folder whose manifest says beit_preprocess.py did not finish there.
+
+    A run that was killed, or stopped by a bad image or a full disk, leaves a
+    prefix of the batches: inferring on them would take hours for a result that
+    covers part of the images.  Folders without our manifest are not checked.
+    """
+    if not os.path.isdir(spec):
+        return
+    path = os.path.join(spec, beit_io.MANIFEST_NAME)
+    try:
+        manifest = beit_io.load_manifest(path)
+    except PipelineFileError:
+        return
+    if manifest.get("complete") is False:
+        raise InferError(f"{spec}: beit_preprocess.py did not finish here ({path} says complete: false; the run "
+                         "was killed or stopped by an error), so its batch files are only part of the images. "
+                         "Rerun beit_preprocess.py with the same arguments to finish it, then run inference")
+
+
 def count_rows(path, image_size):
     """How many (3, S, S) images a batch file holds, read from its size or .npy header only."""
     row_bytes = 3 * image_size * image_size * 4
@@ -306,6 +326,8 @@ def run_inference(model, input=None, output=None, output_dirname=None, outfmt="B
 
     # Check every batch file before writing anything: a mismatch half way through
     # would leave a folder of outputs that looks complete to a later step.
+    if input is not None:
+        check_preprocessing_finished(input)
     files = list_inputs(input) if input is not None else []
     rows = []
     for path in files:

@@ -9,6 +9,7 @@ opset 11.  It also makes randomly initialised checkpoints in the real unilm
 format, for tests and for the demo.
 """
 
+import inspect
 import os
 
 import torch
@@ -109,6 +110,9 @@ def config_for(name, num_classes=1000):
 
 
 def create_model(config):
+    if "use_fc_norm" not in inspect.signature(Beit.__init__).parameters:
+        # timm < 1.0.31 has no use_fc_norm and derives it from global_pool == 'avg'.
+        config = {k: v for k, v in config.items() if k != "use_fc_norm"}
     model = Beit(**config)
     model.eval()
     return model
