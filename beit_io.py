@@ -57,6 +57,9 @@ def write_bytes_atomic(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file 0600; give it the mode a plain open() would, since atc and
+        # ais_bench often run as another user (HwHiAiUser) than the one who converted the model.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -64,6 +67,26 @@ def write_bytes_atomic(path, data):
         except OSError:
             pass
         raise
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries_of(path):
+    """Delete the ``.tmp`` files that an interrupted atomic write of ``path`` left beside it."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    prefix = "." + os.path.basename(os.fspath(path)) + "."
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def write_text_atomic(path, text):

@@ -32,6 +32,8 @@ import warnings
 
 from tqdm import tqdm
 
+import beit_io
+
 MIN_OPSET, MAX_OPSET = 11, 17
 DEFAULT_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "image", "class"
@@ -204,6 +206,7 @@ def main(argv=None):
     target = os.path.abspath(args.target)
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        beit_io.remove_stale_temporaries_of(target)  # what a killed earlier run left (~330 MB)
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
                                    dir=os.path.dirname(target))
         os.close(fd)

@@ -402,6 +402,17 @@ step_atc() {
 
 # Inference into ais_out/bs{N}_partial, renamed to ais_out/bs{N} when it is complete;
 # its stdout is kept in ais_out/bs{N}.log (first line: the backend) for the summary.
+# can_resume_partial DIR DEP: 0 when DIR holds outputs of an interrupted ONNX Runtime run that
+# are still valid: same backend, no --force, and neither preprocess nor the model step ran again.
+can_resume_partial() {
+  local partial="$1" dep="$2"
+  [[ "${BACKEND}" == ort ]] || return 1
+  ((FORCE)) && return 1
+  [[ -z "${RAN[preprocess]:-}" && -z "${RAN[${dep}]:-}" ]] || return 1
+  [[ -d "${partial}" && -f "${partial}.log" ]] || return 1
+  [[ "$(head -n 1 "${partial}.log")" == "backend: ${BACKEND}" ]]
+}
+
 step_infer() {
   local prep="$1" model="$2" name="$3" dep="$4"
   local out_root="${WORKDIR}/ais_out" dirname="bs${BATCH_SIZE}" ok=0
@@ -417,7 +428,13 @@ step_infer() {
   fi
   should_run "${name}" "${ok}" "${final}" preprocess "${dep}" || return 0
   mkdir -p "${out_root}"
-  rm -rf "${partial}" "${partial}_summary.json" "${partial}.log"
+  if can_resume_partial "${partial}" "${dep}"; then
+    # beit_infer.py keeps the complete outputs of an interrupted run and computes the rest:
+    # on 50,000 images a kill must not cost the hour already spent.
+    log "resume ${name}: keeping the outputs already in ${partial}"
+  else
+    rm -rf "${partial}" "${partial}_summary.json" "${partial}.log"
+  fi
   if [[ "${BACKEND}" == ascend ]]; then
     if [[ -n "${AIS_INFER:-}" ]]; then
       cmd=(python3 "${AIS_INFER}")

@@ -198,6 +198,29 @@ def test_other_inputs_in_the_same_workdir_are_refused(ort_workdir, image_set, tm
     assert "[run_all] step " not in proc.stdout
 
 
+def test_interrupted_inference_is_resumed_not_redone(ort_workdir, image_set, tmp_path):
+    """A run killed during inference leaves ais_out/bs8_partial; the rerun keeps its complete outputs."""
+    first = ok(ort_workdir(8))
+    workdir = tmp_path / "work"
+    shutil.copytree(ort_workdir.workdir, workdir)
+    out = workdir / "ais_out"
+    # The state a SIGKILL during beit_infer.py leaves: outputs written so far under the partial name.
+    (out / "bs8").rename(out / "bs8_partial")
+    (out / "bs8.log").rename(out / "bs8_partial.log")
+    (out / "bs8_summary.json").unlink()
+    (out / "bs8_partial" / "input_00002_0.txt").unlink()
+    (workdir / "acc_bs8.json").unlink()
+    kept = {name: (out / "bs8_partial" / name).stat().st_mtime_ns for name in ("input_00000_0.txt", "input_00001_0.txt")}
+    proc = ok(run_all(workdir, image_set, 8))
+    assert "[run_all] resume beit_infer: keeping the outputs already in " in proc.stdout
+    assert not (out / "bs8_partial").exists()
+    for name, mtime in kept.items():
+        assert (out / "bs8" / name).stat().st_mtime_ns == mtime, name
+    assert (out / "bs8" / "input_00002_0.txt").read_bytes() == \
+        (ort_workdir.workdir / "ais_out" / "bs8" / "input_00002_0.txt").read_bytes()
+    assert table_row(proc.stdout)[:5] == table_row(first.stdout)[:5]
+
+
 # ---------------------------------------------------------------- Ascend path (stand-in tools)
 
 def test_ascend_path_with_stand_in_tools(ort_workdir, image_set, fake_ascend, tmp_path):
