@@ -16,6 +16,7 @@ per batch row, ``%f`` values each followed by a space), ``<input_stem>_0.bin``
 (raw float32) or ``<input_stem>_0.npy``.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,36 +44,48 @@ class PipelineFileError(Exception):
 
 # ---------------------------------------------------------------- atomic writes
 
-def write_bytes_atomic(path, data):
-    """Write ``data`` to ``path`` so that ``path`` is either absent or complete.
+@contextlib.contextmanager
+def temporary_beside(path):
+    """Yield a new temporary file's path in ``path``'s folder; it is deleted unless renamed by then.
 
-    A killed process leaves at worst a ``.tmp`` file behind, never a
-    half-written file under the final name that a later step would trust.
+    Publish it with publish_temporary() inside the block.  A killed process
+    leaves at worst a ``.<name>.XXXX.tmp`` file, never a half-written file under
+    the final name that a later step would trust.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def write_bytes_atomic(path, data):
+    """Write ``data`` to ``path`` so that ``path`` is either absent or complete."""
+    with temporary_beside(path) as tmp:
+        with os.fdopen(os.open(tmp, os.O_WRONLY), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would, since atc and
-        # ais_bench often run as another user (HwHiAiUser) than the one who converted the model.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        publish_temporary(tmp, path)
 
 
-def _current_umask():
+def publish_temporary(tmp, path):
+    """Give a finished mkstemp file its final name, with the mode a plain open() would give it.
+
+    mkstemp makes files 0600, but atc and ais_bench often run as another user (HwHiAiUser)
+    than the one who converted the model.
+    """
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
 
 
 def remove_stale_temporaries_of(path):

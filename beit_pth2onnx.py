@@ -167,13 +167,6 @@ def verify(model, path, batch_sizes, img_size, seed=0):
     return results
 
 
-def make_readable(path):
-    """Give a mkstemp file (mode 0600) the permissions a plain open() would have: atc may run as another user."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def fail(message, code=1):
     # torch's own messages carry terminal colour codes; they are noise in logs.
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(message))
@@ -243,8 +236,7 @@ def main(argv=None):
                 print(f"verify batch {n}: {onnx_check.format_errors(errors)}", file=sys.stderr)
             return fail(f"{args.target}: ONNX Runtime differs from PyTorch by relative error {worst:.3e} "
                         f"> tolerance {args.tolerance:g}; nothing written")
-        make_readable(tmp)
-        os.replace(tmp, target)
+        beit_io.publish_temporary(tmp, target)
         progress.update()
     finally:
         progress.close()

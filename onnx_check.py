@@ -26,10 +26,11 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
+
+import beit_io
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -202,10 +203,7 @@ def simplify(in_path, out_path, batch_size, tolerance=DEFAULT_TOLERANCE, seed=0,
     """
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     shape = batch_shape(model_input_shape(in_path), batch_size=batch_size, name=in_path)
-    folder = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out_path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with beit_io.temporary_beside(out_path) as tmp:
         cmd = [sys.executable, "-m", "onnxsim", in_path, tmp, "--overwrite-input-shape", ",".join(map(str, shape))]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -218,16 +216,7 @@ def simplify(in_path, out_path, batch_size, tolerance=DEFAULT_TOLERANCE, seed=0,
         if not errors["max_rel"] <= tolerance:
             raise OnnxCheckError(f"{out_path}: onnxsim changed the results beyond tolerance {tolerance:g}: "
                                  + format_errors(errors))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        beit_io.publish_temporary(tmp, out_path)
     return errors
 
 

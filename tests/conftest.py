@@ -16,6 +16,20 @@ TINY = "beit_tiny_test_patch16_224"
 BASE = "beit_base_patch16_224"
 
 
+def pretraining_state_dict(seed=5):
+    """A tiny state dict in the layout of unilm's beit_base_patch16_224_pt22k.pth: masked-image-modelling head
+    (lm_head), one shared relative position bias, mask_token, no classification head."""
+    import torch
+    state = beit_model.random_checkpoint(TINY, seed=seed)["model"]
+    state = {k: v for k, v in state.items()
+             if not k.startswith(("head.", "fc_norm.")) and "relative_position" not in k}
+    state.update({"rel_pos_bias.relative_position_bias_table": torch.zeros(732, 2),
+                  "mask_token": torch.zeros(1, 1, 64), "norm.weight": torch.ones(64),
+                  "norm.bias": torch.zeros(64), "lm_head.weight": torch.zeros(8192, 64),
+                  "lm_head.bias": torch.zeros(8192)})
+    return state
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO

@@ -20,7 +20,7 @@ import torch
 import beit_model
 import beit_pth2onnx
 import onnx_check
-from conftest import TINY, run_script
+from conftest import TINY, pretraining_state_dict, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
 # Measured on this machine: ORT fp32 vs PyTorch and onnxsim vs original are ~1e-6 relative
@@ -180,16 +180,7 @@ def make_bad_checkpoint(kind, folder, tiny_checkpoint):
         import torchvision
         torch.save(torchvision.models.resnet18().state_dict(), path)
     elif kind == "pretraining":
-        # The layout of unilm's beit_base_patch16_224_pt22k.pth: masked-image-modelling head,
-        # one shared relative position bias, no classification head.
-        state = beit_model.random_checkpoint(TINY, seed=5)["model"]
-        state = {k: v for k, v in state.items()
-                 if not k.startswith(("head.", "fc_norm.")) and "relative_position" not in k}
-        state.update({"rel_pos_bias.relative_position_bias_table": torch.zeros(732, 2),
-                      "mask_token": torch.zeros(1, 1, 64), "norm.weight": torch.ones(64),
-                      "norm.bias": torch.zeros(64), "lm_head.weight": torch.zeros(8192, 64),
-                      "lm_head.bias": torch.zeros(8192)})
-        torch.save({"model": state}, path)
+        torch.save({"model": pretraining_state_dict()}, path)
     elif kind == "truncated":
         with open(tiny_checkpoint, "rb") as f:
             data = f.read()

@@ -36,7 +36,7 @@ import beit_io
 import beit_model
 import beit_preprocess
 import synthetic_data
-from conftest import REPO, TINY, run_script
+from conftest import REPO, TINY, pretraining_state_dict, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
@@ -500,15 +500,7 @@ def make_bad_checkpoint(kind, path, marker, tiny_checkpoint):
     elif kind == "code_in_torch_save":
         torch.save({"model": beit_model.random_checkpoint(TINY, seed=4)["model"], "args": RunsCode(marker)}, path)
     elif kind == "pretraining":
-        # unilm's beit_base_patch16_224_pt22k.pth layout: MIM head, shared relative position bias, no head.
-        state = beit_model.random_checkpoint(TINY, seed=5)["model"]
-        state = {k: v for k, v in state.items()
-                 if not k.startswith(("head.", "fc_norm.")) and "relative_position" not in k}
-        state.update({"rel_pos_bias.relative_position_bias_table": torch.zeros(732, 2),
-                      "mask_token": torch.zeros(1, 1, 64), "norm.weight": torch.ones(64),
-                      "norm.bias": torch.zeros(64), "lm_head.weight": torch.zeros(8192, 64),
-                      "lm_head.bias": torch.zeros(8192)})
-        torch.save({"model": state}, path)
+        torch.save({"model": pretraining_state_dict()}, path)
     elif kind == "other_architecture":
         import torchvision
         torch.save({"model": torchvision.models.resnet18().state_dict()}, path)

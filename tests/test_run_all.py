@@ -76,6 +76,14 @@ def ort_workdir(tmp_path_factory, image_set):
     return run
 
 
+def finished_bs8_copy(ort_workdir, tmp_path):
+    """A private copy of the shared work folder after a complete bs8 run, for tests that change it."""
+    ok(ort_workdir(8))
+    workdir = tmp_path / "work"
+    shutil.copytree(ort_workdir.workdir, workdir)
+    return workdir
+
+
 def run_all(workdir, image_set, batch_size, *extra, env=None, cwd=None):
     args = ["run_all.sh", "--batch_size", str(batch_size), "--workdir", str(workdir), "--model", TINY]
     if image_set is not None:
@@ -201,8 +209,7 @@ def test_other_inputs_in_the_same_workdir_are_refused(ort_workdir, image_set, tm
 def test_interrupted_inference_is_resumed_not_redone(ort_workdir, image_set, tmp_path):
     """A run killed during inference leaves ais_out/bs8_partial; the rerun keeps its complete outputs."""
     first = ok(ort_workdir(8))
-    workdir = tmp_path / "work"
-    shutil.copytree(ort_workdir.workdir, workdir)
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
     out = workdir / "ais_out"
     # The state a SIGKILL during beit_infer.py leaves: outputs written so far under the partial name.
     (out / "bs8").rename(out / "bs8_partial")
@@ -224,9 +231,7 @@ def test_interrupted_inference_is_resumed_not_redone(ort_workdir, image_set, tmp
 # ---------------------------------------------------------------- Ascend path (stand-in tools)
 
 def test_ascend_path_with_stand_in_tools(ort_workdir, image_set, fake_ascend, tmp_path):
-    ok(ort_workdir(8))
-    workdir = tmp_path / "work"
-    shutil.copytree(ort_workdir.workdir, workdir)
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
     env = dict(fake_ascend.env, FAKE_EXPECT_DEVICE="3")
     proc = ok(run_all(workdir, image_set, 8, "--backend", "auto", "--device", "3", env=env))
     assert "backend: ascend, because atc is at " in proc.stdout
@@ -263,9 +268,7 @@ def test_ascend_path_with_stand_in_tools(ort_workdir, image_set, fake_ascend, tm
 
 
 def test_failing_step_stops_the_run_naming_it(ort_workdir, image_set, fake_ascend, tmp_path):
-    ok(ort_workdir(8))
-    workdir = tmp_path / "work"
-    shutil.copytree(ort_workdir.workdir, workdir)
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
     env = dict(fake_ascend.env, FAKE_ATC_FAIL="1")
     proc = run_all(workdir, image_set, 8, "--backend", "ascend", env=env)
     assert proc.returncode == 1
