@@ -301,7 +301,11 @@ def summarize(results, model_name):
     tp = results.get("throughput", {})
     if ceiling and gmacs:
         out["ceiling_img_per_s"] = ceiling / (2 * gmacs)
+        torch_on_cpu = results["args"].get("torch_device", "cpu") == "cpu"
         for name, entries in tp.items():
+            # The ceiling is ONNX Runtime's, on the chosen provider; PyTorch on another device has none here.
+            if name == "pytorch" and not torch_on_cpu:
+                continue
             for e in entries:
                 e["fraction_of_ceiling"] = e["img_per_s"] / out["ceiling_img_per_s"]
 
@@ -311,9 +315,11 @@ def summarize(results, model_name):
                 return e["img_per_s"]
         return None
 
-    if at("onnxsim", 8) and at("pytorch", 8):
+    if results["args"].get("torch_device", "cpu") != "cpu":
+        pass  # PyTorch on a GPU against ONNX Runtime on the CPU: no ratio worth stating
+    elif at("onnxsim", 8) and at("pytorch", 8):
         out["bs8_onnxsim_over_pytorch"] = at("onnxsim", 8) / at("pytorch", 8)
-    if at("onnx", 8) and at("pytorch", 8):
+    if at("onnx", 8) and at("pytorch", 8) and results["args"].get("torch_device", "cpu") == "cpu":
         out["bs8_onnx_over_pytorch"] = at("onnx", 8) / at("pytorch", 8)
     if at("graph_modify", 8) and at("onnxsim", 8):
         out["bs8_graph_modify_over_onnxsim"] = at("graph_modify", 8) / at("onnxsim", 8)
@@ -330,8 +336,10 @@ def markdown(results):
     tp = results.get("throughput", {})
     if tp:
         names = list(tp)
+        device = results["args"].get("torch_device", "cpu")
+        labels = [f"pytorch ({device})" if n == "pytorch" and device != "cpu" else n for n in names]
         lines += ["Throughput (img/s, median of timed runs; in brackets the fraction of the fp32 ceiling):", "",
-                  "| Batch Size | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+                  "| Batch Size | " + " | ".join(labels) + " |", "|---" * (len(names) + 1) + "|"]
         for i, e0 in enumerate(tp[names[0]]):
             cells = []
             for n in names:
