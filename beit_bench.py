@@ -375,8 +375,12 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    device = results["args"].get("torch_device", "cpu")
     for name, entries in results.get("throughput", {}).items():
-        ax.plot([e["batch_size"] for e in entries], [e["img_per_s"] for e in entries], marker="o", label=name)
+        label = f"pytorch ({device})" if name == "pytorch" and device != "cpu" else name
+        ax.plot([e["batch_size"] for e in entries], [e["img_per_s"] for e in entries], marker="o", label=label)
+    if device != "cpu":
+        ax.set_yscale("log")  # a GPU next to CPU runtimes: orders of magnitude apart
     ceiling = results["summary"].get("ceiling_img_per_s")
     if ceiling:
         ax.axhline(ceiling, color="grey", linestyle="--", label=f"fp32 MatMul ceiling ({ceiling:.1f})")

@@ -1,0 +1,49 @@
+"""beit_bench.py on the tiny model: every measurement is taken and reported, and the ratios are computed right."""
+
+import json
+
+import pytest
+
+import beit_bench
+from conftest import TINY
+
+
+def test_summary_ratios_from_crafted_numbers():
+    def throughput():
+        return {name: [{"batch_size": 8, "img_per_s": v}] for name, v in
+                (("pytorch", 4.0), ("onnx", 8.0), ("onnxsim", 10.0), ("graph_modify", 9.5))}
+
+    tp = throughput()
+    results = {"args": {"torch_device": "cpu"}, "ceiling": {"peak_gflop_per_s": 352.0}, "throughput": tp}
+    summary = beit_bench.summarize(results, "beit_base_patch16_224")
+    assert summary["ceiling_img_per_s"] == pytest.approx(352.0 / (2 * 17.6))  # 10 img/s
+    assert tp["onnxsim"][0]["fraction_of_ceiling"] == pytest.approx(1.0)
+    assert tp["pytorch"][0]["fraction_of_ceiling"] == pytest.approx(0.4)
+    assert summary["bs8_onnxsim_over_pytorch"] == pytest.approx(2.5)
+    assert summary["bs8_graph_modify_over_onnxsim"] == pytest.approx(0.95)
+    # PyTorch on a GPU is not compared with ONNX Runtime's CPU ceiling.
+    gpu = {"args": {"torch_device": "cuda"}, "ceiling": {"peak_gflop_per_s": 352.0},
+           "throughput": throughput()}
+    gpu_summary = beit_bench.summarize(gpu, "beit_base_patch16_224")
+    assert "fraction_of_ceiling" not in gpu["throughput"]["pytorch"][0]
+    assert "bs8_onnxsim_over_pytorch" not in gpu_summary
+
+
+def test_bench_runs_end_to_end_on_the_tiny_model(tmp_path):
+    out = tmp_path / "bench"
+    rc = beit_bench.main(["--out", str(out), "--model", TINY, "--batch_sizes", "1,2", "--repeats", "2",
+                          "--prep_images", "12", "--skip_e2e"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["throughput"]) == sorted(beit_bench.RUNTIMES)
+    for entries in results["throughput"].values():
+        assert [e["batch_size"] for e in entries] == [1, 2]
+        for e in entries:
+            assert e["runs"] == 2 and e["img_per_s"] == pytest.approx(e["batch_size"] / e["median_ms"] * 1e3)
+    assert len(results["ceiling"]["per_shape"]) == 4 and results["ceiling"]["peak_gflop_per_s"] > 0
+    prep = results["preprocess"]
+    assert prep["images"] == 12 and prep["workers_1_speedup"] == pytest.approx(
+        prep["workers_1_img_per_s"] / prep["reference_img_per_s"])
+    table = (out / "results.md").read_text()
+    assert "| Batch Size | pytorch | onnx | onnxsim | graph_modify |" in table and "\n| 2 | " in table
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
