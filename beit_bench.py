@@ -136,13 +136,14 @@ def prepare_models(work, model_name, batch_sizes, seed):
     return models
 
 
-def ort_session(path, provider, threads):
+def ort_session(model, provider, threads):
+    """An ONNX Runtime session for a model path or serialized model bytes."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(path, opts, providers=providers)
+    return ort.InferenceSession(model, opts, providers=providers)
 
 
 def bench_runtimes(models, runtimes, batch_sizes, args):
@@ -157,6 +158,8 @@ def bench_runtimes(models, runtimes, batch_sizes, args):
     if "pytorch" in runtimes:
         model, _, _ = beit_model.build_model(beit_model.load_state_dict(models["checkpoint"]))
         torch_model = model.to(args.torch_device)
+    # The exported model has a dynamic batch: one session serves every batch size.
+    onnx_session = ort_session(models["onnx"], args.providers, args.threads) if "onnx" in runtimes else None
     for bs in batch_sizes:
         x = inputs[bs]
         for name in runtimes:
@@ -169,11 +172,10 @@ def bench_runtimes(models, runtimes, batch_sizes, args):
                     if args.torch_device.startswith("cuda"):
                         torch.cuda.synchronize()
             else:
-                path = models["onnx"] if name == "onnx" else models[name][bs]
-                sess = ort_session(path, args.providers, args.threads)
+                sess = onnx_session if name == "onnx" else ort_session(models[name][bs], args.providers, args.threads)
                 feed = {sess.get_inputs()[0].name: x}
 
-                def call(sess=sess, feed=feed):
+                def call():
                     sess.run(None, feed)
             entry = throughput_entry(bs, time_calls(call, args.warmup, args.repeats))
             results[name].append(entry)
@@ -191,7 +193,6 @@ def beit_gemm_shapes(tokens=197, dim=768, batch=8):
 
 def measure_matmul_ceiling(provider, threads, repeats=10):
     """ONNX Runtime fp32 MatMul GFLOP/s on BEiT-shaped GEMMs: per shape and the best."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     per_shape = []
@@ -202,11 +203,7 @@ def measure_matmul_ceiling(provider, threads, repeats=10):
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [weight])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        sess = ort_session(model.SerializeToString(), provider, threads)
         a = rng.standard_normal((m, k), dtype=np.float32)
         times = time_calls(lambda: sess.run(None, {"a": a}), 3, repeats)
         gflops = 2 * m * k * n / statistics.median(times) / 1e9
@@ -267,7 +264,8 @@ def bench_preprocess(work, count, threads, rounds=2):
 
 # ---------------------------------------------------------------- end to end
 
-STEP_TIME_RE = re.compile(r"step '?(?P<name>[\w-]+)'?.*?(?:done|finished|ok).*?(?P<secs>\d+(?:\.\d+)?)\s*s", re.I)
+# run_all.sh's line after each step: "[run_all] step NAME done in SECONDS s".
+STEP_TIME_RE = re.compile(r"^\[run_all\] step (?P<name>\S+) done in (?P<secs>\d+(?:\.\d+)?) s$", re.M)
 
 
 def bench_e2e(work, batch_size):

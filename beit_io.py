@@ -168,8 +168,9 @@ def read_batch(path, image_size=IMAGE_SIZE, batch_size=None):
 
 
 def write_batch(path, array):
+    """Write one batch as raw float32 C-order bytes (no copy when it already is float32 C-order)."""
     array = np.ascontiguousarray(array, dtype=np.float32)
-    write_bytes_atomic(path, array.tobytes(order="C"))
+    write_bytes_atomic(path, memoryview(array).cast("B"))
 
 
 # ---------------------------------------------------------------- manifest

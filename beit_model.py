@@ -33,7 +33,6 @@ KNOWN_VARIANTS = {
     # that keeps tests fast.  Every code path is the same as for base.
     "beit_tiny_test_patch16_224": (64, 2, 2, 224),
 }
-HEAD_DIM = {768: 64, 1024: 64, 64: 32}
 
 
 class CheckpointError(Exception):
@@ -192,8 +191,7 @@ def random_checkpoint(name="beit_base_patch16_224", seed=0, num_classes=1000):
         elif value.ndim == 1 or key == "cls_token":
             new = 0.05 * torch.randn(value.shape, generator=gen)
         else:
-            fan_in = value[0].numel() if value.ndim > 1 else value.numel()
-            new = torch.randn(value.shape, generator=gen) / fan_in ** 0.5
+            new = torch.randn(value.shape, generator=gen) / value[0].numel() ** 0.5  # 1/sqrt(fan-in)
         state[key] = new.to(value.dtype)
     for i, block in enumerate(model.blocks):
         state[f"blocks.{i}.attn.relative_position_index"] = block.attn.relative_position_index.clone()

@@ -443,8 +443,7 @@ class BatchWriter:
             path, batch = item
             if self.error is None:  # after a failure, write nothing more: batches stay a prefix
                 try:
-                    # beit_io.write_batch would first copy the batch with tobytes().
-                    beit_io.write_bytes_atomic(path, memoryview(batch).cast("B"))
+                    beit_io.write_batch(path, batch)
                 except OSError as exc:
                     self.error = WriteError(f"cannot write {path}: {exc.strerror or exc}")
                 except Exception as exc:  # the thread must live on, or put() would block forever
