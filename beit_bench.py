@@ -115,6 +115,7 @@ def machine_info():
 def prepare_models(work, model_name, batch_sizes, seed):
     """Random checkpoint -> ONNX (dynamic batch) -> onnxsim and graph_modify per batch size, reusing files."""
     import beit_model
+    import onnx_check
     os.makedirs(work, exist_ok=True)
     ckpt = os.path.join(work, f"{model_name}_random.pth")
     if not os.path.exists(ckpt):
@@ -129,7 +130,8 @@ def prepare_models(work, model_name, batch_sizes, seed):
         sim = os.path.join(work, f"beit_onnxsim_bs{bs}.onnx")
         mg = os.path.join(work, f"beit_mg_bs{bs}.onnx")
         if not os.path.exists(sim):
-            run([py, "-m", "onnxsim", models["onnx"], sim, "--overwrite-input-shape", f"{bs},3,224,224"])
+            log(f"onnxsim {models['onnx']} -> {sim} (batch {bs}, checked by onnx_check.simplify)")
+            onnx_check.simplify(models["onnx"], sim, bs)
         if not os.path.exists(mg):
             run([py, os.path.join(HERE, "graph_modify.py"), sim, mg, str(bs)])
         models["onnxsim"][bs], models["graph_modify"][bs] = sim, mg

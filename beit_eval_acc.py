@@ -22,7 +22,6 @@ the label file.
 
 import argparse
 import os
-import re
 import sys
 
 import numpy as np
@@ -32,7 +31,6 @@ import beit_io
 from beit_io import PipelineFileError
 
 TOPN = 5
-_INPUT_STEM_RE = re.compile(r"^input_(?P<index>\d+)$")
 
 
 # ---------------------------------------------------------------- accuracy
@@ -47,13 +45,6 @@ def label_ranks(logits, labels):
     labels = np.asarray(labels, dtype=np.int64)
     order = np.argsort(-logits, axis=1, kind="stable")
     return np.argmax(order == labels[:, None], axis=1)
-
-
-def topk_correct(logits, labels, k):
-    """How many rows have their label among the k highest logits."""
-    if len(labels) == 0:
-        return 0
-    return int(np.count_nonzero(label_ranks(logits, labels) < k))
 
 
 def evaluate(batches, labels, num_classes=beit_io.NUM_CLASSES, label_file="the label file"):
@@ -130,7 +121,7 @@ def plan_from_manifest(manifest, outputs, batch_size, manifest_file):
     return plan, extra
 
 
-def plan_from_guide_rule(outputs, batch_size, folder):
+def plan_from_guide_rule(outputs, folder):
     """[(stem, output path, batch index)] in batch order, for outputs of ``input_NNNNN``.
 
     Without a manifest, the batch index in the name is all there is to go on,
@@ -138,12 +129,12 @@ def plan_from_guide_rule(outputs, batch_size, folder):
     """
     plan = []
     for stem, path in outputs.items():
-        m = _INPUT_STEM_RE.match(stem)
-        if not m:
+        index = beit_io.batch_index(stem)
+        if index is None:
             raise PipelineFileError(
                 f"{path}: without a manifest only outputs of input_NNNNN batches can be matched to images "
                 "(pass --prep_image)")
-        plan.append((int(m.group("index")), stem, path))
+        plan.append((index, stem, path))
     plan.sort()
     present = {index for index, _, _ in plan}
     gaps = [i for i in range(plan[-1][0] + 1) if i not in present]
@@ -210,20 +201,6 @@ def modelzoo_json(result, skipped=(), rows_from="manifest"):
     }
 
 
-def remove_own_temporaries(out_path):
-    """Delete what a killed run left of its atomic write of ``out_path`` (``.<name>.XXXX.tmp``).
-
-    Only this JSON's leftovers: the result folder may be a work folder shared with other steps.
-    """
-    folder, name = os.path.split(out_path)
-    for entry in os.listdir(folder or "."):
-        if entry.startswith("." + name + ".") and entry.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(folder, entry))
-            except OSError:
-                pass
-
-
 def summary_line(result):
     return (f"Top-1 accuracy: {result['top1']:.2f}%  Top-5 accuracy: {result['top5']:.2f}%  "
             f"images: {result['num_images']}")
@@ -231,7 +208,7 @@ def summary_line(result):
 
 # ---------------------------------------------------------------- main
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Top-1/Top-5 accuracy of BEiT inference outputs against val_label.txt "
                     "(pipeline step 6; writes the ModelZoo result JSON).")
@@ -252,7 +229,11 @@ def parse_args(argv=None):
                              "tells padded rows apart; without it the guide's naming rule is used")
     parser.add_argument("--num_classes", type=int, default=beit_io.NUM_CLASSES, metavar="C",
                         help="number of classes, the width of every output row (default: %(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def run(args):
@@ -270,12 +251,7 @@ def run(args):
     skipped = []
     if args.prep_image is not None:
         manifest_file = beit_io.manifest_path(args.prep_image)
-        manifest = beit_io.load_manifest(args.prep_image)
-        if manifest.get("complete") is False:
-            raise PipelineFileError(
-                f"{manifest_file}: beit_preprocess.py did not finish (complete: false; the run was killed or stopped "
-                "by an error), so its batches are only part of the images; rerun beit_preprocess.py with the same "
-                "arguments to finish it, then inference and evaluation")
+        manifest = beit_io.require_complete_manifest(manifest_file)
         skipped = manifest.get("skipped") or []
         plan, extra = plan_from_manifest(manifest, outputs, args.batch_size, manifest_file)
         if extra:
@@ -285,7 +261,7 @@ def run(args):
         result = evaluate(batches, labels, args.num_classes, args.annotation_file_path)
         rows_from = "manifest"
     else:
-        plan = plan_from_guide_rule(outputs, args.batch_size, folder)
+        plan = plan_from_guide_rule(outputs, folder)
         uncounted = [0]
         batches = guide_rule_batches(plan, args.batch_size, labels, args.num_classes, uncounted)
         result = evaluate(batches, labels, args.num_classes, args.annotation_file_path)
@@ -306,7 +282,8 @@ def run(args):
         raise PipelineFileError(f"{out_dir}: --result_json_path exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
     out_path = os.path.join(out_dir, args.json_file_name)
-    remove_own_temporaries(out_path)
+    # Only this JSON's leftovers: the result folder may be a work folder shared with other steps.
+    beit_io.remove_stale_temporaries_of(out_path)
     beit_io.write_json_atomic(out_path, modelzoo_json(result, skipped, rows_from))
     return result, out_path
 

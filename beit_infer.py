@@ -97,8 +97,10 @@ def throughput(batch_sizes, times_ms):
 def resolve_providers(requested, available):
     """Map ``cpu,cuda,...`` to ONNX Runtime provider names, keeping only the available ones.
 
-    Returns (providers to pass, warnings).  CPU always ends the list so that a
-    missing accelerator falls back to it instead of failing.
+    Returns (providers to pass, warnings).  A requested provider that this
+    onnxruntime lacks is skipped with a warning; the next requested one is
+    tried, and CPU always ends the list so that there is one that runs.
+    Which provider really ran is logged once the session exists.
     """
     wanted, warnings = [], []
     for item in [p.strip() for p in requested.split(",") if p.strip()]:
@@ -108,7 +110,7 @@ def resolve_providers(requested, available):
                              f"or an ONNX Runtime provider name ({', '.join(available)})")
         if name not in available:
             warnings.append(f"provider {item} ({name}) is not available in this onnxruntime "
-                            f"(available: {', '.join(available)}); falling back to CPUExecutionProvider")
+                            f"(available: {', '.join(available)}); skipped")
             continue
         if name not in wanted:
             wanted.append(name)
@@ -166,42 +168,13 @@ def list_inputs(spec):
 
 
 def check_preprocessing_finished(spec):
-    """Refuse an input folder whose manifest says beit_preprocess.py did not finish there.
+    """Refuse an input folder whose manifest is corrupt or says beit_preprocess.py did not finish there.
 
-    A run that was killed, or stopped by a bad image or a full disk, leaves a
-    prefix of the batches: inferring on them would take hours for a result that
-    covers part of the images.  Folders without our manifest are not checked.
+    A folder without a manifest (plain ais_bench input, not ours) is not checked;
+    neither is a list of files.
     """
-    if not os.path.isdir(spec):
-        return
-    path = os.path.join(spec, beit_io.MANIFEST_NAME)
-    try:
-        manifest = beit_io.load_manifest(path)
-    except PipelineFileError:
-        return
-    if manifest.get("complete") is False:
-        raise InferError(f"{spec}: beit_preprocess.py did not finish here ({path} says complete: false; the run "
-                         "was killed or stopped by an error), so its batch files are only part of the images. "
-                         "Rerun beit_preprocess.py with the same arguments to finish it, then run inference")
-
-
-def count_rows(path, image_size):
-    """How many (3, S, S) images a batch file holds, read from its size or .npy header only."""
-    row_bytes = 3 * image_size * image_size * 4
-    if path.lower().endswith(".npy"):
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise PipelineFileError(f"{path}: not a readable .npy file ({exc})") from exc
-        if arr.ndim != 4 or tuple(arr.shape[1:]) != (3, image_size, image_size):
-            raise PipelineFileError(f"{path}: shape {tuple(arr.shape)}, the model takes "
-                                    f"(N, 3, {image_size}, {image_size})")
-        return int(arr.shape[0])
-    size = os.path.getsize(path)
-    if size == 0 or size % row_bytes:
-        raise PipelineFileError(f"{path}: {size} bytes is not a whole number of float32 "
-                                f"(3, {image_size}, {image_size}) images ({row_bytes} bytes each)")
-    return size // row_bytes
+    if os.path.isdir(spec) and os.path.lexists(os.path.join(spec, beit_io.MANIFEST_NAME)):
+        beit_io.require_complete_manifest(spec)
 
 
 # ---------------------------------------------------------------- the model
@@ -292,17 +265,20 @@ def check_other_formats(folder, stems, fmt):
 
 # ---------------------------------------------------------------- the run
 
-def run_inference(model, input=None, output=None, output_dirname=None, outfmt="BIN", batchsize=None,
-                  loop=1, warmup_count=1, device=0, providers="cpu", threads=0, overwrite=False,
-                  args=None, progress=True):
+def run_inference(args):
     """Run the model over the batch files (or random input) and write ais_bench's outputs.
 
-    Returns the summary dict (also written to ``<output>/<dirname>_summary.json``
-    when ``output`` is given).  Raises InferError or PipelineFileError naming the
-    file for user errors, before any output is written.
+    ``args`` is the namespace get_parser() parses (``get_parser().parse_args([...])``
+    from a program).  Returns the summary dict (also written to
+    ``<output>/<dirname>_summary.json`` when ``--output`` is given).  Raises
+    InferError or PipelineFileError naming the file for user errors, before
+    any output is written.
     """
     from tqdm import tqdm
 
+    model, input, output, output_dirname = args.model, args.input, args.output, args.output_dirname
+    outfmt, batchsize, loop, warmup_count = args.outfmt, args.batchsize, args.loop, args.warmup_count
+    providers = args.providers
     fmt = outfmt.lower()
     if fmt not in beit_io.OUTPUT_FORMATS:
         raise InferError(f"--outfmt {outfmt}: use TXT, BIN or NPY")
@@ -311,7 +287,7 @@ def run_inference(model, input=None, output=None, output_dirname=None, outfmt="B
     if output is None and output_dirname is not None:
         raise InferError("--output_dirname needs --output (as in ais_bench)")
 
-    session = open_session(model, providers, device, threads)
+    session = open_session(model, providers, args.device, args.threads)
     provider = session.get_providers()[0]
     in_meta = session.get_inputs()[0]
     in_dtype = _ORT_TYPES.get(in_meta.type, np.float32)
@@ -331,7 +307,7 @@ def run_inference(model, input=None, output=None, output_dirname=None, outfmt="B
     files = list_inputs(input) if input is not None else []
     rows = []
     for path in files:
-        n = count_rows(path, size)
+        n = beit_io.batch_rows(path, size)
         if expected is not None and n != expected:
             raise InferError(f"{path}: holds a batch of {n} images but the model {os.path.basename(model)} "
                              f"takes batches of {expected} (input '{in_meta.name}' shape {in_meta.shape}); "
@@ -344,7 +320,7 @@ def run_inference(model, input=None, output=None, output_dirname=None, outfmt="B
         out_dir = os.path.join(output, dirname)
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise InferError(f"{out_dir}: exists and is not a folder")
-    resume = bool(files) and out_dir is not None and output_dirname is not None and not overwrite \
+    resume = bool(files) and out_dir is not None and output_dirname is not None and not args.overwrite \
         and os.path.isdir(out_dir)
     stems = [output_stem(p) for p in files]
     if resume:
@@ -373,11 +349,13 @@ def run_inference(model, input=None, output=None, output_dirname=None, outfmt="B
     def feed(arr):
         return {in_meta.name: arr.astype(in_dtype, copy=False)}
 
-    if files:
-        first = beit_io.read_batch(files[todo[0] if todo else 0], image_size=size)
-    else:
+    if not files:
         bs = expected or 1
         first = np.random.default_rng(0).standard_normal((bs, 3, size, size)).astype(np.float32)
+    elif todo:
+        first = beit_io.read_batch(files[todo[0]], image_size=size)
+    else:
+        first = None  # every output is already there: nothing to run, nothing to read
     times_ms, batch_sizes = [], []
     if todo or not files:
         for _ in range(warmup_count):
@@ -387,14 +365,14 @@ def run_inference(model, input=None, output=None, output_dirname=None, outfmt="B
     written = []
     first_index = todo[0] if todo else None
     if not files:
-        for _ in tqdm(range(loop), desc="Inference pure", file=sys.stderr, disable=not progress):
+        for _ in tqdm(range(loop), desc="Inference pure", file=sys.stderr, disable=args.no_progress):
             t0 = time.perf_counter()
             session.run(out_names, feed(first))
             times_ms.append((time.perf_counter() - t0) * 1000.0)
             batch_sizes.append(first.shape[0])
     else:
         bar = tqdm(total=len(todo) * loop, desc="Inference", unit="batch", file=sys.stderr,
-                   disable=not progress)
+                   disable=args.no_progress)
         try:
             for rnd in range(loop):
                 for i in todo:
@@ -418,10 +396,7 @@ def run_inference(model, input=None, output=None, output_dirname=None, outfmt="B
                                "outfiles": [os.path.join(out_dir, output_name(stems[i], k, fmt))
                                             for k in range(len(out_names))] if out_dir else []}
                       for i in range(len(files))},
-        "args": args if args is not None else {
-            "model": model, "input": input, "output": output, "output_dirname": output_dirname,
-            "outfmt": outfmt, "batchsize": batchsize, "loop": loop, "warmup_count": warmup_count,
-            "device": device, "providers": providers, "threads": threads, "overwrite": overwrite},
+        "args": vars(args),
         "NPU_compute_time": timing_stats(times_ms),
         "throughput": tput,
         "batchsize": mean_bs,
@@ -494,11 +469,7 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
-        summary = run_inference(
-            args.model, input=args.input, output=args.output, output_dirname=args.output_dirname,
-            outfmt=args.outfmt, batchsize=args.batchsize, loop=args.loop, warmup_count=args.warmup_count,
-            device=args.device, providers=args.providers, threads=args.threads, overwrite=args.overwrite,
-            args=vars(args), progress=not args.no_progress)
+        summary = run_inference(args)
     except (InferError, PipelineFileError) as exc:
         print(f"error: beit_infer: {exc}", file=sys.stderr)
         return 2

@@ -21,18 +21,7 @@ timm.layers.set_fused_attn(False)
 
 from timm.models.beit import Beit, checkpoint_filter_fn  # noqa: E402
 
-# The published BEiT variants, by the shapes that identify them.
-KNOWN_VARIANTS = {
-    # name: (embed_dim, depth, num_heads, img_size)
-    "beit_base_patch16_224": (768, 12, 12, 224),
-    "beit_base_patch16_384": (768, 12, 12, 384),
-    "beit_large_patch16_224": (1024, 24, 16, 224),
-    "beit_large_patch16_384": (1024, 24, 16, 384),
-    "beit_large_patch16_512": (1024, 24, 16, 512),
-    # Not a published model: a small BEiT of the same structure (197 tokens at 224)
-    # that keeps tests fast.  Every code path is the same as for base.
-    "beit_tiny_test_patch16_224": (64, 2, 2, 224),
-}
+from beit_variants import KNOWN_VARIANTS  # noqa: E402  (re-exported: callers use beit_model.KNOWN_VARIANTS)
 
 
 class CheckpointError(Exception):
@@ -199,4 +188,8 @@ def random_checkpoint(name="beit_base_patch16_224", seed=0, num_classes=1000):
 
 
 def save_random_checkpoint(path, name="beit_base_patch16_224", seed=0):
-    torch.save(random_checkpoint(name, seed), os.fspath(path))
+    """Write random_checkpoint() to ``path`` atomically: a killed run leaves no truncated file to reuse."""
+    import beit_io
+    with beit_io.temporary_beside(path) as tmp:
+        torch.save(random_checkpoint(name, seed), tmp)
+        beit_io.publish_temporary(tmp, path)

@@ -195,17 +195,12 @@ def decode_rgb(path):
     try:
         # Our own file object: closed on every path out, also when Pillow fails half-way.
         with open(path, "rb") as f, warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse.
+            # Image.open checks the size against Image.MAX_IMAGE_PIXELS: above twice the limit it raises
+            # DecompressionBombError, between the limit and twice it only warns; made an error, we refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(f)
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and img.width * img.height > limit:
-                raise Image.DecompressionBombError(
-                    f"{img.width}x{img.height} = {img.width * img.height} pixels exceeds the limit of {limit}")
             img.load()  # Pillow decodes lazily: force the whole file now so truncation shows
         return img if img.mode == "RGB" else img.convert("RGB")
-    except BadImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(f"{path}: refused as a possible decompression bomb ({exc}); "
                             "raise --max_pixels if the image is genuine") from exc
@@ -377,7 +372,7 @@ def batches_on_disk(out, candidates, batch_size):
     Batch k holds candidates[k*bs:(k+1)*bs]: every image skipped before it was
     recorded in the manifest before the batch was written.
     """
-    size = batch_size * 3 * CROP_SIZE * CROP_SIZE * 4
+    size = beit_io.batch_nbytes(batch_size, CROP_SIZE)
     batches = []
     while len(batches) * batch_size < len(candidates):
         k = len(batches)
@@ -479,7 +474,7 @@ def usable_cpus():
     return os.cpu_count() or 1
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(
         description="Step 1 of the BEiT pipeline: turn a folder of images into float32 batch files "
                     "(input_00000.bin, ...) and manifest.json, with unilm BEiT's eval transform.")
@@ -502,7 +497,11 @@ def parse_args(argv=None):
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels than this as possible decompression bombs "
                         "(default: Pillow's %(default)s)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def error(message):

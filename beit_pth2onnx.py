@@ -23,10 +23,10 @@ arguments.
 """
 
 import argparse
+import contextlib
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 
@@ -197,16 +197,14 @@ def main(argv=None):
     dynamic = not args.static
 
     target = os.path.abspath(args.target)
-    try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        beit_io.remove_stale_temporaries_of(target)  # what a killed earlier run left (~330 MB)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
-                                   dir=os.path.dirname(target))
-        os.close(fd)
-    except OSError as exc:
-        progress.close()
-        return fail(f"{args.target}: cannot write here ({exc.strerror or exc})")
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(progress.close)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            beit_io.remove_stale_temporaries_of(target)  # what a killed earlier run left (~330 MB)
+            tmp = cleanup.enter_context(beit_io.temporary_beside(target))
+        except OSError as exc:
+            return fail(f"{args.target}: cannot write here ({exc.strerror or exc})")
         progress.set_description_str(f"export opset {args.opset}")
         t0 = time.perf_counter()
         try:
@@ -238,10 +236,6 @@ def main(argv=None):
                         f"> tolerance {args.tolerance:g}; nothing written")
         beit_io.publish_temporary(tmp, target)
         progress.update()
-    finally:
-        progress.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
     size_mb = os.path.getsize(target) / 2 ** 20
     print(f"beit_pth2onnx: {args.source} -> {args.target}")

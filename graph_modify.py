@@ -54,9 +54,9 @@ from collections import defaultdict
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from tqdm import tqdm
 
-from beit_io import write_bytes_atomic
+import beit_io
+import onnx_check
 
 # Large, exact and finite in fp16 (a multiple of 16 below 2^15), so that atc's
 # fp16 conversion keeps it as is.  Scores added to it stay far from fp16's limit
@@ -66,7 +66,7 @@ from beit_io import write_bytes_atomic
 # masked: the real keys never are, so every softmax row keeps a finite maximum.
 MASK_VALUE = -30000.0
 DEFAULT_PAD_TO = 16
-DEFAULT_TOLERANCE = 1e-5
+DEFAULT_TOLERANCE = onnx_check.DEFAULT_TOLERANCE
 MIN_OPSET = 11
 VERIFY_SEED = 0
 # Ops that lie between the qkv Reshape and the q/k/v operands of the attention MatMuls.
@@ -238,9 +238,10 @@ def check_input_batch(gi, batch_size):
     batch = dims[0]
     if not batch.HasField("dim_value"):
         label = batch.dim_param or "?"
+        fixed = ",".join([str(batch_size)] + [str(d.dim_value) if d.HasField("dim_value") else "?" for d in dims[1:]])
         raise PatternError(pattern, f"input '{inp.name}' has a dynamic batch dimension '{label}'; "
                                     f"simplify with a fixed batch first: python3 -m onnxsim IN OUT "
-                                    f"--overwrite-input-shape {batch_size},3,224,224")
+                                    f"--overwrite-input-shape {fixed}")
     if batch.dim_value != batch_size:
         raise PatternError(pattern, f"input '{inp.name}' has batch {batch.dim_value} but BATCH_SIZE is "
                                     f"{batch_size}; pass {batch.dim_value} or re-simplify the model")
@@ -310,7 +311,7 @@ def walk_to_reshape(gi, name, pattern):
 def find_attention(gi, softmax, batch_size, tokens):
     """One attention block, anchored on its Softmax.
 
-    Returns dict(softmax, bias_add, bias_input, scores, qkv_reshapes, out_reshape, heads).
+    Returns dict(softmax, bias_add, bias_input, qkv_reshapes, out_reshape).
     """
     pattern = "attention block (MatMul -> [Add bias] -> Softmax -> MatMul -> Transpose -> Reshape)"
     sshape = gi.shape(softmax.input[0])
@@ -358,8 +359,8 @@ def find_attention(gi, softmax, batch_size, tokens):
     if not oshape or len(oshape) != 3 or oshape[:2] != [batch_size, tokens]:
         raise PatternError(pattern, f"the attention-output Reshape gives {oshape}, "
                                     f"expected [{batch_size}, {tokens}, D]")
-    return dict(softmax=softmax, bias_add=bias_add, bias_input=bias_input, scores=scores,
-                qkv_reshapes=qkv, out_reshape=id(out_reshape), heads=heads)
+    return dict(softmax=softmax, bias_add=bias_add, bias_input=bias_input,
+                qkv_reshapes=qkv, out_reshape=id(out_reshape))
 
 
 def find_pooling(gi, after, tokens):
@@ -393,7 +394,7 @@ def find_pooling(gi, after, tokens):
             starts, ends, axes = vals[0], vals[1], vals[2]
             steps = vals[3] if len(vals) > 3 else None
             if starts is None or ends is None or starts.size != 1 or ends.size != 1 \
-                    or (axes is not None and axes.reshape(-1)[0] % 3 != 1) or axes is None \
+                    or axes is None or axes.reshape(-1)[0] % 3 != 1 \
                     or (steps is not None and int(steps.reshape(-1)[0]) != 1):
                 raise PatternError(pattern, "the Slice before the pooling ReduceMean should take tokens "
                                             "[start:end] on axis 1 with step 1 and constant bounds")
@@ -461,12 +462,12 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
     if not softmaxes:
         raise PatternError("attention Softmax", "no Softmax after the token Concat")
     blocks = [find_attention(gi, sm, batch_size, tokens) for sm in softmaxes]
-    qkv_names = set().union(*(b["qkv_reshapes"] for b in blocks))
-    out_names = {b["out_reshape"] for b in blocks}
-    if len(out_names) != len(blocks) or len(qkv_names) != len(blocks):
+    qkv_ids = set().union(*(b["qkv_reshapes"] for b in blocks))
+    out_ids = {b["out_reshape"] for b in blocks}
+    if len(out_ids) != len(blocks) or len(qkv_ids) != len(blocks):
         raise PatternError("one Softmax per block",
-                           f"{len(blocks)} Softmax nodes but {len(qkv_names)} qkv Reshapes and "
-                           f"{len(out_names)} attention-output Reshapes")
+                           f"{len(blocks)} Softmax nodes but {len(qkv_ids)} qkv Reshapes and "
+                           f"{len(out_ids)} attention-output Reshapes")
     pool_kind, pool_node, pool_slice = find_pooling(gi, stream, tokens)
 
     # Per-token constants added to the stream (an absolute position embedding (1, T, D)): padded with zeros.
@@ -557,7 +558,7 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
         new = shape.copy()
         new[1] = padded
         node.input[1] = gi.add_const(f"{node.input[1]}_tokens{padded}", new.astype(shape.dtype))
-        kind = "qkv" if id(node) in qkv_names else "attention-output" if id(node) in out_names else "other"
+        kind = "qkv" if id(node) in qkv_ids else "attention-output" if id(node) in out_ids else "other"
         counts[f"{kind} Reshape {tokens}->{padded}"] += 1
 
     # 4. the pooling
@@ -623,37 +624,6 @@ def check_result(model, batch_size, tokens, padded, padded_stream, exempt):
                                    "does not know")
 
 
-# ---------------------------------------------------------------- verification
-
-def relative_error(a, b):
-    """max|a - b| / max|b|: b is the reference."""
-    return float(np.max(np.abs(a.astype(np.float64) - b)) / max(np.max(np.abs(b.astype(np.float64))), 1e-30))
-
-
-def run_onnx(model, batch):
-    """Run a model (path or serialized bytes) on one batch in ONNX Runtime fp32 on the CPU."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return sess.run(None, {name: batch})[0]
-
-
-def verify(original_path, modified_bytes, batch_size, seed=VERIFY_SEED):
-    """(rel err, argmax agreements, finite) of the modified model vs the original on a seeded batch."""
-    batch = np.random.default_rng(seed).standard_normal((batch_size, 3, 224, 224)).astype(np.float32)
-    stages = tqdm(total=2, desc="verify (ORT fp32)", unit="model", file=sys.stderr, leave=False)
-    ref = run_onnx(original_path, batch)
-    stages.update()
-    out = run_onnx(modified_bytes, batch)
-    stages.update()
-    stages.close()
-    same = int(np.sum(ref.argmax(-1) == out.argmax(-1)))
-    return relative_error(out, ref), same, bool(np.all(np.isfinite(out)))
-
-
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
@@ -704,19 +674,29 @@ def main(argv=None):
     for name, count in counts.items():
         print(f"  {name:<44} {count}")
     data = model.SerializeToString()
-    if not args.no_verify:
-        err, same, finite = verify(args.input, data, args.batch_size)
-        print(f"verify (ONNX Runtime fp32, seed {VERIFY_SEED}, batch {args.batch_size}): "
-              f"max rel err {err:.3e} (tolerance {args.tolerance:g}), argmax identical {same}/{args.batch_size}")
-        ok = finite and err <= args.tolerance and same == args.batch_size
-        if not ok and not args.no_mask:
-            print(f"error: {args.input}: the padded graph does not reproduce the input model "
-                  f"(max rel err {err:.3e}, argmax identical {same}/{args.batch_size}, finite {finite}); "
-                  "nothing written", file=sys.stderr)
-            return 1
-        if not ok:
-            print("note: --no_mask output differs from the input model, as the guide's padding does")
-    write_bytes_atomic(args.output, data)
+    with beit_io.temporary_beside(args.output) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if not args.no_verify:
+            try:
+                errors = onnx_check.compare_models(args.input, tmp, args.batch_size, seed=VERIFY_SEED)
+            except onnx_check.OnnxCheckError as exc:
+                print(f"error: {args.input}: cannot verify the padded graph ({exc}); nothing written",
+                      file=sys.stderr)
+                return 1
+            err, same = errors["max_rel"], round(errors["argmax_agreement"] * errors["rows"])
+            print(f"verify (ONNX Runtime fp32, seed {VERIFY_SEED}, batch {args.batch_size}): "
+                  f"max rel err {err:.3e} (tolerance {args.tolerance:g}), argmax identical {same}/{errors['rows']}")
+            # max_rel is inf when an output is not finite.
+            ok = err <= args.tolerance and errors["argmax_equal"]
+            if not ok and not args.no_mask:
+                print(f"error: {args.input}: the padded graph does not reproduce the input model "
+                      f"(max rel err {err:.3e}, argmax identical {same}/{errors['rows']}); nothing written",
+                      file=sys.stderr)
+                return 1
+            if not ok:
+                print("note: --no_mask output differs from the input model, as the guide's padding does")
+        beit_io.publish_temporary(tmp, args.output)
     print(f"wrote {args.output}")
     return 0
 

@@ -15,12 +15,11 @@ Writes, seeded and once (a complete demo folder is left alone unless --force)::
     OUT/demo.json                                written last: the recipe and the label margins
 
 So the demo's Top-1 measures how faithfully the exported pipeline reproduces
-PyTorch (100% expected), not ImageNet accuracy.  The default image count is not
-a multiple of 8 or 16, so the last batch is always padded.
+PyTorch (100% expected), not ImageNet accuracy.  The default image count (28) is
+not a multiple of 8 or 16, so the last batch is padded at batch sizes 8 and 16.
 """
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -43,10 +42,8 @@ IMAGES_DIR = "images"
 CHECKPOINT_NAME = "random_checkpoint.pth"
 LABELS_NAME = "val_label.txt"
 RECORD_NAME = "demo.json"
-
-
-class DemoError(Exception):
-    """A user error: bad arguments or an output folder that cannot be written."""
+TMP_IMAGES_PREFIX = "." + IMAGES_DIR + "."  # write_images()'s temporary folder: .images.XXXX.tmp
+TMP_SUFFIX = ".tmp"
 
 
 def recipe(model, count, seed):
@@ -68,10 +65,22 @@ def is_complete(out, wanted):
             and os.path.isdir(images) and len(os.listdir(images)) == wanted["count"])
 
 
+def remove_stale_image_folders(out):
+    """Delete the '.images.XXXX.tmp' folders that a killed write_images() left in OUT.
+
+    beit_io.remove_stale_temporaries() removes only the files of interrupted atomic writes.
+    """
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name.startswith(TMP_IMAGES_PREFIX) and name.endswith(TMP_SUFFIX) and os.path.isdir(path) \
+                and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def write_images(out, count, seed):
     """Write the images into a fresh folder, then put it in place whole."""
     final = os.path.join(out, IMAGES_DIR)
-    tmp = tempfile.mkdtemp(prefix=".images.", suffix=".tmp", dir=out)
+    tmp = tempfile.mkdtemp(prefix=TMP_IMAGES_PREFIX, suffix=TMP_SUFFIX, dir=out)
     try:
         names = synthetic_data.write_image_set(tmp, count, seed=seed)
         if os.path.isdir(final):
@@ -104,16 +113,14 @@ def make_demo(out, model_name, count, seed):
     """Write the whole demo folder; returns the record written to demo.json."""
     os.makedirs(out, exist_ok=True)
     beit_io.remove_stale_temporaries(out)
+    remove_stale_image_folders(out)
     # A changed recipe must never leave a stale record next to new files.
     record_path = os.path.join(out, RECORD_NAME)
     if os.path.exists(record_path):
         os.unlink(record_path)
 
-    checkpoint = beit_model.random_checkpoint(model_name, seed=seed)
-    buf = io.BytesIO()
-    torch.save(checkpoint, buf)
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
-    beit_io.write_bytes_atomic(ckpt_path, buf.getvalue())
+    beit_model.save_random_checkpoint(ckpt_path, model_name, seed=seed)  # random_checkpoint(), atomically
 
     paths = write_images(out, count, seed)
     # Built from the saved file, as beit_pth2onnx.py builds it, so both start from the same tensors.
@@ -140,11 +147,13 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="demo folder to write (run_all.sh uses WORKDIR/demo)")
     parser.add_argument("--model", default="beit_base_patch16_224", metavar="NAME",
-                        help="BEiT variant of the random checkpoint (default: %(default)s; "
-                             "beit_tiny_test_patch16_224 for fast tests)")
+                        choices=sorted(beit_model.KNOWN_VARIANTS),
+                        help="BEiT variant of the random checkpoint: one that takes 224x224 images, "
+                             "as the pipeline does (default: %(default)s; beit_tiny_test_patch16_224 for fast "
+                             "tests)")
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, metavar="N",
                         help="number of images (default: %(default)s, not a multiple of 8 or 16 so that "
-                             "the last batch is padded)")
+                             "the last batch is padded at batch sizes 8 and 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and weights (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="remake the demo even when it is complete")
     return parser.parse_args(argv)
@@ -152,12 +161,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sizes = {name: v[3] for name, v in beit_model.KNOWN_VARIANTS.items()}
-    if args.model not in sizes:
-        print(f"error: unknown --model {args.model!r}; known: {', '.join(sizes)}", file=sys.stderr)
-        return 2
-    if sizes[args.model] != beit_io.IMAGE_SIZE:
-        print(f"error: --model {args.model} takes {sizes[args.model]}px input; the pipeline is "
+    size = beit_model.KNOWN_VARIANTS[args.model][3]
+    if size != beit_io.IMAGE_SIZE:
+        print(f"error: --model {args.model} takes {size}px input; the pipeline is "
               f"{beit_io.IMAGE_SIZE}px", file=sys.stderr)
         return 2
     if args.count < 1:

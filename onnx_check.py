@@ -10,16 +10,17 @@ Both models run in ONNX Runtime (CPUExecutionProvider) on the same seeded
 random batch, shaped from the candidate's static input shape (or --batch_size
 where its batch axis is dynamic).  It prints the largest absolute and
 relative error and whether the top-1 classes agree, and exits 1 when the
-relative error is above --tolerance (2 on a usage or file error).
+relative error is above --tolerance or the outputs differ in shape (2 on a
+usage or file error).
 
 Relative error, here and in beit_pth2onnx.py, is max|cand - ref| / max|ref|
 over the whole output: scaled by the largest reference logit, because an
 element-wise ratio blows up on logits that happen to be near zero and would
 flag harmless float32 rounding.
 
-graph_modify.py and the tests import compare_models(); the tests and the
-benchmarks use simplify(), which runs ``python -m onnxsim`` with the batch
-size fixed and checks its output the same way before keeping it.
+graph_modify.py and the tests import compare_models(); beit_bench.py and the
+tests use simplify(), which runs ``python -m onnxsim`` with the batch size
+fixed and checks its output the same way before keeping it.
 """
 
 import argparse
@@ -39,6 +40,10 @@ class OnnxCheckError(Exception):
     """A model cannot be read or run, or two models disagree; the message names the file."""
 
 
+class ModelsDisagree(OnnxCheckError):
+    """Both models ran, but their outputs cannot be compared (different shapes)."""
+
+
 # ---------------------------------------------------------------- errors between outputs
 
 def output_errors(actual, expected):
@@ -46,7 +51,7 @@ def output_errors(actual, expected):
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     if actual.shape != expected.shape:
-        raise OnnxCheckError(f"output shapes differ: {actual.shape} vs reference {expected.shape}")
+        raise ModelsDisagree(f"output shapes differ: {actual.shape} vs reference {expected.shape}")
     diff = np.abs(actual - expected)
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(expected).max()) if expected.size else 0.0
@@ -143,13 +148,15 @@ def run_session(session, batch, path="model"):
 def compare_models(ref_path, cand_path, batch, seed=0):
     """Run both models on ``batch`` and return output_errors() plus the batch shape and timings.
 
-    ``batch`` is an (N, C, H, W) float32 array, or an int N to draw a seeded
-    random batch of N shaped from the candidate's input.
+    ``batch`` is an (N, C, H, W) float32 array, or an int N (or None where the
+    candidate's batch is static) to draw a seeded random batch shaped from the
+    candidate's input.
     """
     ref = open_session(ref_path)
     cand = open_session(cand_path)
-    if isinstance(batch, (int, np.integer)):
-        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), int(batch), os.fspath(cand_path))
+    if batch is None or isinstance(batch, (int, np.integer)):
+        size = None if batch is None else int(batch)
+        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), size, os.fspath(cand_path))
         batch = random_batch(shape, seed)
     return compare_sessions(ref, cand, batch, os.fspath(ref_path), os.fspath(cand_path))
 
@@ -164,8 +171,8 @@ def compare_sessions(ref, cand, batch, ref_name="reference", cand_name="candidat
     end = time.perf_counter()
     try:
         errors = output_errors(actual, expected)
-    except OnnxCheckError as exc:
-        raise OnnxCheckError(f"{cand_name} vs {ref_name}: {exc}") from exc
+    except ModelsDisagree as exc:
+        raise ModelsDisagree(f"{cand_name} vs {ref_name}: {exc}") from exc
     errors.update(shape=tuple(batch.shape), output_shape=tuple(actual.shape),
                   ref_seconds=mid - start, cand_seconds=end - mid)
     return errors
@@ -245,15 +252,12 @@ def main(argv=None):
         print(f"error: --tolerance must be >= 0, got {args.tolerance}", file=sys.stderr)
         return 2
     try:
-        ref = open_session(args.reference)
-        cand = open_session(args.candidate)
-        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), args.batch_size, args.candidate)
-        errors = compare_sessions(ref, cand, random_batch(shape, args.seed), args.reference, args.candidate)
+        errors = compare_models(args.reference, args.candidate, args.batch_size, seed=args.seed)
     except OnnxCheckError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, ModelsDisagree) else 2
     ok = errors["max_rel"] <= args.tolerance
-    print(f"onnx_check: {args.candidate} vs {args.reference} on a seeded batch {shape} (seed {args.seed})")
+    print(f"onnx_check: {args.candidate} vs {args.reference} on a seeded batch {errors['shape']} (seed {args.seed})")
     print(f"onnx_check: {format_errors(errors)}; tolerance {args.tolerance:g}: {'OK' if ok else 'FAILED'}")
     if not errors["argmax_equal"]:
         print("onnx_check: warning: the top-1 class differs on some rows", file=sys.stderr)

@@ -58,9 +58,15 @@ Options:
   --soc_version NAME    atc --soc_version (default: Ascend + the chip name that
                         `npu-smi info` shows, e.g. Ascend310P3)
   --device ID           NPU device id for ais_bench (default: 0)
-  --model NAME          BEiT variant (default: read from the checkpoint; the ONNX
-                        file is named after it, beit_base_patch16_224 when unset)
-  --force               redo every step even when its output exists
+  --model NAME          BEiT variant of the checkpoint; must take 224x224 images
+                        (preprocessing, onnxsim and atc are fixed at 224), e.g.
+                        beit_base_patch16_224 or beit_large_patch16_224.  Also
+                        names the ONNX file <NAME>.onnx.  Default: the variant is
+                        read from the checkpoint, but the ONNX file is always
+                        named beit_base_patch16_224.onnx, even for a large one
+  --force               redo every step even when its output exists; when the
+                        inputs differ from those the work folder was made from,
+                        first delete every output made from the old ones
   -h, --help            show this help and exit
 
 Work folder: prep_image_bs{N}/, <model>.onnx, beit_onnxsim_bs{N}.onnx,
@@ -203,8 +209,9 @@ run_step() {
   RAN["${name}"]=1
 }
 
-# should_run NAME OUTPUT_OK DEPS...: 0 (run) unless OUTPUT_OK is 1, there is no
-# --force and no step in DEPS ran in this invocation; says "skip" otherwise.
+# should_run NAME OUTPUT_OK WHAT DEPS...: 0 (run) unless OUTPUT_OK is 1, there is no
+# --force and no step in DEPS ran in this invocation; says "skip" otherwise.  WHAT
+# is the output named in the log line.
 should_run() {
   local name="$1" ok="$2" what="$3"
   shift 3
@@ -245,7 +252,8 @@ outputs_complete() {
   [[ -d "${out}" ]] || return 1
   for batch in "${prep}"/input_*.bin; do
     [[ -e "${batch}" ]] || return 1
-    stem="$(basename "${batch}" .bin)"
+    stem="${batch##*/}"
+    stem="${stem%.bin}"
     if [[ ! -f "${out}/${stem}_0.txt" && ! -f "${out}/${stem}_0.bin" && ! -f "${out}/${stem}_0.npy" ]]; then
       return 1
     fi
@@ -304,23 +312,74 @@ soc_version() {
   printf 'Ascend%s' "${chip}"
 }
 
-# The inputs a work folder was made from; a different set needs --force or another folder.
+# find_outputs: set OUTPUTS to what the steps made in the work folder, for any batch size
+# and model: prep_image_bs*/, beit_*.onnx (the export, onnxsim, graph_modify and their
+# temporaries), beit_*.om, ais_out/, acc_bs*.json and atc's fusion_result.json.
+OUTPUTS=()
+find_outputs() {
+  local restore path
+  restore="$(shopt -p nullglob || true)"
+  shopt -s nullglob
+  OUTPUTS=()
+  for path in "${WORKDIR}"/prep_image_bs* "${WORKDIR}"/beit_*.onnx "${WORKDIR}"/beit_*.om \
+    "${WORKDIR}"/ais_out "${WORKDIR}"/acc_bs*.json "${WORKDIR}"/fusion_result.json; do
+    if [[ -e "${path}" || -L "${path}" ]]; then
+      OUTPUTS+=("${path}")
+    fi
+  done
+  eval "${restore}"
+}
+
+# The inputs a work folder was made from.  Without --force, other inputs (or outputs with
+# no record of their inputs) are refused.  With --force and other inputs, the outputs made
+# from the old ones are deleted BEFORE the new record is written: a forced run that stops
+# part-way must not leave old outputs that a later run without --force would take as made
+# from the new inputs.
 check_inputs_record() {
-  local record="${WORKDIR}/${INPUTS_RECORD}" current previous
+  local record="${WORKDIR}/${INPUTS_RECORD}" current previous=""
   current="$(printf 'image_path=%s\nlabel_file=%s\ncheckpoint=%s\nmodel=%s\n' \
     "${IMAGE_PATH}" "${LABEL_FILE}" "${CHECKPOINT}" "${MODEL:-${DEFAULT_MODEL}}")"
-  if [[ -f "${record}" ]] && ((!FORCE)); then
-    previous="$(<"${record}")"
-    if [[ "${previous}" != "${current}" ]]; then
+  [[ -f "${record}" ]] && previous="$(<"${record}")"
+  [[ "${previous}" == "${current}" ]] && return 0
+  find_outputs
+  if ((!FORCE)); then
+    if [[ -n "${previous}" ]]; then
       printf 'error: %s was made from other inputs:\n%s\nnow:\n%s\nuse --force to redo every step, or another --workdir\n' \
         "${WORKDIR}" "${previous}" "${current}" >&2
       exit 2
+    elif ((${#OUTPUTS[@]} > 0)); then
+      printf 'error: %s holds outputs (%s ...) but no %s saying which inputs they were made from;\nuse --force to redo every step, or another --workdir\n' \
+        "${WORKDIR}" "${OUTPUTS[0]##*/}" "${INPUTS_RECORD}" >&2
+      exit 2
     fi
   fi
-  if [[ ! -f "${record}" || "$(<"${record}")" != "${current}" ]]; then
-    printf '%s\n' "${current}" >"${record}.tmp"
-    mv -f "${record}.tmp" "${record}"
+  if ((${#OUTPUTS[@]} > 0)); then
+    log "--force with other inputs: removing the ${#OUTPUTS[@]} outputs made from the previous ones (${OUTPUTS[*]##*/})"
+    # The old record stays until they are gone: a kill in between leaves old outputs under the old record.
+    rm -rf -- "${OUTPUTS[@]}"
   fi
+  printf '%s\n' "${current}" >"${record}.tmp"
+  mv -f "${record}.tmp" "${record}"
+}
+
+# check_model: refuse a --model that is unknown or does not take 224x224 images (the batch
+# files, onnxsim's and atc's input shapes are 224x224).  The table is beit_model.py's
+# KNOWN_VARIANTS, read from the source (importing beit_model would load torch: seconds).
+check_model() {
+  [[ -n "${MODEL}" ]] || return 0
+  local verdict
+  verdict="$(python3 -c 'import sys
+sys.path.insert(0, sys.argv[1])
+from beit_variants import KNOWN_VARIANTS as variants
+name = sys.argv[2]
+if name not in variants:
+    print("unknown BEiT variant; known: " + ", ".join(sorted(variants)))
+elif variants[name][3] != 224:
+    ok = sorted(n for n, v in variants.items() if v[3] == 224)
+    print("takes %dx%d images, but this pipeline is fixed at 224x224 (preprocessing, onnxsim and atc "
+          "input shapes); use one of: %s" % (variants[name][3], variants[name][3], ", ".join(ok)))' \
+    "${SCRIPT_DIR}" "${MODEL}")" || die "cannot read the BEiT variants from ${SCRIPT_DIR}/beit_variants.py"
+  [[ -z "${verdict}" ]] || die "--model ${MODEL}: ${verdict}"
 }
 
 step_demo() {
@@ -355,8 +414,10 @@ step_pth2onnx() {
   local onnx="$1" ok=0 cmd
   [[ -f "${onnx}" ]] && ok=1
   should_run pth2onnx "${ok}" "${onnx}" demo || return 0
+  # The ONNX file has a dynamic batch axis and is shared by every batch size: the batch it
+  # is traced with does not change a byte of it, and 1 is the fastest.
   cmd=(python3 "${SCRIPT_DIR}/beit_pth2onnx.py" --source "${CHECKPOINT}" --target "${onnx}"
-    --batch_size "${BATCH_SIZE}")
+    --batch_size 1)
   [[ -n "${MODEL}" ]] && cmd+=(--model "${MODEL}")
   run_step pth2onnx "${cmd[@]}"
 }
@@ -526,6 +587,7 @@ main() {
   # Keeps the steps' stdout in order with their stderr when this script's output is piped.
   export PYTHONUNBUFFERED=1
   command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
+  check_model
   mkdir -p "${WORKDIR}" || die "cannot create the work folder ${WORKDIR}"
   log "work folder: ${WORKDIR}"
   choose_backend

@@ -30,15 +30,12 @@ def pretraining_state_dict(seed=5):
     return state
 
 
-@pytest.fixture(scope="session")
-def repo_root():
-    return REPO
-
-
 def run_script(args, cwd=None, env=None, timeout=600, check=False):
     """Run a repo script (``['beit_preprocess.py', '--flag', ...]``) with this Python.
 
-    Returns the CompletedProcess with text stdout/stderr.
+    ``env`` is merged into os.environ; this Python's folder is then put first on PATH (also
+    on an ``env`` PATH), so that the scripts' ``python3`` is this one.  Returns the
+    CompletedProcess with text stdout/stderr.
     """
     cmd = list(args)
     if cmd[0].endswith(".py"):
@@ -46,10 +43,10 @@ def run_script(args, cwd=None, env=None, timeout=600, check=False):
     elif cmd[0].endswith(".sh"):
         cmd = ["bash", os.path.join(REPO, cmd[0])] + cmd[1:]
     full_env = dict(os.environ)
-    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     full_env["PYTHONUNBUFFERED"] = "1"
     if env:
         full_env.update(env)
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

@@ -1,13 +1,16 @@
 """Tests for beit_eval_acc.py: exact Top-k counts on crafted outputs, row mapping, errors."""
 
+import argparse
 import json
 import os
+import types
 
 import numpy as np
 import pytest
 
 import beit_eval_acc
 import beit_io
+import beit_preprocess
 from conftest import run_script
 
 N_IMAGES = 17
@@ -59,8 +62,14 @@ def make_case(tmp_path, fmt="txt", num_classes=1000, order=None, label_padding=T
         stem = f"input_{b:05d}"
         beit_io.write_output(out_dir / beit_io.output_file_name(stem, fmt), np.stack(rows))
         batches.append({"file": stem + ".bin", "images": images, "real": len(images)})
-    manifest = {"format": beit_io.MANIFEST_FORMAT, "batch_size": BATCH, "batches": batches,
-                "skipped": [{"image": "broken.JPEG", "reason": "cannot identify image file"}]}
+    # The manifest as beit_preprocess.py writes it: its own function, its keys, a finished run.
+    image_dir = tmp_path / "images"
+    skipped = [{"name": "broken.JPEG",
+                "error": f"{image_dir / 'broken.JPEG'}: not a readable image (unknown format or corrupt header)"}]
+    all_names = sorted([n + ".JPEG" for n in names[:N_IMAGES]] + ["broken.JPEG"])
+    manifest = beit_preprocess.make_manifest(
+        types.SimpleNamespace(batch_size=BATCH, image_path=str(image_dir)), all_names,
+        beit_io.image_set_fingerprint(all_names), batches, skipped, True)
     beit_io.save_manifest(prep_dir, manifest)
     # ais_bench leaves these next to the outputs; they must be ignored.
     (out_dir / "sumary.json").write_text('{"NPU_compute_time": {}}')
@@ -104,14 +113,27 @@ def check_expected(res, expected=EXPECTED):
 
 # ---------------------------------------------------------------- pure functions
 
-def test_topk_correct_counts_and_stable_ties():
+def test_label_ranks_break_ties_by_class_index():
     logits = np.array([[0.0, 0.0, 0.0, 0.0],    # all tied: stable order 0,1,2,3
                        [1.0, 3.0, 3.0, 2.0],    # order 1,2,3,0
                        [5.0, 4.0, 3.0, 2.0]], dtype=np.float32)
     labels = [2, 2, 3]
     assert beit_eval_acc.label_ranks(logits, labels).tolist() == [2, 1, 3]
-    assert [beit_eval_acc.topk_correct(logits, labels, k) for k in (1, 2, 3, 4)] == [0, 1, 2, 3]
-    assert beit_eval_acc.topk_correct(logits[:0], [], 5) == 0
+    assert beit_eval_acc.label_ranks(logits[:0], []).tolist() == []
+
+
+def test_batch_index_names_the_guide_rule_batches():
+    assert [beit_io.batch_index(s) for s in ("input_00000", "input_00042", "input_7")] == [0, 42, 7]
+    for stem in ("extra", "input_", "input_0001a", "input_00001_0", "Input_00001", "xinput_00001"):
+        assert beit_io.batch_index(stem) is None, stem
+    assert beit_io.batch_index(os.path.splitext(beit_io.batch_file_name(12))[0]) == 12
+
+
+def test_error_guide_rule_output_of_another_name(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    beit_io.write_output(os.path.join(case["out"], "extra_0.bin"), np.zeros((4, 10)))
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False), "extra_0.bin",
+                 "only outputs of input_NNNNN batches")
 
 
 def test_crafted_logits_put_label_at_rank():
@@ -208,6 +230,17 @@ def test_script_cli_and_help(tmp_path):
     for flag in ("--folder_davinci_target", "--annotation_file_path", "--result_json_path", "--json_file_name",
                  "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes"):
         assert flag in proc.stdout
+
+
+def test_help_explains_every_flag():
+    parser = beit_eval_acc.build_parser()
+    options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    assert {o for a in options for o in a.option_strings} == {
+        "--folder_davinci_target", "--annotation_file_path", "--result_json_path", "--json_file_name",
+        "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes"}
+    for action in options:
+        assert action.help and action.help != argparse.SUPPRESS and len(action.help.split()) >= 4, \
+            action.option_strings
 
 
 def test_script_error_has_no_traceback(tmp_path):
@@ -310,6 +343,27 @@ def test_error_more_rows_than_batch_size(tmp_path, capsys, manifest):
     write_bin(case, "input_00001_0.bin", np.zeros((5, 10)))
     expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=manifest), "input_00001_0.bin",
                  "more than the batch size 4")
+
+
+@pytest.mark.parametrize("complete", [False, None, "missing"])
+def test_error_manifest_of_unfinished_preprocessing(tmp_path, capsys, complete):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    manifest = dict(case["manifest"])
+    if complete == "missing":
+        del manifest["complete"]
+    else:
+        manifest["complete"] = complete
+    beit_io.save_manifest(case["prep"], manifest)
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), os.path.join(case["prep"], "manifest.json"),
+                 "did not finish")
+
+
+def test_error_corrupt_manifest(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    path = os.path.join(case["prep"], "manifest.json")
+    with open(path, "w") as f:
+        f.write('{"format": 1, "batch_')
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), path, "not valid JSON")
 
 
 def test_error_batch_size_disagrees_with_manifest(tmp_path, capsys):

@@ -1,19 +1,18 @@
 """graph_modify.py: the 197 -> 208 token padding must leave the model's output unchanged.
 
-Models are exported here (not with beit_pth2onnx.py) and simplified with
-``python -m onnxsim`` at a fixed batch, as the pipeline does; exports are cached
-per (model, opset, batch) for the session.
+Models are made with the pipeline's own functions: exported with
+beit_pth2onnx.export (input ``image``, output ``class``, dynamic batch) and
+simplified with onnx_check.simplify (``python -m onnxsim`` at a fixed batch,
+its output checked against the input before it is kept); exports are cached
+per (model, opset, batch) for the session.  Outputs are compared with
+onnx_check's session helpers and output_errors().
 """
 
 import os
 import re
-import subprocess
-import sys
-import warnings
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -22,27 +21,45 @@ from timm.models.beit import checkpoint_filter_fn
 from conftest import BASE, TINY, run_script
 
 import beit_model
+import beit_pth2onnx
 import graph_modify
+import onnx_check
 
 TOKENS, PADDED = 197, 208
 INT64_MAX = np.iinfo(np.int64).max
+# (embed_dim, depth, num_heads, img_size) from the table the pipeline identifies checkpoints by
+TINY_DIM, TINY_DEPTH, TINY_HEADS, _ = beit_model.KNOWN_VARIANTS[TINY]
+BASE_DEPTH = beit_model.KNOWN_VARIANTS[BASE][1]
+# Tolerance on max|a-b|/max|b|, as graph_modify.py's own default.
+REL_TOL = 1e-5
 
 
 # ---------------------------------------------------------------- helpers
 
-def export_onnx(model, path, opset, dynamic=True):
-    kwargs = dict(dynamic_axes={"image": {0: "batch"}, "class": {0: "batch"}}) if dynamic else {}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(model, torch.randn(1 if dynamic else 8, 3, 224, 224), str(path), dynamo=False,
-                          input_names=["image"], output_names=["class"], opset_version=opset, **kwargs)
-    return str(path)
+def tiny_variant(config_change, seed):
+    """The tiny BEiT with one config flag changed, random weights of its own seed."""
+    config = beit_model.config_for(TINY)
+    config.update(config_change)
+    return beit_model.create_model(config), beit_model.random_checkpoint(TINY, seed=seed)["model"]
 
 
-def simplify(raw, out, batch_size):
-    subprocess.run([sys.executable, "-m", "onnxsim", raw, str(out), "--overwrite-input-shape",
-                    f"{batch_size},3,224,224"], check=True, capture_output=True, text=True, timeout=600)
-    return str(out)
+def tiny_without_bias():
+    """A BEiT without relative position bias: no Add before the Softmax."""
+    model, state = tiny_variant({"use_rel_pos_bias": False}, seed=3)
+    model.load_state_dict({k: v for k, v in state.items() if "relative_position" not in k}, strict=True)
+    return model
+
+
+def tiny_with_position_embedding():
+    """With an absolute position embedding added after the cls Concat."""
+    model, state = tiny_variant({"use_abs_pos_emb": True}, seed=4)
+    state["pos_embed"] = torch.randn((1, TOKENS, TINY_DIM), generator=torch.Generator().manual_seed(4))
+    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    return model
+
+
+CHECKPOINT_FIXTURES = {"tiny": "tiny_checkpoint", "base": "base_checkpoint"}
+OTHER_MODELS = {"tiny_nobias": tiny_without_bias, "tiny_posemb": tiny_with_position_embedding}
 
 
 class OnnxModels:
@@ -54,38 +71,27 @@ class OnnxModels:
         self.raw, self.sim = {}, {}
 
     def torch_model(self, kind):
-        if kind == "tiny":
-            return beit_model.build_model(beit_model.load_state_dict(self.request.getfixturevalue("tiny_checkpoint")))[0]
-        if kind == "base":
-            return beit_model.build_model(beit_model.load_state_dict(self.request.getfixturevalue("base_checkpoint")))[0]
-        if kind == "tiny_nobias":  # a BEiT without relative position bias: no Add before the Softmax
-            config = beit_model.config_for(TINY)
-            config["use_rel_pos_bias"] = False
-            model = beit_model.create_model(config)
-            state = beit_model.random_checkpoint(TINY, seed=3)["model"]
-            model.load_state_dict({k: v for k, v in state.items() if "relative_position" not in k}, strict=True)
-            return model
-        if kind == "tiny_posemb":  # with an absolute position embedding added after the cls Concat
-            config = beit_model.config_for(TINY)
-            config["use_abs_pos_emb"] = True
-            model = beit_model.create_model(config)
-            state = beit_model.random_checkpoint(TINY, seed=4)["model"]
-            state["pos_embed"] = torch.randn((1, TOKENS, 64), generator=torch.Generator().manual_seed(4))
-            model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
-            return model
-        raise KeyError(kind)
+        if kind in CHECKPOINT_FIXTURES:
+            checkpoint = self.request.getfixturevalue(CHECKPOINT_FIXTURES[kind])
+            return beit_model.build_model(beit_model.load_state_dict(checkpoint))[0]
+        return OTHER_MODELS[kind]()
 
     def raw_model(self, kind, opset):
         key = (kind, opset)
         if key not in self.raw:
-            self.raw[key] = export_onnx(self.torch_model(kind), self.folder / f"{kind}_op{opset}_raw.onnx", opset)
+            path = str(self.folder / f"{kind}_op{opset}_raw.onnx")
+            beit_pth2onnx.export(self.torch_model(kind), path, batch_size=1, img_size=224, opset=opset,
+                                 dynamic=True)
+            self.raw[key] = path
         return self.raw[key]
 
     def get(self, kind, opset, batch_size):
         key = (kind, opset, batch_size)
         if key not in self.sim:
-            self.sim[key] = simplify(self.raw_model(kind, opset),
-                                     self.folder / f"{kind}_op{opset}_bs{batch_size}_sim.onnx", batch_size)
+            out = self.folder / f"{kind}_op{opset}_bs{batch_size}_sim.onnx"
+            errors = onnx_check.simplify(self.raw_model(kind, opset), out, batch_size)  # raises if not kept
+            assert errors["shape"] == (batch_size, 3, 224, 224)
+            self.sim[key] = str(out)
         return self.sim[key]
 
 
@@ -94,17 +100,9 @@ def models(tmp_path_factory, request):
     return OnnxModels(tmp_path_factory.mktemp("gm_onnx"), request)
 
 
-def run_ort(path, batch):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: batch})[0]
-
-
-def rel_err(a, b):
-    return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b.astype(np.float64))))
-
-
-def seeded_batch(seed, batch_size):
-    return np.random.default_rng(seed).standard_normal((batch_size, 3, 224, 224)).astype(np.float32)
+def logits(path, batch):
+    """The model's output in ONNX Runtime, through onnx_check's session helpers."""
+    return onnx_check.run_session(onnx_check.open_session(path), batch, str(path))
 
 
 def printed_counts(text):
@@ -126,8 +124,9 @@ def inferred(path):
     return model, shapes
 
 
-def check_padded_shapes(path, batch_size, heads, dim, depth):
-    """Every Softmax reads (B, H, 208, 208); every token MatMul gives (B, 208, *)."""
+def check_padded_shapes(path, batch_size, variant):
+    """Every Softmax reads (B, H, 208, 208); every token MatMul gives (B, 208, *); H, D, depth of ``variant``."""
+    dim, depth, heads, _ = beit_model.KNOWN_VARIANTS[variant]
     model, shapes = inferred(path)
     soft = [shapes[n.input[0]] for n in model.graph.node if n.op_type == "Softmax"]
     assert soft == [[batch_size, heads, PADDED, PADDED]] * depth
@@ -179,26 +178,26 @@ def test_tiny_padding_is_exact(models, tmp_path, capsys, opset, batch_size):
     assert out.is_file()
     counts = printed_counts(text)
     assert counts["token padding Concat"] == 1
-    assert counts["attention bias padded + masked"] == 2
-    assert counts["qkv Reshape 197->208"] == 2
+    assert counts["attention bias padded + masked"] == TINY_DEPTH
+    assert counts["qkv Reshape 197->208"] == TINY_DEPTH
     assert counts["pooling Slice end -> 197"] == 1
     err_printed, same, total = printed_verification(text)
-    assert err_printed <= 1e-5 and same == total == batch_size
+    assert err_printed <= REL_TOL and same == total == batch_size
 
-    # Independently of the script's own check: another seed, another session.
-    batch = seeded_batch(100 + batch_size, batch_size)
-    ref, new = run_ort(src, batch), run_ort(out, batch)
+    # Independently of the script's own check: another seed, other sessions.
+    batch = onnx_check.random_batch((batch_size, 3, 224, 224), 100 + batch_size)
+    ref, new = logits(src, batch), logits(out, batch)
     assert new.shape == ref.shape == (batch_size, 1000)
-    assert rel_err(new, ref) <= 1e-5
-    assert np.array_equal(new.argmax(1), ref.argmax(1))
+    errors = onnx_check.output_errors(new, ref)
+    assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
 
-    model = check_padded_shapes(out, batch_size, heads=2, dim=64, depth=2)
+    model = check_padded_shapes(out, batch_size, TINY)
     assert pooling_slice_end(model) == TOKENS
     # The real block is the original bias; padded keys get the mask; padded queries see real keys with bias 0.
     originals = softmax_biases(onnx.load(src))
     for old, new_bias in zip(originals, softmax_biases(model), strict=True):
-        assert new_bias.shape == (1, 2, PADDED, PADDED)
-        np.testing.assert_array_equal(new_bias[..., :TOKENS, :TOKENS], old.reshape(1, 2, TOKENS, TOKENS))
+        assert new_bias.shape == (1, TINY_HEADS, PADDED, PADDED)
+        np.testing.assert_array_equal(new_bias[..., :TOKENS, :TOKENS], old.reshape(1, TINY_HEADS, TOKENS, TOKENS))
         assert np.all(new_bias[..., TOKENS:] == graph_modify.MASK_VALUE)
         assert np.all(new_bias[..., TOKENS:, :TOKENS] == 0)
 
@@ -225,15 +224,14 @@ def test_base_padding_is_exact(models, tmp_path, capsys):
     assert rc == 0, err
     counts = printed_counts(text)
     assert counts["token padding Concat"] == 1
-    assert counts["attention bias padded + masked"] == 12
-    assert counts["qkv Reshape 197->208"] == 12
+    assert counts["attention bias padded + masked"] == BASE_DEPTH
+    assert counts["qkv Reshape 197->208"] == BASE_DEPTH
     assert counts["pooling Slice end -> 197"] == 1
     assert "max rel err" not in text
-    batch = seeded_batch(7, 8)
-    ref, new = run_ort(src, batch), run_ort(out, batch)
-    assert rel_err(new, ref) <= 1e-5
-    assert np.array_equal(new.argmax(1), ref.argmax(1))
-    check_padded_shapes(out, 8, heads=12, dim=768, depth=12)
+    batch = onnx_check.random_batch((8, 3, 224, 224), 7)
+    errors = onnx_check.output_errors(logits(out, batch), logits(src, batch))
+    assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
+    check_padded_shapes(out, 8, BASE)
 
 
 # ---------------------------------------------------------------- why the mask matters
@@ -244,21 +242,22 @@ def test_no_mask_reproduces_the_guides_error(models, tmp_path, capsys):
     rc, text, err = modify(src, out, 8, "--no_mask", capsys=capsys)
     assert rc == 0, err  # the guide's padding is written even though it is not exact
     counts = printed_counts(text)
-    assert counts["attention bias padded (zeros)"] == 2
+    assert counts["attention bias padded (zeros)"] == TINY_DEPTH
     assert counts["pooling: mean left over all tokens (guide)"] == 1
     assert "differs from the input model" in text
     model = onnx.load(str(out))
     assert pooling_slice_end(model) == INT64_MAX
     for bias in softmax_biases(model):
         assert np.all(bias[..., TOKENS:] == 0) and np.all(bias[..., TOKENS:, :] == 0)
-    batch = seeded_batch(11, 8)
-    ref = run_ort(src, batch)
-    err_guide = rel_err(run_ort(out, batch), ref)
-    assert err_guide > 1e-2, err_guide
+    batch = onnx_check.random_batch((8, 3, 224, 224), 11)
+    ref = logits(src, batch)
+    guide_out = logits(out, batch)
+    err_guide = onnx_check.output_errors(guide_out, ref)["max_rel"]
+    assert np.all(np.isfinite(guide_out)) and err_guide > 1e-2, err_guide
 
     exact = tmp_path / "exact.onnx"
     assert modify(src, exact, 8, capsys=capsys)[0] == 0
-    assert rel_err(run_ort(exact, batch), ref) <= 1e-5
+    assert onnx_check.output_errors(logits(exact, batch), ref)["max_rel"] <= REL_TOL
 
 
 def test_graph_without_bias_gets_a_mask_add(models, tmp_path, capsys):
@@ -269,18 +268,19 @@ def test_graph_without_bias_gets_a_mask_add(models, tmp_path, capsys):
     out = tmp_path / "mod.onnx"
     rc, text, err = modify(src, out, 8, capsys=capsys)
     assert rc == 0, err
-    assert printed_counts(text)["attention mask Add inserted"] == 2
-    model = check_padded_shapes(out, 8, heads=2, dim=64, depth=2)
+    assert printed_counts(text)["attention mask Add inserted"] == TINY_DEPTH
+    model = check_padded_shapes(out, 8, TINY)
     for mask in softmax_biases(model):
         assert mask.shape == (1, 1, PADDED, PADDED)
         assert np.all(mask[..., :TOKENS] == 0) and np.all(mask[..., TOKENS:] == graph_modify.MASK_VALUE)
-    batch = seeded_batch(5, 8)
-    ref = run_ort(src, batch)
-    assert rel_err(run_ort(out, batch), ref) <= 1e-5
+    batch = onnx_check.random_batch((8, 3, 224, 224), 5)
+    ref = logits(src, batch)
+    assert onnx_check.output_errors(logits(out, batch), ref)["max_rel"] <= REL_TOL
 
     guide = tmp_path / "guide.onnx"
     assert modify(src, guide, 8, "--no_mask", "--no_verify", capsys=capsys)[0] == 0
-    assert rel_err(run_ort(guide, batch), ref) > 1e-2
+    guide_out = logits(guide, batch)
+    assert np.all(np.isfinite(guide_out)) and onnx_check.output_errors(guide_out, ref)["max_rel"] > 1e-2
 
 
 def test_position_embedding_is_padded(models, tmp_path, capsys):
@@ -289,9 +289,9 @@ def test_position_embedding_is_padded(models, tmp_path, capsys):
     rc, text, err = modify(src, out, 8, capsys=capsys)
     assert rc == 0, err
     assert printed_counts(text)["per-token constant (position embedding) padded"] == 1
-    check_padded_shapes(out, 8, heads=2, dim=64, depth=2)
-    batch = seeded_batch(9, 8)
-    assert rel_err(run_ort(out, batch), run_ort(src, batch)) <= 1e-5
+    check_padded_shapes(out, 8, TINY)
+    batch = onnx_check.random_batch((8, 3, 224, 224), 9)
+    assert onnx_check.output_errors(logits(out, batch), logits(src, batch))["max_rel"] <= REL_TOL
 
 
 def test_pad_to_other_multiple(models, tmp_path, capsys):
@@ -301,9 +301,10 @@ def test_pad_to_other_multiple(models, tmp_path, capsys):
     assert rc == 0, err
     assert "tokens 197 -> 200" in text
     model, shapes = inferred(out)
-    assert [shapes[n.input[0]] for n in model.graph.node if n.op_type == "Softmax"] == [[1, 2, 200, 200]] * 2
-    batch = seeded_batch(3, 1)
-    assert rel_err(run_ort(out, batch), run_ort(src, batch)) <= 1e-5
+    assert ([shapes[n.input[0]] for n in model.graph.node if n.op_type == "Softmax"]
+            == [[1, TINY_HEADS, 200, 200]] * TINY_DEPTH)
+    batch = onnx_check.random_batch((1, 3, 224, 224), 3)
+    assert onnx_check.output_errors(logits(out, batch), logits(src, batch))["max_rel"] <= REL_TOL
 
 
 def test_failed_verification_writes_nothing(models, tmp_path, capsys, monkeypatch):
@@ -341,7 +342,8 @@ def refused(src, batch_size, tmp_path, capsys):
 
 def test_refuses_a_cnn(tmp_path, capsys):
     torch.manual_seed(0)
-    src = export_onnx(SmallCNN().eval(), tmp_path / "cnn.onnx", 11, dynamic=False)
+    src = str(tmp_path / "cnn.onnx")
+    beit_pth2onnx.export(SmallCNN().eval(), src, batch_size=8, img_size=224, opset=11, dynamic=False)
     err = refused(src, 8, tmp_path, capsys)
     assert "pattern 'patch embedding + cls-token Concat' not found" in err
     assert "Relu" in err
@@ -372,7 +374,10 @@ def test_refuses_a_batch_mismatch(models, tmp_path, capsys):
 
 
 def test_unreadable_inputs(tmp_path, capsys):
-    assert modify(tmp_path / "absent.onnx", tmp_path / "o.onnx", 8, capsys=capsys)[2].startswith("error: ")
+    absent = tmp_path / "absent.onnx"
+    rc, _, err = modify(absent, tmp_path / "o.onnx", 8, capsys=capsys)
+    assert rc == 2 and err.startswith(f"error: {absent}: ONNX model not found")
+    assert not (tmp_path / "o.onnx").exists()
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00not a model" * 10)
     rc, _, err = modify(junk, tmp_path / "o.onnx", 8, capsys=capsys)
@@ -380,3 +385,19 @@ def test_unreadable_inputs(tmp_path, capsys):
     assert not (tmp_path / "o.onnx").exists()
     rc, _, err = modify(junk, tmp_path / "no_such_folder" / "o.onnx", 8, capsys=capsys)
     assert rc == 2 and "does not exist" in err
+
+
+def test_other_image_size_is_padded_and_verified(tmp_path):
+    """A 384-pixel BEiT (577 tokens -> 592): the rewrite and its own check follow the model's input size."""
+    model, state = tiny_variant({"img_size": 384}, seed=6)
+    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    raw, sim, out = (str(tmp_path / name) for name in ("raw.onnx", "sim.onnx", "mg.onnx"))
+    beit_pth2onnx.export(model, raw, batch_size=1, img_size=384, opset=11, dynamic=True)
+    onnx_check.simplify(raw, sim, 2)
+    proc = run_script(["graph_modify.py", sim, out, "2"])
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens 577 -> 592" in proc.stdout
+    err, same, rows = printed_verification(proc.stdout)
+    assert err <= REL_TOL and same == rows == 2
+    errors = onnx_check.compare_models(sim, out, onnx_check.random_batch((2, 3, 384, 384), 7))
+    assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]

@@ -219,8 +219,11 @@ def test_unavailable_provider_warns_and_runs_on_cpu(tiny_onnx, tmp_path, capsys)
     rc, out, err = infer(["--model", tiny_onnx, "--output", str(tmp_path / "out"), "--output_dirname", "p",
                           "--providers", "cuda", "--loop", "1"], capsys)
     assert rc == 0, err
-    assert "cuda (CUDAExecutionProvider) is not available" in err and "CPUExecutionProvider" in err
-    assert "[INFO] provider:CPUExecutionProvider" in out
+    available = ", ".join(ort.get_available_providers())
+    assert (f"[WARNING] provider cuda (CUDAExecutionProvider) is not available in this onnxruntime "
+            f"(available: {available}); skipped") in err.splitlines()
+    assert "falling back" not in err
+    assert "[INFO] provider:CPUExecutionProvider" in out  # the line that says which provider really ran
     summary = json.loads((tmp_path / "out" / "p_summary.json").read_text())
     assert summary["provider"] == "CPUExecutionProvider" and summary["providers_requested"] == "cuda"
 
@@ -230,27 +233,38 @@ def test_resolve_providers_order_and_fallback():
     assert beit_infer.resolve_providers("cuda,cpu", avail) == (["CUDAExecutionProvider", "CPUExecutionProvider"], [])
     wanted, warnings = beit_infer.resolve_providers("tensorrt,cuda", avail)
     assert wanted == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert len(warnings) == 1 and "TensorrtExecutionProvider" in warnings[0]
+    # CUDA, not CPU, takes over: the warning says only what was skipped.
+    assert warnings == ["provider tensorrt (TensorrtExecutionProvider) is not available in this onnxruntime "
+                        "(available: CUDAExecutionProvider, CPUExecutionProvider); skipped"]
     with pytest.raises(beit_infer.InferError):
         beit_infer.resolve_providers("gpu", avail)
 
 
-def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys):
+def finished_run(tiny_onnx, tmp_path, capsys, fmt):
+    """Three batches run once with --output_dirname r: (argv, output folder, bytes and mtimes of its files)."""
     make_batches(tmp_path / "prep", [B, B, B])
     argv = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
-            "--output_dirname", "r", "--outfmt", "TXT"]
+            "--output_dirname", "r", "--outfmt", fmt]
     assert infer(argv, capsys)[0] == 0
     folder = tmp_path / "out" / "r"
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
     stamps = {name: os.stat(folder / name).st_mtime_ns for name in before}
-    os.unlink(folder / "input_00001_0.txt")
-    (folder / ".input_00002_0.txt.abc.tmp").write_text("half")  # an interrupted atomic write
+    return argv, folder, before, stamps
+
+
+@pytest.mark.parametrize("fmt", ["TXT", "BIN", "NPY"])
+def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys, fmt):
+    ext = fmt.lower()
+    argv, folder, before, stamps = finished_run(tiny_onnx, tmp_path, capsys, fmt)
+    assert sorted(before) == [f"input_{i:05d}_0.{ext}" for i in range(3)]
+    os.unlink(folder / f"input_00001_0.{ext}")
+    (folder / f".input_00002_0.{ext}.abc.tmp").write_text("half")  # an interrupted atomic write
 
     rc, out, err = infer(argv, capsys)
     assert rc == 0, err
     assert sorted(os.listdir(folder)) == sorted(before)
-    assert (folder / "input_00001_0.txt").read_bytes() == before["input_00001_0.txt"]
-    for name in ("input_00000_0.txt", "input_00002_0.txt"):
+    assert (folder / f"input_00001_0.{ext}").read_bytes() == before[f"input_00001_0.{ext}"]
+    for name in (f"input_00000_0.{ext}", f"input_00002_0.{ext}"):
         assert os.stat(folder / name).st_mtime_ns == stamps[name]
     summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
     assert summary["outputs_written"] == 1 and summary["outputs_kept"] == 2
@@ -258,9 +272,82 @@ def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys):
     assert "resume: 2 of 3 outputs already in" in out
 
     # a different format next to the earlier outputs would leave eval two candidates
-    rc, out, err = infer(argv[:-1] + ["BIN"], capsys)
-    assert rc == 2 and "--outfmt TXT" in err
-    assert not any(n.endswith(".bin") for n in os.listdir(folder))
+    other = "BIN" if fmt != "BIN" else "TXT"
+    rc, out, err = infer(argv[:-1] + [other], capsys)
+    assert rc == 2 and f"--outfmt {fmt}" in err
+    assert not any(n.endswith("." + other.lower()) for n in os.listdir(folder))
+
+
+@pytest.mark.parametrize("fmt", ["TXT", "BIN", "NPY"])
+def test_resume_recomputes_output_with_wrong_row_count(tiny_onnx, tmp_path, capsys, fmt):
+    ext = fmt.lower()
+    argv, folder, before, stamps = finished_run(tiny_onnx, tmp_path, capsys, fmt)
+    short = folder / f"input_00001_0.{ext}"
+    # A whole, well-formed output of the wrong batch: one row short.
+    beit_io.write_output(short, beit_io.read_output(short)[:B - 1], ext)
+    assert beit_io.read_output(short).shape == (B - 1, 1000)
+
+    rc, out, err = infer(argv, capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    assert summary["outputs_written"] == 1 and summary["outputs_kept"] == 2
+    assert short.read_bytes() == before[short.name]
+    for name in (f"input_00000_0.{ext}", f"input_00002_0.{ext}"):
+        assert os.stat(folder / name).st_mtime_ns == stamps[name]
+
+
+def test_resume_with_every_output_kept_reads_no_batch(tiny_onnx, tmp_path, capsys, monkeypatch):
+    make_batches(tmp_path / "prep", [B, B])
+    argv = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+            "--output_dirname", "r"]
+    assert infer(argv, capsys)[0] == 0
+    reads = []
+    real_read = beit_io.read_batch
+    monkeypatch.setattr(beit_io, "read_batch", lambda path, *a, **k: (reads.append(path), real_read(path, *a, **k))[1])
+    rc, out, err = infer(argv, capsys)
+    assert rc == 0, err
+    assert reads == []
+    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    assert summary["outputs_written"] == 0 and summary["outputs_kept"] == 2
+    assert summary["NPU_compute_time"]["count"] == 0 and summary["throughput"] == 0.0
+
+
+@pytest.mark.parametrize("case", ["incomplete", "no_complete_key", "corrupt"])
+def test_unfinished_or_corrupt_manifest_is_refused(tiny_onnx, tmp_path, capsys, case):
+    prep = tmp_path / "prep"
+    make_batches(prep, [B])
+    manifest = {"format": beit_io.MANIFEST_FORMAT, "complete": False, "batch_size": B,
+                "batches": [{"file": "input_00000.bin", "images": [f"{i}.JPEG" for i in range(B)], "real": B}]}
+    if case == "no_complete_key":
+        del manifest["complete"]
+    if case == "corrupt":
+        (prep / beit_io.MANIFEST_NAME).write_text('{"format": 1, "batch_')
+    else:
+        beit_io.save_manifest(prep, manifest)
+    rc, out, err = infer(["--model", tiny_onnx, "--input", str(prep), "--output", str(tmp_path / "out"),
+                          "--output_dirname", "x"], capsys)
+    assert rc == 2 and err.startswith("error: ") and str(prep / beit_io.MANIFEST_NAME) in err
+    assert ("not valid JSON" if case == "corrupt" else "did not finish") in err
+    assert not (tmp_path / "out").exists()
+
+    # Once it says complete: true, the same folder runs.
+    if case != "corrupt":
+        manifest["complete"] = True
+        beit_io.save_manifest(prep, manifest)
+        rc, out, err = infer(["--model", tiny_onnx, "--input", str(prep), "--output", str(tmp_path / "out"),
+                              "--output_dirname", "x"], capsys)
+        assert rc == 0, err
+        assert os.listdir(tmp_path / "out" / "x") == ["input_00000_0.bin"]
+
+
+def test_run_inference_takes_the_parsed_arguments(tiny_onnx, tmp_path):
+    make_batches(tmp_path / "prep", [B])
+    args = beit_infer.get_parser().parse_args(["--model", tiny_onnx, "--input", str(tmp_path / "prep"),
+                                               "--output", str(tmp_path / "out"), "--output_dirname", "a",
+                                               "--threads", THREADS, "--no_progress"])
+    summary = beit_infer.run_inference(args)
+    assert summary["args"] == vars(args) and summary["outputs_written"] == 1
+    assert json.loads((tmp_path / "out" / "a_summary.json").read_text())["args"]["input"] == str(tmp_path / "prep")
 
 
 def test_timing_stats_and_throughput():
@@ -283,4 +370,43 @@ def test_model_that_is_not_a_one_image_input_model_is_refused(tmp_path, capsys):
     save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     rc, out, err = infer(["--model", path, "--output", str(tmp_path / "out")], capsys)
     assert rc == 2 and "two_inputs.onnx: the model has 2 inputs" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["bin_ok", "npy_ok", "bin_bytes", "bin_empty", "npy_shape", "npy_empty",
+                                  "npy_no_rows", "npy_junk"])
+def test_batch_rows_and_read_batch_share_checks(tiny_onnx, tmp_path, capsys, kind):
+    """beit_io.batch_rows (header only) and read_batch accept and refuse the same files, with the same text."""
+    prep = tmp_path / "prep"
+    prep.mkdir()
+    ext = kind.split("_")[0]
+    path = prep / f"input_00000.{ext}"
+    arr = np.random.default_rng(1).standard_normal((B, 3, 224, 224)).astype(np.float32)
+    if kind == "bin_ok":
+        beit_io.write_batch(path, arr)
+    elif kind == "npy_ok":
+        np.save(path, arr)
+    elif kind == "bin_bytes":
+        path.write_bytes(arr.tobytes()[:-4])
+    elif kind == "bin_empty":
+        path.write_bytes(b"")
+    elif kind == "npy_shape":
+        np.save(path, arr[:, :, :200])
+    elif kind == "npy_empty":
+        path.write_bytes(b"")
+    elif kind == "npy_no_rows":
+        np.save(path, arr[:0])
+    else:
+        path.write_bytes(b"\x93NUMPY junk")
+    if kind.endswith("_ok"):
+        assert beit_io.batch_rows(path) == B
+        assert np.array_equal(beit_io.read_batch(path, batch_size=B), arr)
+        return
+    with pytest.raises(beit_io.PipelineFileError) as by_header:
+        beit_io.batch_rows(path)
+    with pytest.raises(beit_io.PipelineFileError) as by_reading:
+        beit_io.read_batch(path)
+    assert str(by_header.value) == str(by_reading.value) and str(by_header.value).startswith(f"{path}: ")
+    rc, out, err = infer(["--model", tiny_onnx, "--input", str(prep), "--output", str(tmp_path / "out")], capsys)
+    assert rc == 2 and err == f"error: beit_infer: {by_header.value}\n"
     assert not (tmp_path / "out").exists()

@@ -20,9 +20,10 @@ import torch
 import beit_model
 import beit_pth2onnx
 import onnx_check
-from conftest import TINY, pretraining_state_dict, run_script
+from conftest import BASE, TINY, pretraining_state_dict, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
+BASE_DEPTH = beit_model.KNOWN_VARIANTS[BASE][1]
 # Measured on this machine: ORT fp32 vs PyTorch and onnxsim vs original are ~1e-6 relative
 # (max|a-b|/max|b|) for both models; 1e-5 leaves a margin yet catches any real change.
 REL_TOL = 1e-5
@@ -307,8 +308,13 @@ def test_compare_models_measures_a_known_difference(tiny_onnx, tmp_path):
     assert errors["max_abs"] == pytest.approx(0.01, rel=1e-3)
     assert errors["max_rel"] == pytest.approx(0.01 / np.abs(ref_logits).max(), rel=1e-3)
     assert errors["argmax_equal"] and errors["rows"] == 3
-    # an int draws the seeded batch itself, the same one the CLI uses
-    assert onnx_check.compare_models(tiny_onnx["dyn11"], cand, 3)["shape"] == (3, 3, 224, 224)
+    # an int draws the seeded batch itself, the same one the CLI uses: random_batch(shape, seed 0)
+    drawn = onnx_check.compare_models(tiny_onnx["dyn11"], cand, 3)
+    explicit = onnx_check.compare_models(tiny_onnx["dyn11"], cand, onnx_check.random_batch((3, 3, 224, 224), 0))
+    assert drawn["shape"] == explicit["shape"] == (3, 3, 224, 224)
+    assert drawn["max_abs"] == explicit["max_abs"] and drawn["max_rel"] == explicit["max_rel"]
+    # the control: another seed gives another batch, so the equality above is not one any batch would meet
+    assert onnx_check.compare_models(tiny_onnx["dyn11"], cand, 3, seed=1)["max_rel"] != explicit["max_rel"]
 
 
 def test_onnx_check_cli(tiny_onnx, tmp_path, capsys):
@@ -354,7 +360,9 @@ def test_base_checkpoint_to_onnxsim_bs8(base_checkpoint, tmp_path):
     model = onnx.load(simplified, load_external_data=False)
     assert dims(model.graph.input[0]) == [8, 3, 224, 224] and dims(model.graph.output[0]) == [8, 1000]
     counts = collections.Counter(n.op_type for n in model.graph.node)
-    assert counts["Softmax"] == 12 and counts["Shape"] == 0 and counts["MatMul"] == 72
+    # one Softmax per block; six MatMuls per block (qkv, scores q@k^T, attn@v, proj, fc1, fc2), so
+    # 6 * 12 = 72 for base; the classifier head is a Gemm, not a MatMul
+    assert counts["Softmax"] == BASE_DEPTH and counts["Shape"] == 0 and counts["MatMul"] == 6 * BASE_DEPTH
     del model
 
     proc = run_script(["onnx_check.py", str(exported), str(simplified), "--batch_size", "8"], timeout=600)

@@ -5,8 +5,7 @@ import json
 import os
 import re
 import shutil
-import stat
-import sys
+import types
 
 import numpy as np
 import pytest
@@ -54,6 +53,9 @@ def image_set(tmp_path_factory):
     label_file = out.parent / "labels_4_wrong.txt"
     label_file.write_text("".join(f"{n} {int(label)}\n" for n, label in zip(names, labels)))
     ranks = np.argmax(order == labels[:, None], axis=1)
+    # Sanity of the fixture itself: the deliberate mistakes make the expected accuracy a real number, not 100.
+    assert 100.0 * np.mean(ranks < 1) == pytest.approx(100.0 * 15 / 19)
+    assert 100.0 * np.mean(ranks < 5) == pytest.approx(100.0 * 17 / 19)
     return {
         "images": images, "checkpoint": checkpoint, "labels": str(label_file),
         "demo_labels": demo_labels, "names": names, "pytorch_top1": order[:, 0],
@@ -112,15 +114,13 @@ def mtimes(folder):
 @pytest.fixture
 def fake_ascend(tmp_path):
     """PATH and PYTHONPATH with the stand-in atc, npu-smi and ais_bench; their calls are logged."""
-    bin_dir = tmp_path / "fake_bin"
-    shutil.copytree(os.path.join(FAKE_ASCEND, "bin"), bin_dir)
-    for tool in os.listdir(bin_dir):
-        path = bin_dir / tool
-        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    bin_dir = os.path.join(FAKE_ASCEND, "bin")
+    for tool in ("atc", "npu-smi"):
+        # Tracked with mode 100755 in git.
+        assert os.access(os.path.join(bin_dir, tool), os.X_OK), f"{bin_dir}/{tool} is not executable"
     log = tmp_path / "fake_ascend.jsonl"
     env = {
-        # run_script's PATH (this Python's folder first) is replaced here, so it is repeated.
-        "PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+        "PATH": bin_dir + os.pathsep + os.environ["PATH"],  # run_script puts this Python's folder first
         "PYTHONPATH": os.path.join(FAKE_ASCEND, "python"),
         "FAKE_ASCEND_LOG": str(log),
         "PYTHONDONTWRITEBYTECODE": "1",  # the stand-in package lives in the repo
@@ -131,18 +131,35 @@ def fake_ascend(tmp_path):
             return []
         return [c for c in map(json.loads, log.read_text().splitlines()) if c["tool"] == tool]
 
-    env_calls = type("FakeAscend", (), {})()
-    env_calls.env, env_calls.calls = env, calls
-    return env_calls
+    return types.SimpleNamespace(env=env, calls=calls)
 
 
 # ---------------------------------------------------------------- make_demo_data.py
 
 def test_demo_labels_are_pytorch_predictions(image_set):
     assert [image_set["demo_labels"][n] for n in image_set["names"]] == [str(int(c)) for c in image_set["pytorch_top1"]]
-    # The deliberate mistakes make the expected accuracy a real number, not 100.
-    assert image_set["top1"] == pytest.approx(100.0 * 15 / 19)
-    assert image_set["top5"] == pytest.approx(100.0 * 17 / 19)
+
+
+def test_demo_removes_the_temporaries_of_a_killed_run(tmp_path):
+    """A kill during write_images() leaves a '.images.XXXX.tmp/' folder, one during the checkpoint's
+    write a '.random_checkpoint.pth.XXXX.tmp' file; the next run removes both."""
+    out = tmp_path / "demo"
+    stale_dir = out / ".images.k1ll3d.tmp"
+    stale_dir.mkdir(parents=True)
+    (stale_dir / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"half an image")
+    stale_file = out / f".{make_demo_data.CHECKPOINT_NAME}.k1ll3d.tmp"
+    stale_file.write_bytes(b"half a checkpoint")
+    keep = out / ".images.not_a_temporary"
+    keep.mkdir()
+    run_script(["make_demo_data.py", "--out", str(out), "--model", TINY, "--count", "3"], check=True)
+    assert sorted(os.listdir(out)) == sorted([".images.not_a_temporary", make_demo_data.IMAGES_DIR,
+                                              make_demo_data.CHECKPOINT_NAME, make_demo_data.LABELS_NAME,
+                                              make_demo_data.RECORD_NAME])
+    assert len(os.listdir(out / make_demo_data.IMAGES_DIR)) == 3
+    # The checkpoint is random_checkpoint() itself.
+    saved = torch.load(out / make_demo_data.CHECKPOINT_NAME, weights_only=True)["model"]
+    expected = beit_model.random_checkpoint(TINY, seed=0)["model"]
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
 # ---------------------------------------------------------------- ONNX Runtime path
@@ -194,6 +211,28 @@ def test_second_run_skips_every_step_and_force_redoes_them(ort_workdir, image_se
                  "ais_out/bs8/input_00000_0.txt", "acc_bs8.json"):
         assert after[name] > before[name], name
     assert table_row(forced.stdout)[:5] == table_row(first.stdout)[:5]
+    # The ONNX file has a dynamic batch axis and serves every batch size: it is traced at batch 1.
+    assert re.search(r"^\[run_all\] step pth2onnx: .* --batch_size 1( |$)", forced.stdout, re.M), forced.stdout
+
+
+def test_a_step_redone_redoes_the_steps_after_it(ort_workdir, image_set, tmp_path):
+    first = ok(ort_workdir(8))
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    (workdir / "beit_onnxsim_bs8.onnx").unlink()
+    before = mtimes(workdir)
+    proc = ok(run_all(workdir, image_set, 8))
+    assert "[run_all] skip preprocess: " in proc.stdout and "[run_all] skip pth2onnx: " in proc.stdout
+    assert "[run_all] step onnxsim: " in proc.stdout and "[run_all] step onnx_check: " in proc.stdout
+    for step, dep in (("graph_modify", "onnxsim"), ("beit_infer", "graph_modify"), ("eval", "beit_infer")):
+        assert re.search(rf"^\[run_all\] redo {step}: .* exists, but step {dep} ran again$", proc.stdout, re.M), \
+            (step, proc.stdout)
+        assert f"[run_all] step {step}: " in proc.stdout
+    after = mtimes(workdir)
+    for name in ("prep_image_bs8/input_00000.bin", f"{TINY}.onnx"):
+        assert after[name] == before[name], name
+    for name in ("beit_mg_bs8.onnx", "ais_out/bs8/input_00000_0.txt", "acc_bs8.json"):
+        assert after[name] > before[name], name
+    assert table_row(proc.stdout)[:5] == table_row(first.stdout)[:5]
 
 
 def test_other_inputs_in_the_same_workdir_are_refused(ort_workdir, image_set, tmp_path):
@@ -288,6 +327,46 @@ def test_bad_checkpoint_stops_at_pth2onnx(image_set, tmp_path):
     assert not (tmp_path / "work" / f"{TINY}.onnx").exists()
 
 
+def test_forced_run_with_other_inputs_that_fails_leaves_no_old_result(ort_workdir, image_set, tmp_path):
+    """--force with a new checkpoint stops at pth2onnx; a rerun with it and without --force must fail at
+    pth2onnx again, never skip every step and report the old model's accuracy."""
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    bad = tmp_path / "garbage.pth"
+    bad.write_text("not a checkpoint")
+    garbage = dict(image_set, checkpoint=str(bad))
+    forced = run_all(workdir, garbage, 8, "--force")
+    assert forced.returncode == 1, forced.stdout + forced.stderr
+    assert "error: step 'pth2onnx' failed (exit 1); see above" in forced.stderr
+    assert "[run_all] --force with other inputs: removing the " in forced.stdout
+    # Nothing made from the old checkpoint is left, for any batch size; preprocessing was redone.
+    left = sorted(os.listdir(workdir))
+    assert [n for n in left if n.startswith(("beit_", "acc_bs", "prep_image_bs")) or n == "ais_out"] == \
+        ["prep_image_bs8"], left
+    assert f"checkpoint={bad}" in (workdir / "run_all_inputs.txt").read_text()
+
+    rerun = run_all(workdir, garbage, 8)
+    assert rerun.returncode == 1, rerun.stdout + rerun.stderr
+    assert "error: step 'pth2onnx' failed (exit 1); see above" in rerun.stderr
+    assert "[run_all] skip preprocess: " in rerun.stdout and "step onnxsim" not in rerun.stdout
+    assert not [line for line in rerun.stdout.splitlines() if line.startswith("|")]  # no result table
+
+    # The work folder now belongs to the new inputs: the old ones need --force.
+    back = run_all(workdir, image_set, 8)
+    assert back.returncode == 2 and "was made from other inputs" in back.stderr
+    assert "[run_all] step " not in back.stdout
+
+
+def test_outputs_without_an_inputs_record_are_refused(ort_workdir, image_set, tmp_path):
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    (workdir / "run_all_inputs.txt").unlink()
+    before = mtimes(workdir)
+    proc = run_all(workdir, image_set, 8)
+    assert proc.returncode == 2
+    assert "but no run_all_inputs.txt saying which inputs they were made from" in proc.stderr
+    assert "--force" in proc.stderr and "[run_all] step " not in proc.stdout
+    assert mtimes(workdir) == before
+
+
 # ---------------------------------------------------------------- the built-in demo, hostile paths
 
 def test_demo_in_a_hostile_path_runs_nothing_it_should_not(tmp_path):
@@ -297,11 +376,13 @@ def test_demo_in_a_hostile_path_runs_nothing_it_should_not(tmp_path):
                           "--backend", "ort"], cwd=str(tmp_path)))
     record = json.loads((workdir / "demo" / make_demo_data.RECORD_NAME).read_text())
     assert (record["model"], record["count"]) == (TINY, make_demo_data.DEFAULT_COUNT)
-    assert make_demo_data.DEFAULT_COUNT % 8 != 0
+    manifest = json.loads((workdir / "prep_image_bs16" / "manifest.json").read_text())
+    assert 0 < manifest["batches"][-1]["real"] < 16  # the demo exercises a padded last batch
     backend, batch, images, top1, top5, _ = table_row(proc.stdout)
     assert (backend, batch, images, top1, top5) == ("ort (ONNX Runtime)", "16", str(make_demo_data.DEFAULT_COUNT),
                                                     "100.00", "100.00")
-    assert "fidelity to PyTorch (100% expected), not ImageNet accuracy" in proc.stdout.replace("\n", " ")
+    # The closing note (step_demo's log line says "fidelity to PyTorch" too).
+    assert "note: this was the built-in demo: its labels are the PyTorch model's own predictions" in proc.stdout
     pwned = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f == "pwned"]
     assert pwned == [] and not os.path.exists(os.path.join(REPO, "pwned"))
     assert not os.path.exists(os.path.join(os.environ.get("HOME", "/nonexistent"), "pwned"))
@@ -318,7 +399,12 @@ def test_help_and_usage_errors(tmp_path):
                           (["--batch_size", "0"], "--batch_size must be a positive integer"),
                           (["--batch_size", "8", "--backend", "gpu"], "--backend must be auto, ascend or ort"),
                           (["--batch_size", "8", "--image_path", str(tmp_path)], "give --image_path, --label_file and --checkpoint together"),
-                          (["--batch_size", "8", "--bogus"], "unknown option '--bogus'")]:
+                          (["--batch_size", "8", "--bogus"], "unknown option '--bogus'"),
+                          (["--batch_size", "8", "--model", "beit_huge"],
+                           "--model beit_huge: unknown BEiT variant; known: beit_base_patch16_224, "),
+                          (["--batch_size", "8", "--model", "beit_base_patch16_384"],
+                           "--model beit_base_patch16_384: takes 384x384 images, but this pipeline is fixed at "
+                           "224x224")]:
         proc = run_script(["run_all.sh", "--workdir", str(tmp_path / "w")] + args)
         assert proc.returncode == 2 and f"error: {message}" in proc.stderr, (args, proc.stderr)
     assert not (tmp_path / "w").exists()
