@@ -1,4 +1,4 @@
-"""Files that the pipeline's steps hand to each other.
+"""TRANSITION SHIM, to be deleted: files that the pipeline's steps hand to each other.
 
 Shared by beit_preprocess.py (writes batches and the manifest), beit_infer.py
 (reads batches, writes outputs the way ais_bench does) and beit_eval_acc.py
@@ -36,11 +36,7 @@ _BATCH_STEM_RE = re.compile(r"^input_(?P<index>\d+)$")
 _BATCH_EXTENSIONS = (".bin", ".npy")
 
 
-class PipelineFileError(Exception):
-    """A file that one step hands to another is missing or malformed.
-
-    The message always names the file, so that a person can act on it.
-    """
+from beit_pipeline.errors import PipelineFileError  # noqa: E402  (transition shim)
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -1,56 +1,20 @@
-"""Fixtures shared by the test modules: the repo on sys.path, checkpoints, scripts."""
+"""Fixtures shared by the test modules: the repo on sys.path, checkpoints, one tiny-model/ONNX set, scripts.
+
+Test modules use these as fixtures (never ``from conftest import``; plain helpers are in helpers.py):
+``tiny_checkpoint``, ``base_checkpoint``, ``tiny_model`` and ``onnx_models`` (exported, static and
+onnxsim-simplified ONNX files of any kind, opset and batch size, made once per session).
+"""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import TINY  # noqa: E402
 
-import beit_model  # noqa: E402
-
-TINY = "beit_tiny_test_patch16_224"
-BASE = "beit_base_patch16_224"
-
-
-def pretraining_state_dict(seed=5):
-    """A tiny state dict in the layout of unilm's beit_base_patch16_224_pt22k.pth: masked-image-modelling head
-    (lm_head), one shared relative position bias, mask_token, no classification head."""
-    import torch
-    state = beit_model.random_checkpoint(TINY, seed=seed)["model"]
-    state = {k: v for k, v in state.items()
-             if not k.startswith(("head.", "fc_norm.")) and "relative_position" not in k}
-    state.update({"rel_pos_bias.relative_position_bias_table": torch.zeros(732, 2),
-                  "mask_token": torch.zeros(1, 1, 64), "norm.weight": torch.ones(64),
-                  "norm.bias": torch.zeros(64), "lm_head.weight": torch.zeros(8192, 64),
-                  "lm_head.bias": torch.zeros(8192)})
-    return state
-
-
-def run_script(args, cwd=None, env=None, timeout=600, check=False):
-    """Run a repo script (``['beit_preprocess.py', '--flag', ...]``) with this Python.
-
-    ``env`` is merged into os.environ; this Python's folder is then put first on PATH (also
-    on an ``env`` PATH), so that the scripts' ``python3`` is this one.  Returns the
-    CompletedProcess with text stdout/stderr.
-    """
-    cmd = list(args)
-    if cmd[0].endswith(".py"):
-        cmd = [sys.executable, os.path.join(REPO, cmd[0])] + cmd[1:]
-    elif cmd[0].endswith(".sh"):
-        cmd = ["bash", os.path.join(REPO, cmd[0])] + cmd[1:]
-    full_env = dict(os.environ)
-    full_env["PYTHONUNBUFFERED"] = "1"
-    if env:
-        full_env.update(env)
-    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+from beit_pipeline import export as beit_export  # noqa: E402
+from beit_pipeline import model as beit_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +31,68 @@ def base_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt_base") / "beit_base_patch16_224_pt22k_ft22kto1k.pth"
     beit_model.save_random_checkpoint(path, BASE, seed=2)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny checkpoint as a timm module in eval mode."""
+    model, _, name = beit_model.build_model(beit_model.load_state_dict(tiny_checkpoint))
+    assert name == TINY
+    return model
+
+
+class OnnxModels:
+    """ONNX files of the test models, made on first use and kept for the session.
+
+    ``kind`` is "tiny" or "base" (the session checkpoints) or a name registered with
+    ``register(kind, make_torch_model)``.  ``dynamic(kind, opset)``: the export with a
+    dynamic batch axis, as beit_pth2onnx.py writes it; ``static(kind, opset, bs)``: exported
+    with a fixed batch; ``simplified(kind, opset, bs)``: the dynamic export through onnxsim
+    with the batch fixed (checked by onnx_check, as run_all.sh does).
+    """
+
+    CHECKPOINTS = {"tiny": "tiny_checkpoint", "base": "base_checkpoint"}
+
+    def __init__(self, folder, request):
+        self.folder, self.request = folder, request
+        self.makers, self.files, self.torch = {}, {}, {}
+
+    def register(self, kind, make_torch_model):
+        self.makers.setdefault(kind, make_torch_model)
+
+    def torch_model(self, kind):
+        if kind not in self.torch:
+            if kind in self.CHECKPOINTS:
+                checkpoint = self.request.getfixturevalue(self.CHECKPOINTS[kind])
+                self.torch[kind] = beit_model.build_model(beit_model.load_state_dict(checkpoint))[0]
+            else:
+                self.torch[kind] = self.makers[kind]()
+        return self.torch[kind]
+
+    def _made(self, key, make):
+        if key not in self.files:
+            path = str(self.folder / ("_".join(map(str, key)) + ".onnx"))
+            make(path)
+            self.files[key] = path
+        return self.files[key]
+
+    def dynamic(self, kind="tiny", opset=11):
+        return self._made((kind, "dyn", opset), lambda path: beit_export.export(
+            self.torch_model(kind), path, batch_size=1, img_size=224, opset=opset, dynamic=True))
+
+    def static(self, kind="tiny", opset=11, batch_size=1):
+        return self._made((kind, "static", opset, batch_size), lambda path: beit_export.export(
+            self.torch_model(kind), path, batch_size=batch_size, img_size=224, opset=opset, dynamic=False))
+
+    def simplified(self, kind="tiny", opset=11, batch_size=1):
+        import onnx_check  # the checked onnxsim step
+
+        def make(path):
+            errors = onnx_check.simplify(self.dynamic(kind, opset), path, batch_size)  # raises if not kept
+            assert errors["shape"] == (batch_size, 3, 224, 224)
+        return self._made((kind, "sim", opset, batch_size), make)
+
+
+@pytest.fixture(scope="session")
+def onnx_models(tmp_path_factory, request):
+    return OnnxModels(tmp_path_factory.mktemp("onnx_models"), request)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import beit_bench
-from conftest import TINY
+from helpers import TINY
 
 
 def test_summary_ratios_from_crafted_numbers():

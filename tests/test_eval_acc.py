@@ -11,7 +11,7 @@ import pytest
 import beit_eval_acc
 import beit_io
 import beit_preprocess
-from conftest import run_script
+from helpers import run_script
 
 N_IMAGES = 17
 BATCH = 4

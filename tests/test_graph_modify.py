@@ -18,7 +18,7 @@ import torch
 from onnx import numpy_helper
 from timm.models.beit import checkpoint_filter_fn
 
-from conftest import BASE, TINY, run_script
+from helpers import BASE, TINY, run_script
 
 import beit_model
 import beit_pth2onnx

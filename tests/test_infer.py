@@ -12,7 +12,7 @@ import torch
 import beit_infer
 import beit_io
 import beit_model
-from conftest import TINY, run_script
+from helpers import TINY, run_script
 
 # timm's BEiT converts a few tensors to Python numbers while tracing; harmless for a fixed 224 input.
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")

@@ -18,7 +18,7 @@ from PIL import Image
 import beit_io
 import beit_preprocess
 import synthetic_data
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 
 BATCH_BYTES_PER_IMAGE = 3 * 224 * 224 * 4
 

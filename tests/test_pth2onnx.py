@@ -20,7 +20,7 @@ import torch
 import beit_model
 import beit_pth2onnx
 import onnx_check
-from conftest import BASE, TINY, pretraining_state_dict, run_script
+from helpers import BASE, TINY, pretraining_state_dict, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
 BASE_DEPTH = beit_model.KNOWN_VARIANTS[BASE][1]

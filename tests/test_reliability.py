@@ -37,7 +37,7 @@ import beit_model
 import beit_preprocess
 import beit_pth2onnx
 import synthetic_data
-from conftest import REPO, TINY, pretraining_state_dict, run_script
+from helpers import REPO, TINY, pretraining_state_dict, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 

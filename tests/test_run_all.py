@@ -13,7 +13,7 @@ import torch
 
 import beit_model
 import make_demo_data
-from conftest import REPO, TINY, run_script
+from helpers import REPO, TINY, run_script
 
 N_IMAGES = 19  # not a multiple of 8 or 16: the last batch is padded at every batch size tested
 WRONG_TOP1_ONLY = (2, 9)  # labels moved to the 2nd-ranked class: Top-1 misses, Top-5 still hits

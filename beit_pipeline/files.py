@@ -1,0 +1,199 @@
+"""Atomic writes and folder locks: a file is either absent or complete, and one run owns a folder.
+
+A killed process leaves at worst a ``.<name>.XXXX.tmp`` file beside the file it was
+writing, never a half-written file under the final name that a later step would
+trust.  ``FolderLock`` keeps two runs out of one output folder; the kernel drops
+the lock of a process that dies, so a stale lock is simply taken over.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+
+from beit_pipeline.cli import log
+from beit_pipeline.errors import FolderBusy
+
+
+# ---------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def temporary_beside(path):
+    """Yield a new temporary file's path in ``path``'s folder; it is deleted unless renamed by then.
+
+    Publish it with publish_temporary() inside the block.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def publish_temporary(tmp, path):
+    """Give a finished mkstemp file its final name, with the mode a plain open() would give it.
+
+    mkstemp makes files 0600, but atc and ais_bench often run as another user (HwHiAiUser)
+    than the one who converted the model.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
+def write_bytes_atomic(path, data):
+    """Write ``data`` to ``path`` so that ``path`` is either absent or complete (and fsynced)."""
+    with temporary_beside(path) as tmp:
+        with os.fdopen(os.open(tmp, os.O_WRONLY), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_temporary(tmp, path)
+
+
+def write_text_atomic(path, text):
+    write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path):
+    """The JSON object in ``path``, or None when it is missing, unreadable or not a JSON object."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def remove_stale_temporaries_of(path):
+    """Delete the ``.tmp`` files that an interrupted atomic write of ``path`` left beside it."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    prefix = "." + os.path.basename(os.fspath(path)) + "."
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
+def remove_stale_temporaries(folder):
+    """Delete every ``.tmp`` leftover of an interrupted atomic write in ``folder``.
+
+    Only call it while holding the folder's lock: another run's live temporaries look the same.
+    """
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
+# ---------------------------------------------------------------- locks
+
+def lock_path_for(folder):
+    """The lock file of ``folder``: ``.<name>.lock`` beside it, so that the folder holds only outputs."""
+    folder = os.path.abspath(os.fspath(folder)).rstrip(os.sep) or os.sep
+    return os.path.join(os.path.dirname(folder), "." + os.path.basename(folder) + ".lock")
+
+
+def lock_holder(path):
+    """The PID written in a lock file, or None."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class FolderLock:
+    """An exclusive flock(2) on ``.<folder>.lock`` beside a folder, holding the owner's PID.
+
+    ``FolderLock(folder, what, wait=False)`` as a context manager: raises FolderBusy
+    naming the PID when another live process holds it (or, with ``wait``, blocks
+    until it is free).  The kernel releases the lock of a dead process, so a lock
+    file left by a killed run is taken over.  The file is removed on release; the
+    inode check after locking makes that safe against a racing second run.
+    """
+
+    def __init__(self, folder, what=None, wait=False):
+        self.folder = os.fspath(folder)
+        self.path = lock_path_for(self.folder)
+        self.what = what or self.folder
+        self.wait = wait
+        self.fd = None
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                self._lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        previous = lock_holder(self.path)
+        if previous and previous != os.getpid() and not _pid_alive(previous):
+            log.info(f"taking over the lock of {self.what} left by PID {previous}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def _lock(self, fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        holder = lock_holder(self.path)
+        who = f"PID {holder}" if holder else "another process"
+        if not self.wait:
+            raise FolderBusy(f"{self.what} is in use by {who} (lock {self.path}); wait for it to finish, "
+                             "or pass --wait_lock to wait")
+        log.info(f"waiting for {who}, which holds {self.what} ...")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def release(self):
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

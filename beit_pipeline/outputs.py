@@ -1,0 +1,121 @@
+"""Inference outputs as ais_bench writes them, read back for evaluation.
+
+``<input_stem>_0.txt`` (one line per batch row, ``%f`` values each followed by a
+space), ``<input_stem>_0.bin`` (raw float32) or ``<input_stem>_0.npy``.
+"""
+
+import io
+import os
+import re
+
+import numpy as np
+
+from beit_pipeline.errors import PipelineFileError
+from beit_pipeline.files import write_bytes_atomic, write_text_atomic
+
+NUM_CLASSES = 1000
+OUTPUT_FORMATS = ("txt", "bin", "npy")
+_OUTPUT_RE = re.compile(r"^(?P<stem>.+)_0\.(?P<fmt>txt|bin|npy)$", re.IGNORECASE)
+
+
+def output_file_name(input_stem, fmt):
+    fmt = fmt.lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
+    return f"{input_stem}_0.{fmt}"
+
+
+def format_txt(array):
+    """ais_bench's TXT: one line per row, every value as %f followed by a space."""
+    lines = ["".join(f"{v:f} " for v in row) for row in np.asarray(array).reshape(array.shape[0], -1)]
+    return "\n".join(lines) + "\n"
+
+
+def write_output(path, array, fmt=None):
+    """Write one output tensor (2-D: batch x classes) in ais_bench's format."""
+    path = os.fspath(path)
+    fmt = (fmt or os.path.splitext(path)[1][1:]).lower()
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if fmt == "txt":
+        write_text_atomic(path, format_txt(array))
+    elif fmt == "bin":
+        write_bytes_atomic(path, array.tobytes(order="C"))
+    elif fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, array)
+        write_bytes_atomic(path, buf.getvalue())
+    else:
+        raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
+
+
+def read_output(path, num_classes=NUM_CLASSES):
+    """Read one output file as a (rows, num_classes) float32 array.
+
+    Raises PipelineFileError naming the file when it is malformed or when a
+    row is not ``num_classes`` wide.
+    """
+    path = os.fspath(path)
+    fmt = os.path.splitext(path)[1][1:].lower()
+    try:
+        if fmt == "txt":
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        values = [float(v) for v in line.split()]
+                    except ValueError as exc:
+                        raise PipelineFileError(f"{path}: line {lineno} is not numbers ({exc})") from exc
+                    if len(values) != num_classes:
+                        raise PipelineFileError(
+                            f"{path}: line {lineno} has {len(values)} values, expected {num_classes} classes")
+                    rows.append(values)
+            if not rows:
+                raise PipelineFileError(f"{path}: empty output file")
+            arr = np.asarray(rows, dtype=np.float32)
+        elif fmt == "bin":
+            size = os.path.getsize(path)
+            if size == 0 or size % (4 * num_classes):
+                raise PipelineFileError(
+                    f"{path}: {size} bytes is not a whole number of float32 rows of {num_classes} classes")
+            arr = np.fromfile(path, dtype=np.float32).reshape(-1, num_classes)
+        elif fmt == "npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise PipelineFileError(f"{path}: not a readable .npy file ({exc})") from exc
+            arr = np.asarray(arr, dtype=np.float32)
+            if arr.ndim == 1:
+                arr = arr.reshape(1, -1)
+            arr = arr.reshape(arr.shape[0], -1) if arr.ndim > 2 else arr
+            if arr.shape[1] != num_classes:
+                raise PipelineFileError(
+                    f"{path}: rows are {arr.shape[1]} wide, expected {num_classes} classes")
+        else:
+            raise PipelineFileError(f"{path}: unknown output format '.{fmt}'")
+    except UnicodeDecodeError as exc:
+        raise PipelineFileError(f"{path}: not a text output file ({exc})") from exc
+    if not np.all(np.isfinite(arr)):
+        raise PipelineFileError(f"{path}: holds NaN or infinite values")
+    return arr
+
+
+def find_outputs(folder):
+    """Map input stem -> output file path for the ais_bench outputs in ``folder``.
+
+    Other files (``sumary.json``, ``*_summary.json``, logs) are ignored.  Two
+    formats for the same stem are refused: which one is right is not knowable.
+    """
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        m = _OUTPUT_RE.match(name)
+        if not m or not os.path.isfile(os.path.join(folder, name)):
+            continue
+        stem = m.group("stem")
+        if stem in found:
+            raise PipelineFileError(
+                f"{folder}: both {os.path.basename(found[stem])} and {name} are outputs of {stem}; "
+                "keep one format per folder")
+        found[stem] = os.path.join(folder, name)
+    return found

@@ -1,0 +1,51 @@
+"""Plain helpers shared by the tests (constants, running a script); fixtures live in conftest.py."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from beit_pipeline import model as beit_model  # noqa: E402
+
+TINY = "beit_tiny_test_patch16_224"
+BASE = "beit_base_patch16_224"
+
+
+def pretraining_state_dict(seed=5):
+    """A tiny state dict in the layout of unilm's beit_base_patch16_224_pt22k.pth: masked-image-modelling head
+    (lm_head), one shared relative position bias, mask_token, no classification head."""
+    import torch
+    state = beit_model.random_checkpoint(TINY, seed=seed)["model"]
+    state = {k: v for k, v in state.items()
+             if not k.startswith(("head.", "fc_norm.")) and "relative_position" not in k}
+    state.update({"rel_pos_bias.relative_position_bias_table": torch.zeros(732, 2),
+                  "mask_token": torch.zeros(1, 1, 64), "norm.weight": torch.ones(64),
+                  "norm.bias": torch.zeros(64), "lm_head.weight": torch.zeros(8192, 64),
+                  "lm_head.bias": torch.zeros(8192)})
+    return state
+
+
+def run_script(args, cwd=None, env=None, timeout=600, check=False):
+    """Run a repo script (``['beit_preprocess.py', '--flag', ...]``) with this Python.
+
+    ``env`` is merged into os.environ; this Python's folder is then put first on PATH (also
+    on an ``env`` PATH), so that the scripts' ``python3`` is this one.  Returns the
+    CompletedProcess with text stdout/stderr.
+    """
+    cmd = list(args)
+    if cmd[0].endswith(".py"):
+        cmd = [sys.executable, os.path.join(REPO, cmd[0])] + cmd[1:]
+    elif cmd[0].endswith(".sh"):
+        cmd = ["bash", os.path.join(REPO, cmd[0])] + cmd[1:]
+    full_env = dict(os.environ)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full_env.update(env)
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
