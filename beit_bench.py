@@ -27,18 +27,20 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
+from beit_pipeline import cli, files, onnx_models
+from beit_pipeline.errors import PipelineError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GMACS_PER_IMAGE = {"beit_base_patch16_224": 17.6}
 RUNTIMES = ("pytorch", "onnx", "onnxsim", "graph_modify")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out", help="folder for results.json, results.md, throughput.png "
                    "and the converted models (reused by a later run)")
@@ -48,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size before timing")
     p.add_argument("--runtimes", default=",".join(RUNTIMES),
                    help=f"which runtimes to time, comma-separated from {','.join(RUNTIMES)}")
-    p.add_argument("--providers", default="cpu", choices=sorted(PROVIDERS),
+    p.add_argument("--providers", default="cpu", choices=sorted(onnx_models.PROVIDERS),
                    help="ONNX Runtime execution provider, as for beit_infer.py (cuda/tensorrt need onnxruntime-gpu)")
     p.add_argument("--torch_device", default="cpu", help="device for PyTorch eager (cpu or cuda)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for PyTorch and ONNX Runtime")
@@ -57,21 +59,21 @@ def parse_args(argv=None):
     p.add_argument("--skip_e2e", action="store_true", help="skip timing run_all.sh on the demo set")
     p.add_argument("--e2e_batch_size", type=int, default=8, help="batch size of the run_all.sh timing")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
-    return p.parse_args(argv)
+    return p
 
 
 # ---------------------------------------------------------------- helpers
 
 def log(msg):
-    print(f"[bench {datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+    cli.log.info(f"[bench {datetime.datetime.now():%H:%M:%S}] {msg}")
 
 
-def run(cmd, **kwargs):
-    """Run a pipeline command, echoing it; raise with its output on failure."""
+def run_command(cmd, **kwargs):
+    """Run a pipeline command, echoing it; PipelineError with its output on failure."""
     log("$ " + " ".join(str(c) for c in cmd))
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise PipelineError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -114,8 +116,7 @@ def machine_info():
 
 def prepare_models(work, model_name, batch_sizes, seed):
     """Random checkpoint -> ONNX (dynamic batch) -> onnxsim and graph_modify per batch size, reusing files."""
-    import beit_model
-    import onnx_check
+    from beit_pipeline import model as beit_model
     os.makedirs(work, exist_ok=True)
     ckpt = os.path.join(work, f"{model_name}_random.pth")
     if not os.path.exists(ckpt):
@@ -124,61 +125,63 @@ def prepare_models(work, model_name, batch_sizes, seed):
     models = {"checkpoint": ckpt, "onnx": os.path.join(work, f"{model_name}.onnx"), "onnxsim": {}, "graph_modify": {}}
     py = sys.executable
     if not os.path.exists(models["onnx"]):
-        run([py, os.path.join(HERE, "beit_pth2onnx.py"), "--source", ckpt, "--target", models["onnx"],
+        run_command([py, os.path.join(HERE, "beit_pth2onnx.py"), "--source", ckpt, "--target", models["onnx"],
              "--batch_size", "1"])
     for bs in batch_sizes:
         sim = os.path.join(work, f"beit_onnxsim_bs{bs}.onnx")
         mg = os.path.join(work, f"beit_mg_bs{bs}.onnx")
         if not os.path.exists(sim):
-            log(f"onnxsim {models['onnx']} -> {sim} (batch {bs}, checked by onnx_check.simplify)")
-            onnx_check.simplify(models["onnx"], sim, bs)
+            log(f"onnxsim {models['onnx']} -> {sim} (batch {bs}, checked by onnx_models.simplify)")
+            onnx_models.simplify(models["onnx"], sim, bs)
         if not os.path.exists(mg):
-            run([py, os.path.join(HERE, "graph_modify.py"), sim, mg, str(bs)])
+            run_command([py, os.path.join(HERE, "graph_modify.py"), sim, mg, str(bs)])
         models["onnxsim"][bs], models["graph_modify"][bs] = sim, mg
     return models
 
 
-def ort_session(model, provider, threads):
-    """An ONNX Runtime session for a model path or serialized model bytes."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(model, opts, providers=providers)
+def session(path, args):
+    """The pipeline's one ONNX Runtime session factory, with the benchmark's provider and threads."""
+    return onnx_models.open_session(path, providers=args.providers, threads=args.threads)
+
+
+def torch_call(models, args, x):
+    """A call of PyTorch eager on ``x`` (on --torch_device, synchronised), the model built once."""
+    import torch
+
+    from beit_pipeline import model as beit_model
+    if "torch_model" not in models:
+        model, _, _ = beit_model.build_model(beit_model.load_state_dict(models["checkpoint"]))
+        models["torch_model"] = model.to(args.torch_device)
+    xt = torch.from_numpy(x).to(args.torch_device)
+
+    def call():
+        with torch.inference_mode():
+            models["torch_model"](xt)
+        if args.torch_device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return call
+
+
+def ort_call(sess, x):
+    feed = {sess.get_inputs()[0].name: x}
+    return lambda: sess.run(None, feed)
 
 
 def bench_runtimes(models, runtimes, batch_sizes, args):
     """{runtime: [throughput entries per batch size]}; every runtime sees the same inputs."""
     import torch
-    import beit_model
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     inputs = {bs: rng.standard_normal((bs, 3, 224, 224), dtype=np.float32) for bs in batch_sizes}
     results = {name: [] for name in runtimes}
-    torch_model = None
-    if "pytorch" in runtimes:
-        model, _, _ = beit_model.build_model(beit_model.load_state_dict(models["checkpoint"]))
-        torch_model = model.to(args.torch_device)
     # The exported model has a dynamic batch: one session serves every batch size.
-    onnx_session = ort_session(models["onnx"], args.providers, args.threads) if "onnx" in runtimes else None
+    onnx_session = session(models["onnx"], args) if "onnx" in runtimes else None
     for bs in batch_sizes:
-        x = inputs[bs]
         for name in runtimes:
             if name == "pytorch":
-                xt = torch.from_numpy(x).to(args.torch_device)
-
-                def call():
-                    with torch.inference_mode():
-                        torch_model(xt)
-                    if args.torch_device.startswith("cuda"):
-                        torch.cuda.synchronize()
+                call = torch_call(models, args, inputs[bs])
             else:
-                sess = onnx_session if name == "onnx" else ort_session(models[name][bs], args.providers, args.threads)
-                feed = {sess.get_inputs()[0].name: x}
-
-                def call():
-                    sess.run(None, feed)
+                call = ort_call(onnx_session if name == "onnx" else session(models[name][bs], args), inputs[bs])
             entry = throughput_entry(bs, time_calls(call, args.warmup, args.repeats))
             results[name].append(entry)
             log(f"{name:>12} bs{bs:<3} {entry['img_per_s']:8.2f} img/s (median {entry['median_ms']:.0f} ms)")
@@ -193,19 +196,28 @@ def beit_gemm_shapes(tokens=197, dim=768, batch=8):
     return [(m, dim, 3 * dim), (m, dim, dim), (m, dim, 4 * dim), (m, 4 * dim, dim)]
 
 
-def measure_matmul_ceiling(provider, threads, repeats=10):
-    """ONNX Runtime fp32 MatMul GFLOP/s on BEiT-shaped GEMMs: per shape and the best."""
+def write_matmul_model(path, m, k, n, rng):
+    """A one-MatMul ONNX model (m, k) @ (k, n) with a random weight."""
     from onnx import TensorProto, helper, numpy_helper
+    weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) / k ** 0.5, "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    files.write_bytes_atomic(path, model.SerializeToString())
+
+
+def measure_matmul_ceiling(args, repeats=10):
+    """ONNX Runtime fp32 MatMul GFLOP/s on BEiT-shaped GEMMs: per shape and the best."""
     rng = np.random.default_rng(0)
     per_shape = []
     for m, k, n in beit_gemm_shapes():
-        weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) / k ** 0.5, "w")
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "gemm",
-                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [weight])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        sess = ort_session(model.SerializeToString(), provider, threads)
+        # Written to a file because the pipeline's one session factory opens paths.
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "matmul.onnx")
+            write_matmul_model(path, m, k, n, rng)
+            sess = session(path, args)
         a = rng.standard_normal((m, k), dtype=np.float32)
         times = time_calls(lambda: sess.run(None, {"a": a}), 3, repeats)
         gflops = 2 * m * k * n / statistics.median(times) / 1e9
@@ -216,43 +228,60 @@ def measure_matmul_ceiling(provider, threads, repeats=10):
 
 # ---------------------------------------------------------------- preprocessing
 
-def bench_preprocess(work, count, threads, rounds=2):
-    """Reference torchvision pipeline vs beit_preprocess.py (1 worker and all cores), img/s."""
-    import beit_preprocess
-    import synthetic_data
-    from PIL import Image
+def jpeg_folder(work, count):
+    """The benchmark's ``count`` realistic JPEGs, written once and reused."""
+    from beit_pipeline import synthetic
     folder = os.path.join(work, f"jpegs_{count}")
     if not os.path.isdir(folder) or len(os.listdir(folder)) != count:
         log(f"writing {count} realistic JPEGs (500x375, quality 90)")
-        synthetic_data.write_realistic_jpegs(folder, count)
-    names = sorted(os.listdir(folder))
-    transform = beit_preprocess.reference_transform()
+        synthetic.write_realistic_jpegs(folder, count)
+    return folder
 
-    def reference():
-        for name in names:
+
+def reference_preprocessing(folder):
+    """A call that runs the guide's torchvision transforms over ``folder``, one image at a time; warmed up."""
+    from PIL import Image
+
+    # Imported here: the preprocessing module is only needed for this benchmark.
+    from beit_pipeline.preprocess_transform import reference_transform
+    names = sorted(os.listdir(folder))
+    transform = reference_transform()
+
+    def reference(subset=names):
+        for name in subset:
             with Image.open(os.path.join(folder, name)) as img:
                 transform(img.convert("RGB")).numpy()
 
     # Warm the reference up (torch's first calls pay one-off initialisation) so that only
     # steady-state work is compared; beit_preprocess.py is timed with its start-up included.
-    for name in names[:8]:
-        with Image.open(os.path.join(folder, name)) as img:
-            transform(img.convert("RGB")).numpy()
-    def ours(label, workers):
-        out = os.path.join(work, f"prep_bench_{label}")
-        subprocess.run(["rm", "-rf", out], check=True)
-        run([sys.executable, os.path.join(HERE, "beit_preprocess.py"), "--image_path", folder, "--prep_image", out,
-             "--batch_size", "8", "--workers", str(workers)])
+    reference(names[:8])
+    return reference
 
-    # Interleaved rounds, best of each: a shared machine's load bursts hit one round, not a whole variant.
-    variants = [("reference", reference), ("workers_1", lambda: ours("workers_1", 1)),
-                ("workers_all", lambda: ours("workers_all", threads))]
+
+def best_times(variants, rounds):
+    """{name: best seconds} over interleaved rounds: a shared machine's load bursts hit one round, not a
+    whole variant."""
     best = {name: float("inf") for name, _ in variants}
     for _ in range(rounds):
         for name, fn in variants:
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def bench_preprocess(work, count, threads, rounds=2):
+    """Reference torchvision pipeline vs beit_preprocess.py (1 worker and all cores), img/s."""
+    folder = jpeg_folder(work, count)
+
+    def ours(label, workers):
+        out = os.path.join(work, f"prep_bench_{label}")
+        subprocess.run(["rm", "-rf", out], check=True)
+        run_command([sys.executable, os.path.join(HERE, "beit_preprocess.py"), "--image_path", folder,
+                     "--prep_image", out, "--batch_size", "8", "--workers", str(workers)])
+
+    best = best_times([("reference", reference_preprocessing(folder)), ("workers_1", lambda: ours("workers_1", 1)),
+                       ("workers_all", lambda: ours("workers_all", threads))], rounds)
     results = {"images": count, "rounds": rounds, "reference_img_per_s": count / best["reference"]}
     log(f"preprocess reference: {results['reference_img_per_s']:.1f} img/s")
     for label in ("workers_1", "workers_all"):
@@ -276,7 +305,7 @@ def bench_e2e(work, batch_size):
     subprocess.run(["rm", "-rf", wd], check=True)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     start = time.perf_counter()
-    proc = run(["bash", os.path.join(HERE, "run_all.sh"), "--batch_size", str(batch_size), "--workdir", wd,
+    proc = run_command(["bash", os.path.join(HERE, "run_all.sh"), "--batch_size", str(batch_size), "--workdir", wd,
                 "--backend", "ort"], env=env)
     total = time.perf_counter() - start
     steps = [{"step": m.group("name"), "seconds": float(m.group("secs"))} for m in STEP_TIME_RE.finditer(proc.stdout)]
@@ -396,20 +425,21 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    sys.path.insert(0, HERE)
+def check_args(args):
+    unknown = {r for r in args.runtimes.split(",") if r} - set(RUNTIMES)
+    cli.check(not unknown, f"unknown runtimes {sorted(unknown)}; choose from {RUNTIMES}")
+    cli.check(all(b.strip().isdigit() and int(b) >= 1 for b in args.batch_sizes.split(",") if b),
+              f"--batch_sizes must be positive integers, got {args.batch_sizes!r}")
+
+
+def run(args):
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     runtimes = [r for r in args.runtimes.split(",") if r]
-    unknown = set(runtimes) - set(RUNTIMES)
-    if unknown:
-        print(f"error: unknown runtimes {sorted(unknown)}; choose from {RUNTIMES}", file=sys.stderr)
-        return 2
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, "work")
     results = {"date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}", "args": vars(args), "machine": machine_info()}
     log(f"machine: {results['machine']}")
-    results["ceiling"] = measure_matmul_ceiling(args.providers, args.threads)
+    results["ceiling"] = measure_matmul_ceiling(args)
     if runtimes:
         models = prepare_models(work, args.model, batch_sizes, args.seed)
         results["throughput"] = bench_runtimes(models, runtimes, batch_sizes, args)
@@ -418,15 +448,17 @@ def main(argv=None):
     if not args.skip_e2e:
         results["e2e"] = bench_e2e(work, args.e2e_batch_size)
     results["summary"] = summarize(results, args.model)
-    import beit_io
-    beit_io.write_json_atomic(os.path.join(args.out, "results.json"), results)
+    files.write_json_atomic(os.path.join(args.out, "results.json"), results)
     text = markdown(results)
-    beit_io.write_text_atomic(os.path.join(args.out, "results.md"), text)
+    files.write_text_atomic(os.path.join(args.out, "results.md"), text)
     if results.get("throughput"):
         plot(results, os.path.join(args.out, "throughput.png"))
-    print(text)
+    cli.log.info(text)
     log(f"results in {args.out}/results.json, results.md, throughput.png")
-    return 0
+
+
+def main(argv=None):
+    return cli.run_main(build_parser(), run, argv, setup=check_args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,23 @@
-"""ONNX export of a timm BEiT with the TorchScript exporter (opset 11 for the guide's atc)."""
+"""ONNX export of a timm BEiT with the TorchScript exporter (opset 11 for the guide's atc), and its checks.
+
+beit_pth2onnx.py is the command line over this module: load_model() reads and
+identifies the checkpoint, export() writes the graph, check_graph() checks its
+interface and verify() compares ONNX Runtime with PyTorch on seeded batches.
+torch and timm are imported inside the functions, so that importing this module
+(the scripts' argument checks) stays fast.
+"""
 
 import warnings
 
+from beit_pipeline.errors import PipelineError
+
 INPUT_NAME, OUTPUT_NAME = "image", "class"
+MIN_OPSET, MAX_OPSET = 11, 17
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(PipelineError):
+    """The export or its verification failed; the message says which and why."""
 
 
 def export(model, path, batch_size, img_size, opset, dynamic):
@@ -21,3 +36,76 @@ def export(model, path, batch_size, img_size, opset, dynamic):
             torch.onnx.export(model, (dummy,), path, dynamo=False, export_params=True, opset_version=opset,
                               do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes=dynamic_axes)
+
+
+def describe_foreign_checkpoint(state_dict):
+    """Why a state dict that build_model refused is not a fine-tuned BEiT, when that can be told; else None."""
+    keys = set(state_dict)
+    if "head.weight" not in keys and ({"lm_head.weight", "mask_token"} & keys):
+        return ("this is a BEiT pretraining checkpoint (it has "
+                + " and ".join(sorted({"lm_head.weight", "mask_token"} & keys))
+                + " but no classification head 'head.weight'); export needs a fine-tuned checkpoint "
+                  "such as beit_base_patch16_224_pt22k_ft22kto1k.pth")
+    if "patch_embed.proj.weight" not in keys and not any(k.startswith("blocks.") for k in keys):
+        shown = ", ".join(sorted(keys)[:6]) + (", ..." if len(keys) > 6 else "")
+        return f"this is not a BEiT checkpoint: no patch_embed / blocks tensors (its keys: {shown})"
+    if "rel_pos_bias.relative_position_bias_table" in keys:
+        return ("this checkpoint shares one relative position bias between blocks "
+                "(rel_pos_bias.*); only per-block relative position bias is supported")
+    return None
+
+
+def load_model(source, model_name=None):
+    """(model, config, variant name) for a checkpoint file; CheckpointError naming the file otherwise."""
+    from beit_pipeline import model as beit_model
+
+    state_dict = beit_model.load_state_dict(source)
+    try:
+        return beit_model.build_model(state_dict, model_name)
+    except beit_model.CheckpointError as exc:
+        hint = describe_foreign_checkpoint(state_dict)
+        message = f"{source}: {hint}\n{exc}" if hint else f"{source}: {exc}"
+        raise beit_model.CheckpointError(message) from exc
+
+
+def check_graph(path, batch_size, num_classes, dynamic):
+    """The exported file is valid ONNX with the input and output the later steps expect."""
+    import onnx
+
+    onnx.checker.check_model(path)
+    graph = onnx.load(path, load_external_data=False).graph
+    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
+        raise ExportError(f"unexpected graph inputs {[i.name for i in inputs]} / outputs "
+                          f"{[o.name for o in graph.output]}")
+    batch_dim = inputs[0].type.tensor_type.shape.dim[0]
+    if dynamic == batch_dim.HasField("dim_value") or (not dynamic and batch_dim.dim_value != batch_size):
+        raise ExportError(f"input batch axis came out as {batch_dim}, expected "
+                          f"{'dynamic' if dynamic else batch_size}")
+    out_dims = graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) != 2 or out_dims[1].dim_value != num_classes:
+        raise ExportError(f"output shape {[d.dim_value or d.dim_param for d in out_dims]}, "
+                          f"expected (N, {num_classes})")
+
+
+def verify(model, path, batch_sizes, img_size, seed=0):
+    """[(batch size, output_errors dict)] of ONNX Runtime against PyTorch on seeded random batches."""
+    import torch
+
+    from beit_pipeline import onnx_models
+
+    session = onnx_models.open_session(path)
+    results = []
+    for n in batch_sizes:
+        batch = onnx_models.random_batch((n, 3, img_size, img_size), seed)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(batch)).numpy()
+        actual = onnx_models.run_session(session, batch, path)
+        results.append((n, onnx_models.output_errors(actual, expected)))
+    return results
+
+
+def verification_sizes(batch_size, dynamic):
+    """The traced batch size and, for a dynamic model, a second one: a batch size baked into a
+    Reshape by the tracer would only show up there."""
+    return [batch_size] + ([1 if batch_size != 1 else 2] if dynamic else [])

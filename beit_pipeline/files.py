@@ -68,6 +68,20 @@ def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+@contextlib.contextmanager
+def naming_errors(path):
+    """Re-raise an OSError that carries no file name (a write's ENOSPC, EIO) with ``path`` as its file name.
+
+    cli.run_main prints ``path: reason``, so a full disk says which file it stopped.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+
+
 def read_json(path):
     """The JSON object in ``path``, or None when it is missing, unreadable or not a JSON object."""
     try:

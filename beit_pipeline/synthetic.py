@@ -58,6 +58,8 @@ def save_image(img, path, fmt=None, quality=90):
     fmt = fmt or {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG"}.get(os.path.splitext(path)[1][1:].lower(), "PNG")
     if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
         fmt = "PNG"  # JPEG cannot hold these modes; real folders then hold a PNG under a .JPEG name
+    elif fmt == "PNG" and img.mode == "CMYK":
+        fmt = "TIFF"  # nor PNG CMYK (image 35 of a set): still a file whose format is not its name's
     kwargs = {"quality": quality} if fmt == "JPEG" else {}
     img.save(path, format=fmt, **kwargs)
     return fmt

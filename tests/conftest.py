@@ -11,7 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import TINY  # noqa: E402
+from helpers import BASE, TINY  # noqa: E402
 
 from beit_pipeline import export as beit_export  # noqa: E402
 from beit_pipeline import model as beit_model  # noqa: E402
@@ -48,7 +48,7 @@ class OnnxModels:
     ``register(kind, make_torch_model)``.  ``dynamic(kind, opset)``: the export with a
     dynamic batch axis, as beit_pth2onnx.py writes it; ``static(kind, opset, bs)``: exported
     with a fixed batch; ``simplified(kind, opset, bs)``: the dynamic export through onnxsim
-    with the batch fixed (checked by onnx_check, as run_all.sh does).
+    with the batch fixed (checked by onnx_models.simplify, as run_all.sh's onnx_check step does).
     """
 
     CHECKPOINTS = {"tiny": "tiny_checkpoint", "base": "base_checkpoint"}
@@ -85,10 +85,10 @@ class OnnxModels:
             self.torch_model(kind), path, batch_size=batch_size, img_size=224, opset=opset, dynamic=False))
 
     def simplified(self, kind="tiny", opset=11, batch_size=1):
-        import onnx_check  # the checked onnxsim step
+        from beit_pipeline import onnx_models  # the checked onnxsim step
 
         def make(path):
-            errors = onnx_check.simplify(self.dynamic(kind, opset), path, batch_size)  # raises if not kept
+            errors = onnx_models.simplify(self.dynamic(kind, opset), path, batch_size)  # raises if not kept
             assert errors["shape"] == (batch_size, 3, 224, 224)
         return self._made((kind, "sim", opset, batch_size), make)
 

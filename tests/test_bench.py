@@ -47,3 +47,10 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tmp_path):
     table = (out / "results.md").read_text()
     assert "| Batch Size | pytorch | onnx | onnxsim | graph_modify |" in table and "\n| 2 | " in table
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_runtime_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = beit_bench.main(["--out", str(out), "--runtimes", "onnx,tflite", "--skip_e2e"])
+    assert rc == 2 and "error: unknown runtimes ['tflite']" in capsys.readouterr().err
+    assert not out.exists()  # refused before any measurement

@@ -1,6 +1,7 @@
 """Tests for beit_eval_acc.py: exact Top-k counts on crafted outputs, row mapping, errors."""
 
 import argparse
+import errno
 import json
 import os
 import types
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 
 import beit_eval_acc
-import beit_io
-import beit_preprocess
+from beit_pipeline.preprocess import make_manifest
+from beit_pipeline import batches as beit_batches
+from beit_pipeline import evaluation
+from beit_pipeline import outputs as beit_outputs
+from beit_pipeline.errors import PipelineFileError
 from helpers import run_script
 
 N_IMAGES = 17
@@ -60,17 +64,17 @@ def make_case(tmp_path, fmt="txt", num_classes=1000, order=None, label_padding=T
                 # Padding: under the guide's rule this row is image slot+1, here made a sure top-1 hit.
                 rows.append(crafted_logits(rng, labels[slot], 0, num_classes) * 1000.0)
         stem = f"input_{b:05d}"
-        beit_io.write_output(out_dir / beit_io.output_file_name(stem, fmt), np.stack(rows))
+        beit_outputs.write_output(out_dir / beit_outputs.output_file_name(stem, fmt), np.stack(rows))
         batches.append({"file": stem + ".bin", "images": images, "real": len(images)})
     # The manifest as beit_preprocess.py writes it: its own function, its keys, a finished run.
     image_dir = tmp_path / "images"
     skipped = [{"name": "broken.JPEG",
                 "error": f"{image_dir / 'broken.JPEG'}: not a readable image (unknown format or corrupt header)"}]
     all_names = sorted([n + ".JPEG" for n in names[:N_IMAGES]] + ["broken.JPEG"])
-    manifest = beit_preprocess.make_manifest(
+    manifest = make_manifest(
         types.SimpleNamespace(batch_size=BATCH, image_path=str(image_dir)), all_names,
-        beit_io.image_set_fingerprint(all_names), batches, skipped, True)
-    beit_io.save_manifest(prep_dir, manifest)
+        beit_batches.image_set_fingerprint(all_names), batches, skipped, True)
+    beit_batches.save_manifest(prep_dir, manifest)
     # ais_bench leaves these next to the outputs; they must be ignored.
     (out_dir / "sumary.json").write_text('{"NPU_compute_time": {}}')
     (out_dir / "input_00000_summary.json").write_text("{}")
@@ -118,20 +122,20 @@ def test_label_ranks_break_ties_by_class_index():
                        [1.0, 3.0, 3.0, 2.0],    # order 1,2,3,0
                        [5.0, 4.0, 3.0, 2.0]], dtype=np.float32)
     labels = [2, 2, 3]
-    assert beit_eval_acc.label_ranks(logits, labels).tolist() == [2, 1, 3]
-    assert beit_eval_acc.label_ranks(logits[:0], []).tolist() == []
+    assert evaluation.label_ranks(logits, labels).tolist() == [2, 1, 3]
+    assert evaluation.label_ranks(logits[:0], []).tolist() == []
 
 
 def test_batch_index_names_the_guide_rule_batches():
-    assert [beit_io.batch_index(s) for s in ("input_00000", "input_00042", "input_7")] == [0, 42, 7]
+    assert [beit_batches.batch_index(s) for s in ("input_00000", "input_00042", "input_7")] == [0, 42, 7]
     for stem in ("extra", "input_", "input_0001a", "input_00001_0", "Input_00001", "xinput_00001"):
-        assert beit_io.batch_index(stem) is None, stem
-    assert beit_io.batch_index(os.path.splitext(beit_io.batch_file_name(12))[0]) == 12
+        assert beit_batches.batch_index(stem) is None, stem
+    assert beit_batches.batch_index(os.path.splitext(beit_batches.batch_file_name(12))[0]) == 12
 
 
 def test_error_guide_rule_output_of_another_name(tmp_path, capsys):
     case = make_case(tmp_path, "bin", num_classes=10)
-    beit_io.write_output(os.path.join(case["out"], "extra_0.bin"), np.zeros((4, 10)))
+    beit_outputs.write_output(os.path.join(case["out"], "extra_0.bin"), np.zeros((4, 10)))
     expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False), "extra_0.bin",
                  "only outputs of input_NNNNN batches")
 
@@ -140,16 +144,18 @@ def test_crafted_logits_put_label_at_rank():
     rng = np.random.default_rng(5)
     for rank in (0, 1, 4, 5, 999, -1):
         row = crafted_logits(rng, 123, rank, 1000)
-        assert beit_eval_acc.label_ranks(row[None], [123])[0] == rank % 1000
+        assert evaluation.label_ranks(row[None], [123])[0] == rank % 1000
 
 
 def test_evaluate_counts_only_given_rows_and_names_missing_label():
     logits = np.eye(3, dtype=np.float32)
-    res = beit_eval_acc.evaluate([("a_0.bin", logits, ["x.JPEG", "y", "z"])], {"x": 0, "y": 2, "z": 2}, 3)
-    assert res["num_images"] == 3 and res["correct"] == [2, 2, 3]
-    assert res["top1"] == pytest.approx(200 / 3)
-    with pytest.raises(beit_io.PipelineFileError, match=r"labels\.txt: no label for image w.*a_0\.bin"):
-        beit_eval_acc.evaluate([("a_0.bin", logits, ["x", "y", "w"])], {"x": 0, "y": 2}, 3, "labels.txt")
+    rows = [evaluation.BatchRows("a_0.bin", logits, ["x.JPEG", "y", "z"])]
+    res = evaluation.evaluate(rows, {"x.JPEG": 0, "y": 2, "z": 2}, 3)
+    assert res.num_images == 3 and res.correct == [2, 2, 3]
+    assert res.top1 == pytest.approx(200 / 3) and res.top5 == 100.0
+    with pytest.raises(PipelineFileError, match=r"labels\.txt: no label for image w \(row of a_0\.bin\)"):
+        evaluation.evaluate([evaluation.BatchRows("a_0.bin", logits, ["x", "y", "w"])], {"x": 0, "y": 2}, 3,
+                            "labels.txt")
 
 
 # ---------------------------------------------------------------- end to end, all formats
@@ -310,10 +316,10 @@ def test_error_malformed_output(tmp_path, capsys, kind):
         write_bin(case, name, data)
     elif kind == "width_txt":
         name = "input_00001_0.txt"
-        beit_io.write_output(os.path.join(out, name), np.zeros((4, 9)))
+        beit_outputs.write_output(os.path.join(out, name), np.zeros((4, 9)))
     elif kind == "width_npy":
         name = "input_00001_0.npy"
-        beit_io.write_output(os.path.join(out, name), np.zeros((4, 11)))
+        beit_outputs.write_output(os.path.join(out, name), np.zeros((4, 11)))
     else:
         # 4 x 10 floats read as rows of 1000 classes: not a whole row.
         name = "input_00000_0.bin"
@@ -332,7 +338,7 @@ def test_last_batch_without_padding_rows_is_fine(tmp_path):
     # An output holding only the real rows of the last batch (a runner that trims padding).
     case = make_case(tmp_path, "bin", num_classes=10)
     path = os.path.join(case["out"], "input_00004_0.bin")
-    beit_io.write_output(path, beit_io.read_output(path, 10)[:1])
+    beit_outputs.write_output(path, beit_outputs.read_output(path, 10)[:1])
     assert beit_eval_acc.main(argv(case, "--num_classes", "10")) == 0
     check_expected(read_result(case))
 
@@ -353,7 +359,7 @@ def test_error_manifest_of_unfinished_preprocessing(tmp_path, capsys, complete):
         del manifest["complete"]
     else:
         manifest["complete"] = complete
-    beit_io.save_manifest(case["prep"], manifest)
+    beit_batches.save_manifest(case["prep"], manifest)
     expect_error(case, capsys, argv(case, "--num_classes", "10"), os.path.join(case["prep"], "manifest.json"),
                  "did not finish")
 
@@ -392,7 +398,8 @@ def test_error_bad_label_file(tmp_path, capsys, bad_line, needle):
 def test_error_missing_label_file(tmp_path, capsys):
     case = make_case(tmp_path, "bin", num_classes=10)
     os.remove(case["labels"])
-    expect_error(case, capsys, argv(case, "--num_classes", "10"), case["labels"], "not found")
+    # A path argument that does not exist is a usage error (exit 2) in the unified scheme (was 1).
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), case["labels"], "not found", code=2)
 
 
 def test_error_missing_or_empty_output_folder(tmp_path, capsys):
@@ -400,7 +407,7 @@ def test_error_missing_or_empty_output_folder(tmp_path, capsys):
     args = argv(case, "--num_classes", "10")
     missing = str(tmp_path / "nowhere")
     args[args.index(case["out"])] = missing
-    expect_error(case, capsys, args, missing, "not found")
+    expect_error(case, capsys, args, missing, "not found", code=2)  # a missing path argument: usage (was 1)
     # ais_bench's dated subfolder holds the outputs; the parent has only that folder and a summary.
     empty = tmp_path / "ais_parent"
     (empty / "2024_01_01-00_00_00").mkdir(parents=True)
@@ -411,7 +418,7 @@ def test_error_missing_or_empty_output_folder(tmp_path, capsys):
 
 def test_error_two_formats_for_one_stem(tmp_path, capsys):
     case = make_case(tmp_path, "bin", num_classes=10)
-    beit_io.write_output(os.path.join(case["out"], "input_00003_0.txt"), np.zeros((4, 10)))
+    beit_outputs.write_output(os.path.join(case["out"], "input_00003_0.txt"), np.zeros((4, 10)))
     expect_error(case, capsys, argv(case, "--num_classes", "10"), "input_00003_0.bin", "input_00003_0.txt")
 
 
@@ -425,3 +432,104 @@ def test_error_leaves_existing_json_untouched(tmp_path, capsys):
     assert "input_00000_0.bin" in capsys.readouterr().err
     assert open(path, "rb").read() == before
     assert os.listdir(case["res"]) == ["acc.json"]
+
+
+# ---------------------------------------------------------------- issue 10: label matching and the guide's rule
+
+def sub_folder_case(tmp_path, label_lines, names=("dogs/1.jpg", "cats/1.jpg", "dogs/2.jpg", "cats/2.jpg",
+                                                  "my dog 3.jpg")):
+    """Five images of one batch of 8 (3 padded rows), each a top-1 hit for its own class 2*i+1.
+
+    Image i's logits peak at class 2*i+1; its label in ``label_lines`` decides whether that is a hit.
+    """
+    out, prep = tmp_path / "out", tmp_path / "prep"
+    out.mkdir()
+    prep.mkdir()
+    logits = np.zeros((8, 10), dtype=np.float32)
+    for i in range(len(names)):
+        logits[i, 2 * i + 1] = 5.0
+    beit_outputs.write_output(out / "input_00000_0.bin", logits)
+    manifest = {"format": beit_batches.MANIFEST_FORMAT, "complete": True, "batch_size": 8,
+                "batches": [{"file": "input_00000.bin", "images": list(names), "real": len(names)}], "skipped": []}
+    beit_batches.save_manifest(prep, manifest)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(line + "\n" for line in label_lines))
+    return {"out": str(out), "prep": str(prep), "labels": str(labels), "res": str(tmp_path / "res")}
+
+
+def test_class_sub_folders_named_by_relative_path_score_exactly(tmp_path, capsys):
+    # dogs/1.jpg and cats/1.jpg share a file name; the old stem-keyed labels mixed them up (60%, truth 100%).
+    case = sub_folder_case(tmp_path, ["cats/1.jpg 3", "dogs/1.jpg 1", "dogs/2.jpg 5", "cats/2.jpg 7",
+                                      "my dog 3.jpg 9"])
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0
+    res = read_result(case)
+    assert (res["num_images"], res["top1_correct"], res["top5_correct"]) == (5, 5, 5) and res["top1"] == 100.0
+    # One label moved to another image of the same file name: exactly that image misses top-1.
+    case_path = tmp_path / "labels.txt"
+    case_path.write_text("cats/1.jpg 1\ndogs/1.jpg 1\ndogs/2.jpg 5\ncats/2.jpg 7\nmy dog 3.jpg 9\n")
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0
+    assert read_result(case)["top1_correct"] == 4
+
+
+def test_label_file_naming_only_the_shared_file_name_is_an_error_naming_both(tmp_path, capsys):
+    case = sub_folder_case(tmp_path, ["1.jpg 1", "2.jpg 5", "my dog 3.jpg 9"], names=("dogs/1.jpg", "cats/1.jpg"))
+    err = expect_error(case, capsys, argv(case, "--num_classes", "10", batch=False), case["labels"],
+                       "'1.jpg' (line 1)", "cats/1.jpg, dogs/1.jpg")
+    assert err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_image_names_with_spaces_are_labelled(tmp_path, capsys):
+    names = ("my dog 1.jpg", "a  b/c d.jpg")
+    case = sub_folder_case(tmp_path, ["my dog 1.jpg   1", "a  b/c d.jpg\t4"], names=names)
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0
+    res = read_result(case)
+    assert (res["num_images"], res["top1_correct"]) == (2, 1)  # image 2 peaks at class 3, labelled 4
+
+
+def test_guide_rule_refuses_labels_that_are_not_consecutive_from_one(tmp_path, capsys):
+    # A subset numbered 2, 5, 8 ...: the rule would put image 1's row against label 2 (old result: 0%, no warning).
+    case = make_case(tmp_path, "bin", num_classes=10)
+    lines = open(case["labels"]).read().splitlines()
+    open(case["labels"], "w").write("\n".join(lines[1::3]) + "\n")
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False), case["labels"],
+                 "not ILSVRC2012_val_00000001", "--prep_image")
+    # With the manifest the rows are known, and the images without a label are named instead.
+    expect_error(case, capsys, argv(case, "--num_classes", "10"), "no label for image ILSVRC2012_val_00000001.JPEG")
+    open(case["labels"], "w").write("\n".join(lines + ["cat.jpg 1"]) + "\n")
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False), "'cat.jpg' (line 21)",
+                 "not an ILSVRC2012_val_NNNNNNNN name")
+
+
+def test_guide_rule_refuses_a_batch_size_that_does_not_fit_the_outputs(tmp_path, capsys):
+    # Outputs of 4 rows read as batches of 8: the old code named rows 8 apart and halved the score.
+    case = make_case(tmp_path, "bin", num_classes=10, label_padding=False)
+    args = argv(case, "--num_classes", "10", manifest=False, batch=False) + ["--batch_size", "8"]
+    expect_error(case, capsys, args, "input_00000_0.bin: 4 rows, but --batch_size is 8")
+    # A last output trimmed to its real row is fine, and scores the same as with the manifest.
+    path = os.path.join(case["out"], "input_00004_0.bin")
+    beit_outputs.write_output(path, beit_outputs.read_output(path, 10)[:1])
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", manifest=False)) == 0
+    check_expected(read_result(case))
+
+
+def test_write_error_names_the_result_file(tmp_path, capsys, monkeypatch):
+    case = make_case(tmp_path, "bin", num_classes=10)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the kernel reports it: no file name
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    err = expect_error(case, capsys, argv(case, "--num_classes", "10"))
+    assert err.splitlines()[-1] == f"error: {os.path.join(case['res'], 'acc.json')}: No space left on device"
+    assert os.listdir(case["res"]) == []  # the temporary is gone too
+
+
+def test_path_arguments_of_the_wrong_kind_are_usage_errors(tmp_path, capsys):
+    case = make_case(tmp_path, "bin", num_classes=10)
+    open(case["res"], "w").write("a file")
+    err = expect_error(case, capsys, argv(case, "--num_classes", "10"), "--result_json_path", code=2)
+    assert "exists and is not a folder" in err
+    os.remove(case["res"])
+    args = argv(case, "--num_classes", "10")
+    args[args.index(case["labels"])] = case["out"]
+    expect_error(case, capsys, args, f"--annotation_file_path {case['out']}: is not a file", code=2)

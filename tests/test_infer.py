@@ -7,40 +7,27 @@ import re
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 import beit_infer
-import beit_io
-import beit_model
-from helpers import TINY, run_script
-
-# timm's BEiT converts a few tensors to Python numbers while tracing; harmless for a fixed 224 input.
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+from beit_pipeline import batches as beit_batches
+from beit_pipeline import inference, inference_summary, onnx_models
+from beit_pipeline import outputs as beit_outputs
+from beit_pipeline.errors import PipelineFileError, UsageError
+from helpers import run_script
 
 B = 4  # static batch of the exported test model
 THREADS = "1"  # the same thread count on both sides keeps ORT's results bit-identical
-
-
-def _export(checkpoint, path, batch, dynamic):
-    model, _, _ = beit_model.build_model(beit_model.load_state_dict(checkpoint), TINY)
-    dummy = torch.zeros(batch, 3, 224, 224)
-    kwargs = {}
-    if dynamic:
-        kwargs["dynamic_axes"] = {"image": {0: "batch"}, "class": {0: "batch"}}
-    with torch.no_grad():
-        torch.onnx.export(model, (dummy,), str(path), dynamo=False, input_names=["image"],
-                          output_names=["class"], opset_version=17, **kwargs)
-    return str(path)
+RECORD = ".beit_infer.json"  # what made the outputs, inside the output folder
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory):
-    return _export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "beit_tiny_bs4.onnx", B, False)
+def tiny_onnx(onnx_models):
+    return onnx_models.static("tiny", 17, B)
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx_dynamic(tiny_checkpoint, tmp_path_factory):
-    return _export(tiny_checkpoint, tmp_path_factory.mktemp("onnx_dyn") / "beit_tiny_dyn.onnx", 1, True)
+def tiny_onnx_dynamic(onnx_models):
+    return onnx_models.dynamic("tiny", 17)
 
 
 def make_batches(folder, sizes, seed=0):
@@ -49,7 +36,7 @@ def make_batches(folder, sizes, seed=0):
     arrays = []
     for i, n in enumerate(sizes):
         arr = rng.standard_normal((n, 3, 224, 224)).astype(np.float32)
-        beit_io.write_batch(os.path.join(folder, beit_io.batch_file_name(i)), arr)
+        beit_batches.write_batch(os.path.join(folder, beit_batches.batch_file_name(i)), arr)
         arrays.append(arr)
     return arrays
 
@@ -80,9 +67,9 @@ def test_outputs_equal_direct_onnxruntime_run(tiny_onnx, tmp_path, capsys, fmt):
     assert rc == 0, err
     folder = tmp_path / "out" / "run"
     ext = fmt.lower()
-    assert sorted(os.listdir(folder)) == [f"input_{i:05d}_0.{ext}" for i in range(3)]
+    assert sorted(os.listdir(folder)) == [RECORD] + [f"input_{i:05d}_0.{ext}" for i in range(3)]
     for i, arr in enumerate(arrays):
-        got = beit_io.read_output(folder / f"input_{i:05d}_0.{ext}")
+        got = beit_outputs.read_output(folder / f"input_{i:05d}_0.{ext}")
         want = direct_run(tiny_onnx, arr)
         assert got.shape == (B, 1000)
         if fmt == "TXT":
@@ -98,8 +85,8 @@ def test_outputs_equal_direct_onnxruntime_run(tiny_onnx, tmp_path, capsys, fmt):
 def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, monkeypatch):
     make_batches(tmp_path / "prep", [B, B, B])
     writes = []
-    real_write = beit_io.write_output
-    monkeypatch.setattr(beit_io, "write_output", lambda path, *a, **k: (writes.append(path), real_write(path, *a, **k)))
+    real_write = beit_outputs.write_output
+    monkeypatch.setattr(beit_outputs, "write_output", lambda path, *a, **k: (writes.append(path), real_write(path, *a, **k)))
     rc, out, err = infer(["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
                           "--loop", "2", "--warmup_count", "2"], capsys)
     assert rc == 0, err
@@ -109,7 +96,7 @@ def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, mo
     assert re.fullmatch(r"\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}", dirname)
     assert entries[1] == dirname + "_summary.json"
     # --loop 2 times every batch twice but writes each output once
-    assert sorted(os.listdir(tmp_path / "out" / dirname)) == [f"input_{i:05d}_0.bin" for i in range(3)]
+    assert sorted(os.listdir(tmp_path / "out" / dirname)) == [RECORD] + [f"input_{i:05d}_0.bin" for i in range(3)]
     assert len(writes) == 3
 
     summary = json.loads((tmp_path / "out" / entries[1]).read_text())
@@ -155,7 +142,7 @@ def test_dynamic_batch_model_takes_each_files_batch(tiny_onnx_dynamic, tmp_path,
                           "--output", str(tmp_path / "out"), "--output_dirname", "d", "--outfmt", "NPY"], capsys)
     assert rc == 0, err
     for i, arr in enumerate(arrays):
-        got = beit_io.read_output(tmp_path / "out" / "d" / f"input_{i:05d}_0.npy")
+        got = beit_outputs.read_output(tmp_path / "out" / "d" / f"input_{i:05d}_0.npy")
         assert got.shape == (arr.shape[0], 1000)
         assert np.max(np.abs(got - direct_run(tiny_onnx_dynamic, arr))) == 0
     summary = json.loads((tmp_path / "out" / "d_summary.json").read_text())
@@ -171,8 +158,8 @@ def test_comma_separated_files(tiny_onnx, tmp_path, capsys):
     rc, out, err = infer(["--model", tiny_onnx, "--input", ",".join(files), "--output", str(tmp_path / "out"),
                           "--output_dirname", "c"], capsys)
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path / "out" / "c")) == ["extra_0.bin", "input_00001_0.bin"]
-    got = beit_io.read_output(tmp_path / "out" / "c" / "extra_0.bin")
+    assert sorted(os.listdir(tmp_path / "out" / "c")) == [RECORD, "extra_0.bin", "input_00001_0.bin"]
+    got = beit_outputs.read_output(tmp_path / "out" / "c" / "extra_0.bin")
     assert np.max(np.abs(got - direct_run(tiny_onnx, arrays[0]))) == 0
 
 
@@ -182,7 +169,7 @@ def test_batch_size_mismatch_names_file_and_writes_nothing(tiny_onnx, tmp_path, 
     os.replace(tmp_path / "bad" / "input_00000.bin", tmp_path / "prep" / "input_00002.bin")
     rc, out, err = infer(["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
                           "--output_dirname", "x"], capsys)
-    assert rc == 2
+    assert rc == 1  # a batch file that does not fit the model: bad input (was 2 before the unified exit codes)
     assert "input_00002.bin" in err and "batch of 2 images" in err and "batches of 4" in err
     assert not (tmp_path / "out").exists()
 
@@ -200,10 +187,12 @@ def test_user_errors_exit_nonzero_with_a_message(tiny_onnx, tmp_path, capsys, ca
             f.write(b"this is not a protobuf" * 10)
         make_batches(inp, [B])
     rc, out, err = infer(["--model", model, "--input", str(inp), "--output", str(tmp_path / "out")], capsys)
-    assert rc == 2
-    assert err.startswith("error: ")
-    expected = {"missing": "nope.onnx: model not found", "not_onnx": "junk.onnx: not a loadable ONNX model",
-                "empty_folder": "no batch files"}[case]
+    # Unified exit codes: a path argument that does not exist is usage (2); a bad file is 1 (all were 2).
+    assert rc == {"missing": 2, "not_onnx": 1, "empty_folder": 1}[case]
+    assert err.startswith("error: ") and err.count("\n") == 1
+    expected = {"missing": f"--model {model}: model not found",
+                "not_onnx": f"{model}: not a model ONNX Runtime can load",
+                "empty_folder": f"{inp}: no batch files"}[case]
     assert expected in err
     assert not (tmp_path / "out").exists()
 
@@ -220,7 +209,7 @@ def test_unavailable_provider_warns_and_runs_on_cpu(tiny_onnx, tmp_path, capsys)
                           "--providers", "cuda", "--loop", "1"], capsys)
     assert rc == 0, err
     available = ", ".join(ort.get_available_providers())
-    assert (f"[WARNING] provider cuda (CUDAExecutionProvider) is not available in this onnxruntime "
+    assert (f"warning: provider cuda (CUDAExecutionProvider) is not available in this onnxruntime "
             f"(available: {available}); skipped") in err.splitlines()
     assert "falling back" not in err
     assert "[INFO] provider:CPUExecutionProvider" in out  # the line that says which provider really ran
@@ -230,14 +219,14 @@ def test_unavailable_provider_warns_and_runs_on_cpu(tiny_onnx, tmp_path, capsys)
 
 def test_resolve_providers_order_and_fallback():
     avail = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert beit_infer.resolve_providers("cuda,cpu", avail) == (["CUDAExecutionProvider", "CPUExecutionProvider"], [])
-    wanted, warnings = beit_infer.resolve_providers("tensorrt,cuda", avail)
+    assert onnx_models.resolve_providers("cuda,cpu", avail) == (["CUDAExecutionProvider", "CPUExecutionProvider"], [])
+    wanted, warnings = onnx_models.resolve_providers("tensorrt,cuda", avail)
     assert wanted == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     # CUDA, not CPU, takes over: the warning says only what was skipped.
     assert warnings == ["provider tensorrt (TensorrtExecutionProvider) is not available in this onnxruntime "
                         "(available: CUDAExecutionProvider, CPUExecutionProvider); skipped"]
-    with pytest.raises(beit_infer.InferError):
-        beit_infer.resolve_providers("gpu", avail)
+    with pytest.raises(UsageError, match="--providers: unknown provider 'gpu'"):
+        onnx_models.resolve_providers("gpu", avail)
 
 
 def finished_run(tiny_onnx, tmp_path, capsys, fmt):
@@ -256,7 +245,7 @@ def finished_run(tiny_onnx, tmp_path, capsys, fmt):
 def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys, fmt):
     ext = fmt.lower()
     argv, folder, before, stamps = finished_run(tiny_onnx, tmp_path, capsys, fmt)
-    assert sorted(before) == [f"input_{i:05d}_0.{ext}" for i in range(3)]
+    assert sorted(before) == [RECORD] + [f"input_{i:05d}_0.{ext}" for i in range(3)]
     os.unlink(folder / f"input_00001_0.{ext}")
     (folder / f".input_00002_0.{ext}.abc.tmp").write_text("half")  # an interrupted atomic write
 
@@ -271,11 +260,17 @@ def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys, fmt)
     assert summary["NPU_compute_time"]["count"] == 1
     assert "resume: 2 of 3 outputs already in" in out
 
-    # a different format next to the earlier outputs would leave eval two candidates
+    # Another format: --resume refuses and deletes nothing (a second format would leave eval two candidates)...
     other = "BIN" if fmt != "BIN" else "TXT"
+    rc, out, err = infer(argv[:-1] + [other, "--resume"], capsys)
+    assert rc == 1 and f"the output format changed ({fmt} -> {other})" in err and f"--outfmt {fmt}" in err
+    assert sorted(os.listdir(folder)) == sorted(before) and all(
+        (folder / name).read_bytes() == data for name, data in before.items())
+    # ... and without --resume every old output is replaced by one in the new format, saying why.
     rc, out, err = infer(argv[:-1] + [other], capsys)
-    assert rc == 2 and f"--outfmt {fmt}" in err
-    assert not any(n.endswith("." + other.lower()) for n in os.listdir(folder))
+    assert rc == 0, err
+    assert f"recomputing all 3 outputs there: the output format changed ({fmt} -> {other})" in out
+    assert sorted(os.listdir(folder)) == sorted([RECORD] + [f"input_{i:05d}_0.{other.lower()}" for i in range(3)])
 
 
 @pytest.mark.parametrize("fmt", ["TXT", "BIN", "NPY"])
@@ -284,8 +279,8 @@ def test_resume_recomputes_output_with_wrong_row_count(tiny_onnx, tmp_path, caps
     argv, folder, before, stamps = finished_run(tiny_onnx, tmp_path, capsys, fmt)
     short = folder / f"input_00001_0.{ext}"
     # A whole, well-formed output of the wrong batch: one row short.
-    beit_io.write_output(short, beit_io.read_output(short)[:B - 1], ext)
-    assert beit_io.read_output(short).shape == (B - 1, 1000)
+    beit_outputs.write_output(short, beit_outputs.read_output(short)[:B - 1], ext)
+    assert beit_outputs.read_output(short).shape == (B - 1, 1000)
 
     rc, out, err = infer(argv, capsys)
     assert rc == 0, err
@@ -302,8 +297,8 @@ def test_resume_with_every_output_kept_reads_no_batch(tiny_onnx, tmp_path, capsy
             "--output_dirname", "r"]
     assert infer(argv, capsys)[0] == 0
     reads = []
-    real_read = beit_io.read_batch
-    monkeypatch.setattr(beit_io, "read_batch", lambda path, *a, **k: (reads.append(path), real_read(path, *a, **k))[1])
+    real_read = beit_batches.read_batch
+    monkeypatch.setattr(beit_batches, "read_batch", lambda path, *a, **k: (reads.append(path), real_read(path, *a, **k))[1])
     rc, out, err = infer(argv, capsys)
     assert rc == 0, err
     assert reads == []
@@ -316,48 +311,48 @@ def test_resume_with_every_output_kept_reads_no_batch(tiny_onnx, tmp_path, capsy
 def test_unfinished_or_corrupt_manifest_is_refused(tiny_onnx, tmp_path, capsys, case):
     prep = tmp_path / "prep"
     make_batches(prep, [B])
-    manifest = {"format": beit_io.MANIFEST_FORMAT, "complete": False, "batch_size": B,
+    manifest = {"format": beit_batches.MANIFEST_FORMAT, "complete": False, "batch_size": B,
                 "batches": [{"file": "input_00000.bin", "images": [f"{i}.JPEG" for i in range(B)], "real": B}]}
     if case == "no_complete_key":
         del manifest["complete"]
     if case == "corrupt":
-        (prep / beit_io.MANIFEST_NAME).write_text('{"format": 1, "batch_')
+        (prep / beit_batches.MANIFEST_NAME).write_text('{"format": 1, "batch_')
     else:
-        beit_io.save_manifest(prep, manifest)
+        beit_batches.save_manifest(prep, manifest)
     rc, out, err = infer(["--model", tiny_onnx, "--input", str(prep), "--output", str(tmp_path / "out"),
                           "--output_dirname", "x"], capsys)
-    assert rc == 2 and err.startswith("error: ") and str(prep / beit_io.MANIFEST_NAME) in err
+    assert rc == 1 and err.startswith("error: ") and str(prep / beit_batches.MANIFEST_NAME) in err  # was 2
     assert ("not valid JSON" if case == "corrupt" else "did not finish") in err
     assert not (tmp_path / "out").exists()
 
     # Once it says complete: true, the same folder runs.
     if case != "corrupt":
         manifest["complete"] = True
-        beit_io.save_manifest(prep, manifest)
+        beit_batches.save_manifest(prep, manifest)
         rc, out, err = infer(["--model", tiny_onnx, "--input", str(prep), "--output", str(tmp_path / "out"),
                               "--output_dirname", "x"], capsys)
         assert rc == 0, err
-        assert os.listdir(tmp_path / "out" / "x") == ["input_00000_0.bin"]
+        assert sorted(os.listdir(tmp_path / "out" / "x")) == [RECORD, "input_00000_0.bin"]
 
 
 def test_run_inference_takes_the_parsed_arguments(tiny_onnx, tmp_path):
     make_batches(tmp_path / "prep", [B])
-    args = beit_infer.get_parser().parse_args(["--model", tiny_onnx, "--input", str(tmp_path / "prep"),
+    args = beit_infer.build_parser().parse_args(["--model", tiny_onnx, "--input", str(tmp_path / "prep"),
                                                "--output", str(tmp_path / "out"), "--output_dirname", "a",
                                                "--threads", THREADS, "--no_progress"])
-    summary = beit_infer.run_inference(args)
+    summary = inference.run_inference(args)
     assert summary["args"] == vars(args) and summary["outputs_written"] == 1
     assert json.loads((tmp_path / "out" / "a_summary.json").read_text())["args"]["input"] == str(tmp_path / "prep")
 
 
 def test_timing_stats_and_throughput():
     times = [4.0, 1.0, 3.0, 2.0, 10.0]
-    s = beit_infer.timing_stats(times)
+    s = inference_summary.timing_stats(times)
     assert (s["min"], s["max"], s["mean"], s["median"], s["count"]) == (1.0, 10.0, 4.0, 3.0, 5)
     assert s["percentile(99%)"] == pytest.approx(4.0 + 6.0 * 0.96)  # linear interpolation between 4.0 and 10.0
-    assert beit_infer.timing_stats([])["count"] == 0 and beit_infer.timing_stats([])["mean"] == 0.0
-    assert beit_infer.throughput([8, 8, 8, 8, 8], times) == pytest.approx(8 * 5 / 20.0 * 1000)
-    assert beit_infer.throughput([], []) == 0.0
+    assert inference_summary.timing_stats([])["count"] == 0 and inference_summary.timing_stats([])["mean"] == 0.0
+    assert inference_summary.throughput([8, 8, 8, 8, 8], times) == pytest.approx(8 * 5 / 20.0 * 1000)
+    assert inference_summary.throughput([], []) == 0.0
 
 
 def test_model_that_is_not_a_one_image_input_model_is_refused(tmp_path, capsys):
@@ -369,21 +364,21 @@ def test_model_that_is_not_a_one_image_input_model_is_refused(tmp_path, capsys):
     path = str(tmp_path / "two_inputs.onnx")
     save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     rc, out, err = infer(["--model", path, "--output", str(tmp_path / "out")], capsys)
-    assert rc == 2 and "two_inputs.onnx: the model has 2 inputs" in err
+    assert rc == 1 and "two_inputs.onnx: the model has 2 inputs" in err  # a bad model file: 1 (was 2)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", ["bin_ok", "npy_ok", "bin_bytes", "bin_empty", "npy_shape", "npy_empty",
                                   "npy_no_rows", "npy_junk"])
 def test_batch_rows_and_read_batch_share_checks(tiny_onnx, tmp_path, capsys, kind):
-    """beit_io.batch_rows (header only) and read_batch accept and refuse the same files, with the same text."""
+    """beit_batches.batch_rows (header only) and read_batch accept and refuse the same files, with the same text."""
     prep = tmp_path / "prep"
     prep.mkdir()
     ext = kind.split("_")[0]
     path = prep / f"input_00000.{ext}"
     arr = np.random.default_rng(1).standard_normal((B, 3, 224, 224)).astype(np.float32)
     if kind == "bin_ok":
-        beit_io.write_batch(path, arr)
+        beit_batches.write_batch(path, arr)
     elif kind == "npy_ok":
         np.save(path, arr)
     elif kind == "bin_bytes":
@@ -399,14 +394,238 @@ def test_batch_rows_and_read_batch_share_checks(tiny_onnx, tmp_path, capsys, kin
     else:
         path.write_bytes(b"\x93NUMPY junk")
     if kind.endswith("_ok"):
-        assert beit_io.batch_rows(path) == B
-        assert np.array_equal(beit_io.read_batch(path, batch_size=B), arr)
+        assert beit_batches.batch_rows(path) == B
+        assert np.array_equal(beit_batches.read_batch(path, batch_size=B), arr)
         return
-    with pytest.raises(beit_io.PipelineFileError) as by_header:
-        beit_io.batch_rows(path)
-    with pytest.raises(beit_io.PipelineFileError) as by_reading:
-        beit_io.read_batch(path)
+    with pytest.raises(PipelineFileError) as by_header:
+        beit_batches.batch_rows(path)
+    with pytest.raises(PipelineFileError) as by_reading:
+        beit_batches.read_batch(path)
     assert str(by_header.value) == str(by_reading.value) and str(by_header.value).startswith(f"{path}: ")
     rc, out, err = infer(["--model", tiny_onnx, "--input", str(prep), "--output", str(tmp_path / "out")], capsys)
-    assert rc == 2 and err == f"error: beit_infer: {by_header.value}\n"
+    assert rc == 1 and err == f"error: {by_header.value}\n"  # was 2 and "error: beit_infer: ..."
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- issue 10: what made the outputs, locks, errors
+
+def eval_guide_rule(folder, labels, tmp_path, capsys):
+    """beit_eval_acc.py by the guide's rule (batch 4) on ``folder``: the result JSON."""
+    import beit_eval_acc
+
+    label_file = tmp_path / "val_label.txt"
+    label_file.write_text("".join(f"ILSVRC2012_val_{i + 1:08d}.JPEG {c}\n" for i, c in enumerate(labels)))
+    res = tmp_path / "res"
+    assert beit_eval_acc.main(["--folder_davinci_target", str(folder), "--annotation_file_path", str(label_file),
+                               "--result_json_path", str(res), "--json_file_name", "acc.json",
+                               "--batch_size", str(B)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return json.loads((res / "acc.json").read_text())
+
+
+def test_rerun_with_another_input_folder_recomputes_and_eval_scores_the_truth(tiny_onnx, tmp_path, capsys):
+    first = make_batches(tmp_path / "a", [B, B, B], seed=0)
+    second = make_batches(tmp_path / "b", [B, B, B], seed=1)
+    truth = np.concatenate([direct_run(tiny_onnx, arr) for arr in second]).argmax(axis=1)
+    stale = np.concatenate([direct_run(tiny_onnx, arr) for arr in first]).argmax(axis=1)
+    out = ["--model", tiny_onnx, "--output", str(tmp_path / "out"), "--output_dirname", "r", "--outfmt", "TXT"]
+    assert infer(["--input", str(tmp_path / "a")] + out, capsys)[0] == 0
+    folder = tmp_path / "out" / "r"
+    # What the old resume did: it kept these outputs for the other input folder and eval scored them.
+    stale_top1 = 100.0 * np.mean(stale == truth)
+    assert stale_top1 == pytest.approx(100 / 12)  # 1 of 12, where the truth is 12 of 12
+    assert eval_guide_rule(folder, truth, tmp_path, capsys)["top1"] == pytest.approx(stale_top1)
+
+    rc, out_text, err = infer(["--input", str(tmp_path / "b")] + out, capsys)
+    assert rc == 0, err
+    assert f"[INFO] {folder}: recomputing all 3 outputs there: the input batches changed" in out_text
+    assert "resume:" not in out_text
+    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    assert (summary["outputs_written"], summary["outputs_kept"]) == (3, 0)
+    result = eval_guide_rule(folder, truth, tmp_path, capsys)
+    assert (result["num_images"], result["top1_correct"], result["top1"]) == (12, 12, 100.0)
+
+
+def test_rerun_with_another_model_recomputes_and_resume_refuses(tiny_onnx, onnx_models, tmp_path, capsys):
+    from beit_pipeline import model as beit_model
+    from helpers import TINY
+
+    onnx_models.register("tiny_seed7", lambda: beit_model.build_model(
+        beit_model.random_checkpoint(TINY, seed=7)["model"], TINY)[0])
+    other = onnx_models.static("tiny_seed7", 17, B)
+    arrays = make_batches(tmp_path / "prep", [B, B])
+    args = ["--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"), "--output_dirname", "r"]
+    assert infer(["--model", tiny_onnx] + args, capsys)[0] == 0
+    folder = tmp_path / "out" / "r"
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+    rc, out, err = infer(["--model", other, "--resume"] + args, capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: {folder}: --resume, but its outputs cannot be kept: the model changed.")
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before  # nothing deleted
+
+    rc, out, err = infer(["--model", other] + args, capsys)
+    assert rc == 0, err
+    assert "recomputing all 2 outputs there: the model changed" in out
+    for i, arr in enumerate(arrays):
+        got = beit_outputs.read_output(folder / f"input_{i:05d}_0.bin")
+        assert np.max(np.abs(got - direct_run(other, arr))) == 0
+        assert np.max(np.abs(got - direct_run(tiny_onnx, arr))) > 0
+    # The same model again: the record matches, so --resume keeps everything.
+    rc, out, err = infer(["--model", other, "--resume"] + args, capsys)
+    assert rc == 0 and "resume: 2 of 2 outputs already in" in out
+
+
+def test_outputs_without_a_record_are_recomputed_or_refused(tiny_onnx, tmp_path, capsys):
+    make_batches(tmp_path / "prep", [B, B])
+    args = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+            "--output_dirname", "r"]
+    assert infer(args, capsys)[0] == 0
+    folder = tmp_path / "out" / "r"
+    record = json.loads((folder / RECORD).read_text())
+    assert record["outfmt"] == "bin" and record["outputs_per_batch"] == 1 and record["batch_size"] == B
+    assert record["num_batches"] == 2 and len(record["model"]) == 16 and len(record["inputs"]) == 16
+    os.unlink(folder / RECORD)  # e.g. outputs that ais_bench or an older beit_infer.py wrote
+    rc, out, err = infer(args + ["--resume"], capsys)
+    assert rc == 1 and "there is no record of what made them" in err
+    assert sorted(os.listdir(folder)) == ["input_00000_0.bin", "input_00001_0.bin"]
+    rc, out, err = infer(args, capsys)
+    assert rc == 0 and "recomputing all 2 outputs there: there is no record of what made them" in out
+    assert json.loads((folder / RECORD).read_text()) == record  # the same run writes the same record
+
+
+def test_overwrite_recomputes_everything(tiny_onnx, tmp_path, capsys):
+    make_batches(tmp_path / "prep", [B, B])
+    args = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+            "--output_dirname", "r"]
+    assert infer(args, capsys)[0] == 0
+    rc, out, err = infer(args + ["--overwrite"], capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    assert (summary["outputs_written"], summary["outputs_kept"]) == (2, 0)
+    rc, out, err = infer(args + ["--overwrite", "--resume"], capsys)
+    assert rc == 2 and "give one" in err
+
+
+LOCK_HOLDER = r'''
+import os, runpy, sys, time
+_real_fsync = os.fsync
+def _fsync(fd):
+    _real_fsync(fd)
+    hold = os.environ["HOLD_FILE"]
+    while os.path.exists(hold):  # the first write under the folder lock waits until the test lets go
+        open(hold + ".reached", "w").close()
+        time.sleep(0.01)
+os.fsync = _fsync
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_second_run_on_the_same_folder_is_refused_or_waits(tiny_onnx, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    make_batches(tmp_path / "prep", [B, B])
+    args = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+            "--output_dirname", "r", "--threads", THREADS, "--no_progress"]
+    (tmp_path / "holder.py").write_text(LOCK_HOLDER)
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    env = dict(os.environ, HOLD_FILE=str(hold), PYTHONUNBUFFERED="1")
+    script = os.path.join(REPO, "beit_infer.py")
+    holder = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), script] + args, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiter = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "hold.reached").exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (tmp_path / "hold.reached").exists(), holder.communicate()
+        busy = run_script(["beit_infer.py"] + args)
+        assert busy.returncode == 4 and "Traceback" not in busy.stderr
+        assert f"output folder {tmp_path / 'out' / 'r'} is in use by PID {holder.pid}" in busy.stderr
+        assert busy.stderr.count("\n") == 1
+        with open(tmp_path / "waiter.out", "w") as sink:
+            waiter = subprocess.Popen([sys.executable, script, "--wait_lock"] + args, env=env, stdout=sink,
+                                      stderr=subprocess.STDOUT, text=True)
+        while f"waiting for PID {holder.pid}" not in (tmp_path / "waiter.out").read_text() \
+                and waiter.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        hold.unlink()
+        assert holder.wait(timeout=120) == 0
+        assert waiter.wait(timeout=120) == 0
+    finally:
+        for proc in (holder, waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    said = (tmp_path / "waiter.out").read_text()
+    assert f"waiting for PID {holder.pid}" in said and "resume: 2 of 2 outputs already in" in said
+    assert sorted(os.listdir(tmp_path / "out" / "r")) == [RECORD, "input_00000_0.bin", "input_00001_0.bin"]
+    assert not (tmp_path / "out" / ".r.lock").exists()
+
+
+def test_disk_full_names_the_output_file_and_a_rerun_resumes(tiny_onnx, tmp_path, capsys, monkeypatch):
+    import errno
+
+    make_batches(tmp_path / "prep", [B, B, B])
+    args = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+            "--output_dirname", "r", "--outfmt", "TXT"]
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills while input_00001_0.txt is written; the kernel's error names no file
+        if ".input_00001_0.txt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    rc, out, err = infer(args, capsys)
+    folder = tmp_path / "out" / "r"
+    assert rc == 1 and err == f"error: {folder / 'input_00001_0.txt'}: No space left on device\n"
+    assert sorted(os.listdir(folder)) == [RECORD, "input_00000_0.txt"]  # no temporary left behind
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    rc, out, err = infer(args, capsys)
+    assert rc == 0 and "resume: 1 of 3 outputs already in" in out
+
+
+def test_ctrl_c_is_one_line_with_the_rerun_hint(tiny_onnx, tmp_path, capsys, monkeypatch):
+    make_batches(tmp_path / "prep", [B, B, B])
+    args = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
+            "--output_dirname", "r"]
+    real_write, calls = beit_outputs.write_output, []
+
+    def write(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(beit_outputs, "write_output", write)
+    rc, out, err = infer(args, capsys)
+    assert rc == 130
+    assert err == ("error: interrupted; the outputs written so far are complete. Rerun with the same --output, "
+                   "and --output_dirname set to that output folder's name, to run only the missing batches\n")
+    assert not (tmp_path / "out" / ".r.lock").exists()  # the lock is released on the way out
+    monkeypatch.setattr(beit_outputs, "write_output", real_write)
+    rc, out, err = infer(args, capsys)
+    assert rc == 0 and "resume: 1 of 3 outputs already in" in out
+
+
+def test_output_paths_of_the_wrong_kind_are_one_line_errors(tiny_onnx, tmp_path, capsys):
+    make_batches(tmp_path / "prep", [B])
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    args = ["--model", tiny_onnx, "--input", str(tmp_path / "prep")]
+    rc, out, err = infer(args + ["--output", str(not_a_folder)], capsys)
+    assert rc == 2 and err == f"error: --output {not_a_folder}: exists and is not a folder\n"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "r").write_text("x")
+    rc, out, err = infer(args + ["--output", str(tmp_path / "out"), "--output_dirname", "r"], capsys)
+    assert rc == 2 and err == f"error: {tmp_path / 'out' / 'r'}: exists and is not a folder\n"
+    # A folder nobody may write into (sysfs refuses even root): the file it could not create is named.
+    rc, out, err = infer(args + ["--output", "/sys", "--output_dirname", "beit_out"], capsys)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: /sys/.beit_out.lock: ")

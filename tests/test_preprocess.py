@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import beit_io
 import beit_preprocess
-import synthetic_data
+from beit_pipeline import batches, synthetic
+from beit_pipeline import preprocess_transform as pt
 from helpers import REPO, run_script
 
 BATCH_BYTES_PER_IMAGE = 3 * 224 * 224 * 4
@@ -27,7 +27,7 @@ BATCH_BYTES_PER_IMAGE = 3 * 224 * 224 * 4
 
 def reference_rows(folder, names):
     """torchvision's eval transform on img.convert("RGB"), the way the guide's script applies it."""
-    transform = beit_preprocess.reference_transform()
+    transform = pt.reference_transform()
     rows = {}
     for name in names:
         with open(os.path.join(folder, name), "rb") as f:
@@ -46,7 +46,7 @@ def read_bytes(path):
 
 
 def batch_bytes(out):
-    return {os.path.basename(p): read_bytes(p) for p in beit_io.list_batch_files(out)}
+    return {os.path.basename(p): read_bytes(p) for p in batches.list_batch_files(out)}
 
 
 def image_info(path):
@@ -74,7 +74,7 @@ def copy_images(src, names, dst, rename=None):
 def image_set(tmp_path_factory):
     """24 images: every awkward size, every PIL mode, PNGs named .JPEG, next to files that are not images."""
     folder = str(tmp_path_factory.mktemp("images"))
-    names = synthetic_data.write_image_set(folder, 24, seed=3)
+    names = synthetic.write_image_set(folder, 24, seed=3)
     with open(os.path.join(folder, "val_label.txt"), "w") as f:
         f.writelines(f"{n} {i}\n" for i, n in enumerate(names))
     for junk in ("README.md", ".DS_Store", "._ILSVRC2012_val_00000001.JPEG"):
@@ -103,29 +103,29 @@ def test_batches_equal_torchvision_reference(image_set, prepared):
     # The set really exercises what it claims to (modes as stored, a PNG under a .JPEG name, all sizes).
     assert {"RGB", "L", "CMYK", "RGBA", "P", "LA", "1"} <= {mode for mode, _, _ in opened}
     assert any(fmt == "PNG" for _, fmt, _ in opened)
-    assert {size for _, _, size in opened} == set(synthetic_data.AWKWARD_SIZES)
+    assert {size for _, _, size in opened} == set(synthetic.AWKWARD_SIZES)
 
-    manifest = beit_io.load_manifest(out)
+    manifest = batches.load_manifest(out)
     assert manifest["complete"] is True
     assert manifest["batch_size"] == 5 and manifest["image_size"] == 224
     assert manifest["num_images"] == 24 and manifest["skipped"] == []
-    assert manifest["fingerprint"] == beit_io.image_set_fingerprint(names)
-    assert [b["file"] for b in manifest["batches"]] == [beit_io.batch_file_name(i) for i in range(5)]
+    assert manifest["fingerprint"] == batches.image_set_fingerprint(names)
+    assert [b["file"] for b in manifest["batches"]] == [batches.batch_file_name(i) for i in range(5)]
     assert [b["real"] for b in manifest["batches"]] == [5, 5, 5, 5, 4]
     # Sorted, non-image files (label file, README, hidden files, an empty sub-folder) left out.
     assert [n for b in manifest["batches"] for n in b["images"]] == names
-    assert sorted(os.listdir(out)) == [beit_io.batch_file_name(i) for i in range(5)] + ["manifest.json"]
+    assert sorted(os.listdir(out)) == [batches.batch_file_name(i) for i in range(5)] + ["manifest.json"]
 
     reference = reference_rows(folder, names)
     for batch in manifest["batches"]:
         path = os.path.join(out, batch["file"])
-        assert os.path.getsize(path) == 5 * BATCH_BYTES_PER_IMAGE == beit_io.batch_nbytes(5)
-        arr = beit_io.read_batch(path, batch_size=5)
+        assert os.path.getsize(path) == 5 * BATCH_BYTES_PER_IMAGE == batches.batch_nbytes(5)
+        arr = batches.read_batch(path, batch_size=5)
         for row, name in enumerate(batch["images"]):
             assert np.array_equal(arr[row], reference[name]), name
         assert not arr[batch["real"]:].any()  # padding rows are exactly zero
     # Rows of different images differ a lot, so a row given to the wrong image could not pass.
-    first = beit_io.read_batch(os.path.join(out, "input_00000.bin"))
+    first = batches.read_batch(os.path.join(out, "input_00000.bin"))
     assert np.abs(first[0] - first[1]).max() > 0.5
     assert "img/s" in proc.stdout
 
@@ -136,17 +136,17 @@ def test_resize_center_crop_is_exact_on_noise():
     resize_crop = transforms.Compose([
         transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224)])
     rng = np.random.default_rng(7)
-    sizes = list(synthetic_data.AWKWARD_SIZES) + [
+    sizes = list(synthetic.AWKWARD_SIZES) + [
         (1, 300), (300, 1), (3, 3), (255, 255), (256, 1000), (1000, 256), (257, 2000), (640, 480), (480, 640),
         (500, 333), (333, 500), (224, 225), (4000, 30)]
     sizes += [(400, 1300), (260, 900), (333, 1000)]  # tall: Pillow >= 13 runs the vertical pass first
     sizes += [tuple(int(v) for v in rng.integers(20, 1300, 2)) for _ in range(25)]
-    orders = {beit_preprocess.pillow_vertical_first(w, h, *beit_preprocess.resize_geometry(w, h)[:2])
+    orders = {pt.pillow_vertical_first(w, h, *pt.resize_geometry(w, h)[:2])
               for w, h in sizes}
-    assert orders == ({False, True} if beit_preprocess._VERTICAL_FIRST_EXISTS else {False})
+    assert orders == ({False, True} if pt._VERTICAL_FIRST_EXISTS else {False})
     for width, height in sizes:
         img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-        ours = beit_preprocess.resize_center_crop(img)
+        ours = pt.resize_center_crop(img)
         expected = np.asarray(resize_crop(img))
         assert ours.shape == (224, 224, 3)
         assert np.array_equal(ours, expected), (width, height)
@@ -157,7 +157,7 @@ def test_float_conversion_equals_totensor_normalize_for_every_value():
     values = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3) % 256
     img = Image.fromarray(values.astype(np.uint8), "RGB")
     expected = transforms.Normalize([0.5] * 3, [0.5] * 3)(transforms.ToTensor()(img)).numpy()
-    ours = beit_preprocess.to_float(np.ascontiguousarray(values.astype(np.uint8).transpose(2, 0, 1)))
+    ours = pt.to_float(np.ascontiguousarray(values.astype(np.uint8).transpose(2, 0, 1)))
     assert ours.dtype == np.float32
     assert np.array_equal(ours, expected)
     assert ours.min() == -1.0 and ours.max() == 1.0
@@ -168,7 +168,7 @@ def test_preprocess_image_function(image_set):
     picked = names[:8]
     reference = reference_rows(folder, picked)
     for name in picked:
-        arr = beit_preprocess.preprocess_image(os.path.join(folder, name))
+        arr = pt.preprocess_image(os.path.join(folder, name))
         assert arr.shape == (3, 224, 224) and arr.dtype == np.float32
         assert np.array_equal(arr, reference[name]), name
 
@@ -179,12 +179,12 @@ def test_two_workers_byte_identical(image_set, prepared, tmp_path):
     folder, _ = image_set
     out1, _ = prepared
     out2 = tmp_path / "w2"
-    proc = prep(folder, out2, batch_size=5, workers=2)
+    proc = prep(folder, out2, "--force_workers", batch_size=5, workers=2)  # 2 even on a 1-core machine
     assert proc.returncode == 0, proc.stderr
     assert "2 workers" in proc.stdout
     one, two = batch_bytes(out1), batch_bytes(out2)
     assert len(one) == 5 and one == two
-    assert beit_io.load_manifest(out2) == beit_io.load_manifest(out1)
+    assert batches.load_manifest(out2) == batches.load_manifest(out1)
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +195,11 @@ def big_set(tmp_path_factory):
     sources = []
     for i in range(4):
         path = os.path.join(folder, f"src{i}.tmpimg")
-        synthetic_data.synthetic_image(rng, 1200, 900).save(path, format="JPEG", quality=90)
+        synthetic.synthetic_image(rng, 1200, 900).save(path, format="JPEG", quality=90)
         sources.append(path)
     picks = {}
     for i, pick in enumerate(rng.integers(0, 4, 120)):
-        name = synthetic_data.imagenet_name(i)
+        name = synthetic.imagenet_name(i)
         shutil.copy(sources[pick], os.path.join(folder, name))
         picks[name] = int(pick)
     for path in sources:
@@ -216,9 +216,9 @@ def test_sigkill_then_rerun_is_byte_identical(big_set, tmp_path):
     assert len(expected) == 60
     # 120 images go through the pool's shared slots many times over: every row is still its own image.
     first_of = {pick: name for name, pick in sorted(picks.items(), reverse=True)}
-    sources = {pick: beit_preprocess.preprocess_image(os.path.join(big_set, name)) for pick, name in first_of.items()}
-    for batch in beit_io.load_manifest(clean)["batches"]:
-        arr = beit_io.read_batch(os.path.join(clean, batch["file"]), batch_size=2)
+    sources = {pick: pt.preprocess_image(os.path.join(big_set, name)) for pick, name in first_of.items()}
+    for batch in batches.load_manifest(clean)["batches"]:
+        arr = batches.read_batch(os.path.join(clean, batch["file"]), batch_size=2)
         for row, name in enumerate(batch["images"]):
             assert np.array_equal(arr[row], sources[picks[name]]), name
 
@@ -231,7 +231,7 @@ def test_sigkill_then_rerun_is_byte_identical(big_set, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while victim.poll() is None and time.monotonic() < deadline:
-            if os.path.isdir(out) and len(beit_io.list_batch_files(out)) >= 3:
+            if os.path.isdir(out) and len(batches.list_batch_files(out)) >= 3:
                 break
             time.sleep(0.002)
         assert victim.poll() is None, "the run finished before it could be killed"
@@ -241,15 +241,15 @@ def test_sigkill_then_rerun_is_byte_identical(big_set, tmp_path):
             os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
-    written = len(beit_io.list_batch_files(out))
+    written = len(batches.list_batch_files(out))
     assert 3 <= written < 60
-    assert beit_io.load_manifest(out)["complete"] is False
+    assert batches.load_manifest(out)["complete"] is False
 
     proc = prep(big_set, out, batch_size=2, workers=2)
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stdout
     assert batch_bytes(out) == expected
-    assert beit_io.load_manifest(out) == beit_io.load_manifest(clean)
+    assert batches.load_manifest(out) == batches.load_manifest(clean)
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
@@ -268,8 +268,8 @@ def test_refuses_other_batch_size_and_other_image_set(image_set, prepared, tmp_p
     copy_images(folder, names[:3], other)
     proc = prep(other, out, batch_size=5)
     assert proc.returncode == 2
-    old_fp = beit_io.image_set_fingerprint(names)
-    new_fp = beit_io.image_set_fingerprint(names[:3])
+    old_fp = batches.image_set_fingerprint(names)
+    new_fp = batches.image_set_fingerprint(names[:3])
     assert old_fp in proc.stderr and new_fp in proc.stderr and "from 24 images" in proc.stderr
     assert read_bytes(os.path.join(out, "manifest.json")) == before
 
@@ -313,8 +313,8 @@ def test_bad_image_stops_the_run_naming_it(image_set, tmp_path, kind):
     assert str(bad) in proc.stderr and BAD_KINDS[kind] in proc.stderr
     assert "--skip_bad" in proc.stderr and "Traceback" not in proc.stderr
     # The batch before it is written; none holding the bad image (or after it) is.
-    assert [os.path.basename(p) for p in beit_io.list_batch_files(out)] == ["input_00000.bin"]
-    assert beit_io.load_manifest(out)["complete"] is False
+    assert [os.path.basename(p) for p in batches.list_batch_files(out)] == ["input_00000.bin"]
+    assert batches.load_manifest(out)["complete"] is False
 
 
 def test_skip_bad_records_and_skips(image_set, tmp_path):
@@ -329,7 +329,7 @@ def test_skip_bad_records_and_skips(image_set, tmp_path):
     out = tmp_path / "out"
     proc = prep(src, out, "--skip_bad", batch_size=3, workers=2)
     assert proc.returncode == 0, proc.stderr
-    manifest = beit_io.load_manifest(out)
+    manifest = batches.load_manifest(out)
     assert manifest["complete"] is True and manifest["num_images"] == 10
     assert [s["name"] for s in manifest["skipped"]] == bad_names
     for s, kind in zip(manifest["skipped"], sorted(BAD_KINDS)):
@@ -339,7 +339,7 @@ def test_skip_bad_records_and_skips(image_set, tmp_path):
     assert "3 bad images skipped" in proc.stderr and all(n in proc.stderr for n in bad_names)
     reference = reference_rows(src, good)
     for batch in manifest["batches"]:
-        arr = beit_io.read_batch(os.path.join(out, batch["file"]), batch_size=3)
+        arr = batches.read_batch(os.path.join(out, batch["file"]), batch_size=3)
         for row, name in enumerate(batch["images"]):
             assert np.array_equal(arr[row], reference[name]), name
         assert not arr[batch["real"]:].any()
@@ -382,13 +382,13 @@ def test_class_subfolder_layout_and_batchsize_alias(image_set, tmp_path):
     rc = beit_preprocess.main(["--image_path", str(src), "--prep_image", str(out), "--batchsize", "4",
                                "--workers", "1"])
     assert rc == 0
-    manifest = beit_io.load_manifest(out)
+    manifest = batches.load_manifest(out)
     expected = sorted([names[6]] + [f"n01440764/{n}" for n in names[:3]] + [f"n01443537/{n}" for n in names[3:5]])
     assert manifest["batch_size"] == 4
     assert [n for b in manifest["batches"] for n in b["images"]] == expected
     reference = reference_rows(src, expected)
     for batch in manifest["batches"]:
-        arr = beit_io.read_batch(os.path.join(out, batch["file"]), batch_size=4)
+        arr = batches.read_batch(os.path.join(out, batch["file"]), batch_size=4)
         for row, name in enumerate(batch["images"]):
             assert np.array_equal(arr[row], reference[name]), name
 
@@ -411,12 +411,12 @@ def test_symlink_loops_do_not_hang(image_set, tmp_path, capsys):
     assert str(src / "gone.JPEG") in err and "No such file" in err
     assert beit_preprocess.main(args + ["--skip_bad"]) == 0
     assert time.monotonic() - start < 60
-    manifest = beit_io.load_manifest(out)
+    manifest = batches.load_manifest(out)
     assert [s["name"] for s in manifest["skipped"]] == ["gone.JPEG", "x.JPEG", "y.JPEG"]
     assert "Too many levels of symbolic links" in manifest["skipped"][1]["error"]
     assert [n for b in manifest["batches"] for n in b["images"]] == sorted(["alias.JPEG"] + names[:2])
-    arr = beit_io.read_batch(out / "input_00000.bin")
-    assert np.array_equal(arr[0], beit_preprocess.preprocess_image(os.path.join(folder, names[0])))
+    arr = batches.read_batch(out / "input_00000.bin")
+    assert np.array_equal(arr[0], pt.preprocess_image(os.path.join(folder, names[0])))
 
 
 def test_decompression_bomb_refused(image_set, tmp_path, capsys, monkeypatch):
@@ -429,7 +429,7 @@ def test_decompression_bomb_refused(image_set, tmp_path, capsys, monkeypatch):
                                "--workers", "1"])
     err = capsys.readouterr().err
     assert rc == 1 and str(src / "bomb.png") in err and "decompression bomb" in err
-    assert Image.MAX_IMAGE_PIXELS == beit_preprocess.DEFAULT_MAX_PIXELS  # main() put Pillow's limit back
+    assert Image.MAX_IMAGE_PIXELS == pt.DEFAULT_MAX_PIXELS  # main() put Pillow's limit back
 
     # Between the limit and twice it Pillow only warns: that is refused too (--max_pixels lowers the limit).
     small = src / names[0]
@@ -442,8 +442,8 @@ def test_decompression_bomb_refused(image_set, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"{small}: refused as a possible decompression bomb" in err
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels - 1)
-    with pytest.raises(beit_preprocess.BadImageError, match="decompression bomb"):
-        beit_preprocess.preprocess_image(small)
+    with pytest.raises(pt.BadImageError, match="decompression bomb"):
+        pt.preprocess_image(small)
 
 
 def test_write_error_leaves_no_partial_batch(image_set, tmp_path, capsys, monkeypatch):
@@ -462,9 +462,9 @@ def test_write_error_leaves_no_partial_batch(image_set, tmp_path, capsys, monkey
     assert rc == 1
     err = capsys.readouterr().err
     assert f"cannot write {out / 'input_00000.bin'}: No space left on device" in err
-    assert beit_io.list_batch_files(out) == []
+    assert batches.list_batch_files(out) == []
     assert sorted(os.listdir(out)) == ["manifest.json"]  # no .tmp left behind either
-    assert beit_io.load_manifest(out)["complete"] is False
+    assert batches.load_manifest(out)["complete"] is False
 
 
 def test_help_explains_every_flag(capsys):
@@ -472,7 +472,8 @@ def test_help_explains_every_flag(capsys):
         beit_preprocess.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    flags = {"--image_path", "--prep_image", "--batch_size", "--batchsize", "--workers", "--skip_bad", "--max_pixels"}
+    flags = {"--image_path", "--prep_image", "--batch_size", "--batchsize", "--workers", "--skip_bad", "--max_pixels",
+             "--force_workers", "--wait_lock"}
     for flag in flags:
         assert flag in text
     assert text.count("(default") >= 2
@@ -483,3 +484,318 @@ def test_help_explains_every_flag(capsys):
     for action in options:
         assert action.help and action.help != argparse.SUPPRESS and len(action.help.split()) >= 4, \
             action.option_strings
+
+
+# ---------------------------------------------------------------- issue 10: locks, signals, limits, odd names
+
+# Slows every os.fsync by $SLOW_FSYNC seconds and, after fsync number $SLOW_FLAG_AT, writes $SLOW_FLAG:
+# a run that can be watched, signalled or raced while it holds its folder.
+SLOW_SCRIPT = r'''
+import os, runpy, sys, time
+_real_fsync, _count = os.fsync, [0]
+def _fsync(fd):
+    _real_fsync(fd)
+    _count[0] += 1
+    if _count[0] == int(os.environ["SLOW_FLAG_AT"]):
+        with open(os.environ["SLOW_FLAG"], "w") as f:
+            f.write(str(os.getpid()))
+    time.sleep(float(os.environ["SLOW_FSYNC"]))
+os.fsync = _fsync
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def start_slow(tmp_path, script_args, delay, flag_at=1, timeout=120):
+    """Start a repo script under SLOW_SCRIPT in its own session; return (Popen, flag) once the flag is up."""
+    wrapper = tmp_path / "slow.py"
+    wrapper.write_text(SLOW_SCRIPT)
+    flag = tmp_path / f"flag{len(list(tmp_path.glob('flag*')))}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SLOW_FSYNC=str(delay), SLOW_FLAG=str(flag),
+               SLOW_FLAG_AT=str(flag_at))
+    cmd = [sys.executable, str(wrapper), os.path.join(REPO, script_args[0])] + [str(a) for a in script_args[1:]]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None or not flag.exists():
+        out, err = proc.communicate()
+        raise AssertionError(f"{script_args[0]} did not reach fsync {flag_at}: exit {proc.returncode}\n{out}\n{err}")
+    return proc, flag
+
+
+def prep_args(folder, out, batch_size, *extra):
+    return ["beit_preprocess.py", "--image_path", folder, "--prep_image", out, "--batch_size", batch_size,
+            *extra]
+
+
+def tree_bytes(folder):
+    return {name: read_bytes(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def clean_bs2(image_set, tmp_path_factory):
+    """The image set at batch size 2 (12 batches), one plain run: what every raced or signalled run must end as."""
+    folder, _ = image_set
+    out = tmp_path_factory.mktemp("clean") / "bs2"
+    proc = prep(folder, out, batch_size=2, workers=1)
+    assert proc.returncode == 0, proc.stderr
+    return tree_bytes(out)
+
+
+def test_second_run_on_the_same_folder_is_refused(image_set, clean_bs2, tmp_path):
+    folder, _ = image_set
+    out = tmp_path / "out"
+    # fsync 1 is the first manifest: from then on the first run is writing batches, slowly.
+    first, _ = start_slow(tmp_path, prep_args(folder, out, 2, "--workers", "1"), delay=0.25)
+    try:
+        second = prep(folder, out, batch_size=2)
+        assert first.poll() is None, "the first run ended before the second one started"
+    finally:
+        stdout, stderr = first.communicate(timeout=120)
+    assert second.returncode == 4, second.stderr
+    assert error_lines(second.stderr) == [
+        f"error: {out} (--prep_image) is in use by PID {first.pid} (lock {tmp_path / '.out.lock'}); wait for it "
+        "to finish, or pass --wait_lock to wait"]
+    assert "Traceback" not in second.stderr
+    # The first run was left alone: its temporaries were not deleted under it, it ends as a single run does.
+    assert first.returncode == 0, stderr
+    assert tree_bytes(out) == clean_bs2
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_wait_lock_waits_and_finds_the_folder_complete(image_set, clean_bs2, tmp_path):
+    folder, _ = image_set
+    out = tmp_path / "out"
+    first, _ = start_slow(tmp_path, prep_args(folder, out, 2, "--workers", "1"), delay=0.2)
+    try:
+        second = prep(folder, out, "--wait_lock", batch_size=2)
+    finally:
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    # It waited, and then found the first run's work finished (a complete manifest), not a half-written folder.
+    assert second.returncode == 0, second.stderr
+    assert f"waiting for PID {first.pid}, which holds {out} (--prep_image)" in second.stdout
+    assert f"{out} is already complete: 24 images in 12 batches of 2; nothing to do" in second.stdout
+    assert tree_bytes(out) == clean_bs2
+
+
+def pool_children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def gone(pid, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc to find the pool workers")
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_and_sigterm_end_with_one_line(image_set, clean_bs2, tmp_path, signum, code, said):
+    folder, _ = image_set
+    out = tmp_path / "out"
+    # fsync 3 is the second batch: the pool is up and batches are being written.
+    victim, _ = start_slow(tmp_path, prep_args(folder, out, 2, "--workers", "2", "--force_workers"),
+                           delay=0.25, flag_at=3)
+    try:
+        workers = pool_children(victim.pid)
+        assert len(workers) == 2
+        # Ctrl-C in a terminal reaches the whole process group; kill(1) only the process named.
+        if signum == signal.SIGINT:
+            os.killpg(victim.pid, signum)
+        else:
+            os.kill(victim.pid, signum)
+        stdout, stderr = victim.communicate(timeout=60)
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait()
+    assert victim.returncode == code, stderr
+    assert "Traceback" not in stderr and "Exception" not in stderr, stderr
+    assert error_lines(stderr) == [f"error: {said}; the batches written so far are kept; rerun the same "
+                                   "command to resume"]
+    assert all(gone(pid) for pid in workers)
+    assert not (tmp_path / ".out.lock").exists()
+    written = len(batches.list_batch_files(out))
+    assert 2 <= written < 12 and batches.load_manifest(out)["complete"] is False
+
+    proc = prep(folder, out, batch_size=2)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming: {written} batches already in" in proc.stdout
+    assert tree_bytes(out) == clean_bs2
+
+
+def test_workers_capped_at_usable_cores(image_set, tmp_path):
+    folder, _ = image_set
+    one_core = min(os.sched_getaffinity(0))
+
+    def on_one_core(*extra):
+        cmd = [sys.executable, os.path.join(REPO, "beit_preprocess.py"), "--image_path", folder, "--prep_image",
+               str(tmp_path / f"out{len(extra)}"), "--batch_size", "8", *extra]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+
+    proc = on_one_core("--workers", "1000")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --workers 1000 is more than the 1 usable cores; using 1 (--force_workers starts 1000)" \
+        in proc.stderr
+    assert "(" in proc.stdout and " 1 workers)" in proc.stdout
+    proc = on_one_core("--workers", "3", "--force_workers")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr and " 3 workers)" in proc.stdout
+
+
+def test_os_error_is_one_line_naming_the_file(image_set, tmp_path):
+    folder, _ = image_set
+    (tmp_path / "a_file").write_text("")
+    proc = prep(folder, tmp_path / "a_file" / "out", batch_size=2)  # its lock cannot go in a file
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: {tmp_path / 'a_file'}: File exists"]
+
+
+def test_files_that_are_not_images_are_counted(prepared):
+    _, proc = prepared
+    # val_label.txt, README.md, .DS_Store and ._ILSVRC2012_val_00000001.JPEG; the empty sub-folder is no file.
+    assert "ignored 4 files that are not images: hidden 2, .md 1, .txt 1\n" in proc.stdout
+
+
+def test_non_utf8_file_names_work_end_to_end(image_set, tmp_path):
+    folder, names = image_set
+    src = tmp_path / "src"
+    good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:2]
+    copy_images(folder, good, src, rename=dict(zip(good, ["a.JPEG", "c.JPEG"])))
+    odd = os.fsdecode(b"b\xff.JPEG")  # os.listdir's surrogate escape of the byte 0xff
+    shutil.copy(os.path.join(folder, good[0]), os.path.join(os.fsencode(src), b"b\xff.JPEG"))
+    open(os.path.join(os.fsencode(src), b"broken\xfe.JPEG"), "wb").close()
+    out = tmp_path / "out"
+    # Printing such a name in a strict UTF-8 locale would raise: every message must escape it.
+    env = {"PYTHONIOENCODING": "utf-8:strict"}
+    proc = prep(src, out, "--skip_bad", batch_size=2, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "broken\\xfe.JPEG: empty file" in proc.stderr
+    manifest = batches.load_manifest(out)  # the manifest round-trips the names byte for byte
+    assert [b["images"] for b in manifest["batches"]] == [["a.JPEG", odd], ["c.JPEG"]]
+    assert [s["name"] for s in manifest["skipped"]] == [os.fsdecode(b"broken\xfe.JPEG")]
+    assert manifest["fingerprint"] == batches.image_set_fingerprint(sorted(["a.JPEG", odd, "c.JPEG",
+                                                                           os.fsdecode(b"broken\xfe.JPEG")]))
+    row = batches.read_batch(out / "input_00000.bin", batch_size=2)[1]
+    assert np.array_equal(row, pt.preprocess_image(os.path.join(os.fsencode(src), b"b\xff.JPEG")))
+    before = tree_bytes(out)
+    proc = prep(src, out, "--skip_bad", batch_size=2, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "is already complete" in proc.stdout and tree_bytes(out) == before
+
+
+def test_batch_size_too_big_for_memory_is_a_usage_error(image_set, tmp_path, capsys, monkeypatch):
+    folder, _ = image_set
+    out = tmp_path / "out"
+    proc = prep(folder, out, batch_size=2_000_000)  # 4.7 TiB of buffers: more than any machine here has
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert error_lines(proc.stderr)[0].startswith("error: --batch_size 2000000 needs 4766.5 GiB for its batch "
+                                                  "buffers (4 float32 batches of 2000000 images and the crops) "
+                                                  "but only ")
+    assert not out.exists()
+
+    from beit_pipeline import preprocess
+    need = preprocess.buffer_bytes(6)
+    assert need == 6 * (4 * BATCH_BYTES_PER_IMAGE + 3 * 224 * 224)
+    args = ["--image_path", folder, "--prep_image", str(out), "--batch_size", "6", "--workers", "1"]
+    monkeypatch.setattr(preprocess, "available_memory", lambda: need - 1)
+    assert beit_preprocess.main(args) == 2
+    assert "--batch_size 6 needs" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(preprocess, "available_memory", lambda: need)
+    assert beit_preprocess.main(args) == 0
+    assert len(batches.list_batch_files(out)) == 4
+
+
+def test_skipped_image_is_retried_once_fixed(image_set, tmp_path):
+    folder, names = image_set
+    src = tmp_path / "src"
+    good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:8]
+    copy_images(folder, good, src)
+    bad = src / good[2]
+    bad.write_bytes(b"")
+    out = tmp_path / "out"
+    proc = prep(src, out, "--skip_bad", batch_size=3)
+    assert proc.returncode == 0, proc.stderr
+    manifest = batches.load_manifest(out)
+    assert [s["name"] for s in manifest["skipped"]] == [good[2]] and len(manifest["batches"]) == 3
+
+    shutil.copy(os.path.join(folder, good[2]), bad)  # fixed: the rerun must not keep skipping it
+    proc = prep(src, out, "--skip_bad", batch_size=3)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"redoing {out} from scratch: 1 image that an earlier run skipped as bad now decodes ({good[2]}), "
+            "which changes the batch layout") in proc.stdout
+    manifest = batches.load_manifest(out)
+    assert manifest["skipped"] == [] and [n for b in manifest["batches"] for n in b["images"]] == sorted(good)
+    clean = tmp_path / "clean"
+    assert prep(src, clean, batch_size=3).returncode == 0
+    assert tree_bytes(out) == tree_bytes(clean)
+
+
+# ---------------------------------------------------------------- the demo data
+
+def test_synthetic_image_sets_of_any_count(tmp_path):
+    folder = tmp_path / "forty"
+    names = synthetic.write_image_set(str(folder), 40, seed=0)
+    assert names == [synthetic.imagenet_name(i) for i in range(40)]
+    # Image 35 is the first CMYK image forced into another format than its name's; PNG cannot hold CMYK.
+    assert image_info(folder / names[34]) == ("CMYK", "TIFF", (256, 256))
+    for name in names:
+        assert pt.preprocess_image(folder / name).shape == (3, 224, 224)
+    # A set of N images is the first N of a bigger one, so 40 working images mean every count up to 40 works.
+    for count in (1, 28, 35):
+        part = synthetic.write_image_set(str(tmp_path / str(count)), count, seed=0)
+        assert part == names[:count]
+        assert all(read_bytes(tmp_path / str(count) / n) == read_bytes(folder / n) for n in part)
+
+
+def test_make_demo_data_with_35_images(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_script(["make_demo_data.py", "--out", str(out), "--model", "beit_tiny_test_patch16_224",
+                       "--count", "35"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(os.listdir(out / "images")) == 35
+    labels = (out / "val_label.txt").read_text().splitlines()
+    assert [line.split()[0] for line in labels] == [synthetic.imagenet_name(i) for i in range(35)]
+    assert all(0 <= int(line.split()[1]) < 1000 for line in labels)
+
+
+def test_make_demo_data_ctrl_c(tmp_path):
+    out = tmp_path / "demo"
+    # fsync 1 is val_label.txt's (torch.save does not fsync): the run sleeps there until the signal comes.
+    victim, _ = start_slow(tmp_path, ["make_demo_data.py", "--out", out, "--model", "beit_tiny_test_patch16_224",
+                                      "--count", "3"], delay=60)
+    try:
+        os.killpg(victim.pid, signal.SIGINT)
+        stdout, stderr = victim.communicate(timeout=60)
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait()
+    assert victim.returncode == 130
+    assert "Traceback" not in stderr
+    assert error_lines(stderr) == ["error: interrupted; the demo is unfinished; rerun the same command to make it"]
+    # The labels' temporary file was removed and no demo.json says the folder is done, so a rerun remakes it.
+    assert sorted(os.listdir(out)) == ["images", "random_checkpoint.pth"]
+    proc = run_script(["make_demo_data.py", "--out", str(out), "--model", "beit_tiny_test_patch16_224",
+                       "--count", "3"])
+    assert proc.returncode == 0 and "wrote 3 images" in proc.stdout, proc.stderr
+    assert sorted(os.listdir(out)) == ["demo.json", "images", "random_checkpoint.pth", "val_label.txt"]

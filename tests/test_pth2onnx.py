@@ -9,18 +9,21 @@ import collections
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-import beit_model
 import beit_pth2onnx
 import onnx_check
-from helpers import BASE, TINY, pretraining_state_dict, run_script
+from beit_pipeline import model as beit_model
+from beit_pipeline import onnx_models
+from helpers import BASE, REPO, TINY, pretraining_state_dict, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
 BASE_DEPTH = beit_model.KNOWN_VARIANTS[BASE][1]
@@ -40,13 +43,6 @@ def dims(value_info):
 def torch_logits(model, batch):
     with torch.no_grad():
         return model(torch.from_numpy(batch)).numpy()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_checkpoint):
-    model, _, name = beit_model.build_model(beit_model.load_state_dict(tiny_checkpoint))
-    assert name == TINY
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +76,12 @@ def test_opset11_dynamic_graph(tiny_onnx):
 
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_opset11_dynamic_matches_pytorch(tiny_onnx, tiny_model, batch_size):
-    session = onnx_check.open_session(tiny_onnx["dyn11"])
-    batch = onnx_check.random_batch((batch_size, 3, 224, 224), seed=3)
-    actual = onnx_check.run_session(session, batch)
+    session = onnx_models.open_session(tiny_onnx["dyn11"])
+    batch = onnx_models.random_batch((batch_size, 3, 224, 224), seed=3)
+    actual = onnx_models.run_session(session, batch)
     expected = torch_logits(tiny_model, batch)
     assert actual.shape == (batch_size, 1000)
-    errors = onnx_check.output_errors(actual, expected)
+    errors = onnx_models.output_errors(actual, expected)
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
     assert errors["max_abs"] == pytest.approx(np.abs(actual.astype(np.float64) - expected).max())
     # logits of a random model are O(1): the relative bound is a real bound
@@ -99,12 +95,12 @@ def test_opset17_static_keeps_layernorm_and_matches(tiny_onnx, tiny_model):
     counts = op_counts(tiny_onnx["static17"])
     # norm1 and norm2 in every block, and fc_norm before the head
     assert counts["LayerNormalization"] == 2 * TINY_DEPTH + 1
-    session = onnx_check.open_session(tiny_onnx["static17"])
-    batch = onnx_check.random_batch((8, 3, 224, 224), seed=4)
-    errors = onnx_check.output_errors(onnx_check.run_session(session, batch), torch_logits(tiny_model, batch))
+    session = onnx_models.open_session(tiny_onnx["static17"])
+    batch = onnx_models.random_batch((8, 3, 224, 224), seed=4)
+    errors = onnx_models.output_errors(onnx_models.run_session(session, batch), torch_logits(tiny_model, batch))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
-    with pytest.raises(onnx_check.OnnxCheckError, match=r"takes input shape \(8, 3, 224, 224\)"):
-        onnx_check.run_session(session, batch[:1])
+    with pytest.raises(onnx_models.OnnxCheckError, match=r"takes input shape \(8, 3, 224, 224\)"):
+        onnx_models.run_session(session, batch[:1])
 
 
 def test_export_report(tiny_checkpoint, tmp_path, capsys):
@@ -129,7 +125,7 @@ def test_verification_failure_leaves_nothing(tiny_checkpoint, tmp_path, capsys):
     target = tmp_path / "m.onnx"
     rc = beit_pth2onnx.main(["--source", tiny_checkpoint, "--target", str(target), "--tolerance", "1e-12"])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 3  # a check failed (exit 1 before the unified exit codes)
     assert "differs from PyTorch by relative error" in err and "nothing written" in err
     measured = float(re.search(r"relative error ([0-9.e+-]+) >", err).group(1))
     assert 1e-12 < measured <= REL_TOL
@@ -154,6 +150,25 @@ def test_no_verify_and_other_opset(tiny_checkpoint, tmp_path, capsys):
 def test_bad_arguments(tiny_checkpoint, tmp_path, capsys, args, message):
     rc = beit_pth2onnx.main(["--source", tiny_checkpoint, "--target", str(tmp_path / "m.onnx")] + args)
     assert rc == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
+    """SIGINT once the temporary beside --target exists: one error line, exit 130, no .tmp, no target."""
+    target = tmp_path / "m.onnx"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "beit_pth2onnx.py"), "--source", tiny_checkpoint,
+                             "--target", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no temporary appeared"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.count("error: ") == 1 and "error: interrupted" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []
 
 
@@ -252,7 +267,7 @@ def test_forced_model_that_fits(tiny_checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_simplify_fixes_batch_and_keeps_results(tiny_onnx, tiny_model, tmp_path, batch_size):
     out = tmp_path / f"sim_bs{batch_size}.onnx"
-    errors = onnx_check.simplify(tiny_onnx["dyn11"], out, batch_size)
+    errors = onnx_models.simplify(tiny_onnx["dyn11"], out, batch_size)
     assert os.listdir(tmp_path) == [out.name]
     assert errors["shape"] == (batch_size, 3, 224, 224) and errors["output_shape"] == (batch_size, 1000)
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
@@ -262,23 +277,23 @@ def test_simplify_fixes_batch_and_keeps_results(tiny_onnx, tiny_model, tmp_path,
     before, after = op_counts(tiny_onnx["dyn11"]), op_counts(str(out))
     assert before["Shape"] > 0 and after["Shape"] == 0  # the shape arithmetic was folded away
     assert after["Softmax"] == TINY_DEPTH and after["MatMul"] == before["MatMul"]
-    batch = onnx_check.random_batch((batch_size, 3, 224, 224), seed=7)
-    sim = onnx_check.run_session(onnx_check.open_session(out), batch)
-    errors = onnx_check.output_errors(sim, torch_logits(tiny_model, batch))
+    batch = onnx_models.random_batch((batch_size, 3, 224, 224), seed=7)
+    sim = onnx_models.run_session(onnx_models.open_session(out), batch)
+    errors = onnx_models.output_errors(sim, torch_logits(tiny_model, batch))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
 
 
 def test_simplify_keeps_nothing_on_failure(tiny_onnx, tmp_path):
     out = tmp_path / "sim.onnx"
-    with pytest.raises(onnx_check.OnnxCheckError, match="batch size is fixed at 8, not 2"):
-        onnx_check.simplify(tiny_onnx["static17"], out, 2)
+    with pytest.raises(onnx_models.OnnxCheckError, match="batch size is fixed at 8, not 2"):
+        onnx_models.simplify(tiny_onnx["static17"], out, 2)
     # a negative tolerance fails every comparison: the path where onnxsim's output is rejected
-    with pytest.raises(onnx_check.OnnxCheckError, match="onnxsim changed the results beyond tolerance -1"):
-        onnx_check.simplify(tiny_onnx["dyn11"], out, 2, tolerance=-1.0)
+    with pytest.raises(onnx_models.OnnxCheckError, match="onnxsim changed the results beyond tolerance -1"):
+        onnx_models.simplify(tiny_onnx["dyn11"], out, 2, tolerance=-1.0)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00garbage")
-    with pytest.raises(onnx_check.OnnxCheckError, match="junk.onnx: not a readable ONNX file"):
-        onnx_check.simplify(junk, out, 2)
+    with pytest.raises(onnx_models.OnnxCheckError, match="junk.onnx: not a readable ONNX file"):
+        onnx_models.simplify(junk, out, 2)
     assert os.listdir(tmp_path) == ["junk.onnx"]
 
 
@@ -302,19 +317,19 @@ def perturbed_copy(src, dst, delta):
 def test_compare_models_measures_a_known_difference(tiny_onnx, tmp_path):
     cand = tmp_path / "bias.onnx"
     perturbed_copy(tiny_onnx["dyn11"], cand, 0.01)
-    batch = onnx_check.random_batch((3, 3, 224, 224), seed=0)
-    ref_logits = onnx_check.run_session(onnx_check.open_session(tiny_onnx["dyn11"]), batch)
-    errors = onnx_check.compare_models(tiny_onnx["dyn11"], cand, batch)
+    batch = onnx_models.random_batch((3, 3, 224, 224), seed=0)
+    ref_logits = onnx_models.run_session(onnx_models.open_session(tiny_onnx["dyn11"]), batch)
+    errors = onnx_models.compare_models(tiny_onnx["dyn11"], cand, batch)
     assert errors["max_abs"] == pytest.approx(0.01, rel=1e-3)
     assert errors["max_rel"] == pytest.approx(0.01 / np.abs(ref_logits).max(), rel=1e-3)
     assert errors["argmax_equal"] and errors["rows"] == 3
     # an int draws the seeded batch itself, the same one the CLI uses: random_batch(shape, seed 0)
-    drawn = onnx_check.compare_models(tiny_onnx["dyn11"], cand, 3)
-    explicit = onnx_check.compare_models(tiny_onnx["dyn11"], cand, onnx_check.random_batch((3, 3, 224, 224), 0))
+    drawn = onnx_models.compare_models(tiny_onnx["dyn11"], cand, 3)
+    explicit = onnx_models.compare_models(tiny_onnx["dyn11"], cand, onnx_models.random_batch((3, 3, 224, 224), 0))
     assert drawn["shape"] == explicit["shape"] == (3, 3, 224, 224)
     assert drawn["max_abs"] == explicit["max_abs"] and drawn["max_rel"] == explicit["max_rel"]
     # the control: another seed gives another batch, so the equality above is not one any batch would meet
-    assert onnx_check.compare_models(tiny_onnx["dyn11"], cand, 3, seed=1)["max_rel"] != explicit["max_rel"]
+    assert onnx_models.compare_models(tiny_onnx["dyn11"], cand, 3, seed=1)["max_rel"] != explicit["max_rel"]
 
 
 def test_onnx_check_cli(tiny_onnx, tmp_path, capsys):
@@ -325,7 +340,7 @@ def test_onnx_check_cli(tiny_onnx, tmp_path, capsys):
 
     cand = tmp_path / "bias.onnx"
     perturbed_copy(tiny_onnx["dyn11"], cand, 0.01)
-    assert onnx_check.main([tiny_onnx["dyn11"], str(cand), "--batch_size", "2"]) == 1
+    assert onnx_check.main([tiny_onnx["dyn11"], str(cand), "--batch_size", "2"]) == 3  # was 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "is above the tolerance 1e-05" in captured.err
     assert onnx_check.main([tiny_onnx["dyn11"], str(cand), "--batch_size", "2", "--tolerance", "0.1"]) == 0
@@ -333,11 +348,12 @@ def test_onnx_check_cli(tiny_onnx, tmp_path, capsys):
 
     assert onnx_check.main([tiny_onnx["dyn11"], tiny_onnx["static17"], "--batch_size", "2"]) == 2
     assert f"{tiny_onnx['static17']}: batch size is fixed at 8, not 2" in capsys.readouterr().err
-    assert onnx_check.main([tiny_onnx["dyn11"], str(tmp_path / "nope.onnx")]) == 2
+    # a missing or unloadable model is bad input, 1 (was 2); the wrong --batch_size above stays usage, 2
+    assert onnx_check.main([tiny_onnx["dyn11"], str(tmp_path / "nope.onnx")]) == 1
     assert "nope.onnx: ONNX model not found" in capsys.readouterr().err
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    assert onnx_check.main([tiny_onnx["dyn11"], str(junk)]) == 2
+    assert onnx_check.main([tiny_onnx["dyn11"], str(junk)]) == 1
     assert "junk.onnx: not a model ONNX Runtime can load" in capsys.readouterr().err
 
 

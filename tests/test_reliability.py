@@ -7,7 +7,7 @@ file or step, and that nothing produced before was corrupted (byte-for-byte
 against a clean run, or against the file as it was before the failing command).
 
 SIGKILLs are aimed, not hoped for: the scripts run under a small wrapper that
-makes the N-th os.fsync() (the last call inside beit_io's atomic write, just
+makes the N-th os.fsync() (the last call inside files.write_bytes_atomic, just
 before the rename) announce itself and hang, so the kill lands while a file is
 half-way to its final name, the worst moment.
 """
@@ -32,11 +32,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image, ImageFile, ImageOps
 
-import beit_io
-import beit_model
 import beit_preprocess
-import beit_pth2onnx
-import synthetic_data
+from beit_pipeline import batches, preprocess_transform, synthetic
+from beit_pipeline import outputs as ais_outputs
+from beit_pipeline import export as beit_export
+from beit_pipeline import model as beit_model
 from helpers import REPO, TINY, pretraining_state_dict, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
@@ -46,7 +46,7 @@ N_IMAGES = 12
 THREADS = "1"  # the same ORT thread count in every run keeps TXT outputs byte-identical
 
 # os.fsync number N announces itself in $KILLPOINT_FLAG and hangs, so that the test can SIGKILL the
-# process while beit_io's atomic write has its data in the .tmp file and not yet under the final name.
+# process while files.write_bytes_atomic has its data in the .tmp file and not yet under the final name.
 # With $KILLPOINT_DELAY every fsync is slowed instead, for a kill at no particular moment.
 KILLPOINT_SCRIPT = r'''
 import os, runpy, sys, time
@@ -126,7 +126,7 @@ def ok(proc):
 
 def export_tiny(checkpoint, path, batch):
     model, _, _ = beit_model.build_model(beit_model.load_state_dict(checkpoint), TINY)
-    beit_pth2onnx.export(model, str(path), batch, 224, 17, dynamic=False)
+    beit_export.export(model, str(path), batch, 224, 17, dynamic=False)
     return str(path)
 
 
@@ -172,7 +172,7 @@ def pipe(tiny_checkpoint, tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("pipe")
     images = root / "images"
-    names = synthetic_data.write_image_set(str(images), N_IMAGES, seed=11,
+    names = synthetic.write_image_set(str(images), N_IMAGES, seed=11,
                                            sizes=[(300, 200), (200, 300), (224, 224), (257, 256), (100, 60)],
                                            modes=["RGB", "L", "P", "RGB"], png_every=5)
     prep = root / "prep_bs2"
@@ -181,7 +181,7 @@ def pipe(tiny_checkpoint, tmp_path_factory):
     model = export_tiny(tiny_checkpoint, root / "tiny_bs2.onnx", BS)
     ok(run_script(["beit_infer.py"] + infer_args(model, prep, root / "out", "clean")))
     outputs = root / "out" / "clean"
-    logits = np.concatenate([beit_io.read_output(outputs / f"input_{k:05d}_0.txt") for k in range(N_IMAGES // BS)])
+    logits = np.concatenate([ais_outputs.read_output(outputs / f"input_{k:05d}_0.txt") for k in range(N_IMAGES // BS)])
     order = np.argsort(-logits, axis=1, kind="stable")
     labels = order[:, 0].copy()
     for i in (1, 4, 7):
@@ -207,15 +207,15 @@ def test_sigkill_during_preprocessing_then_rerun_is_byte_identical(pipe, tmp_pat
     run_until_killpoint("beit_preprocess.py", ["--image_path", pipe["images"], "--prep_image", out,
                                                "--batch_size", BS, "--workers", "2"], 3, flag)
     clean = tree_bytes(pipe["prep"])
-    assert [os.path.basename(p) for p in beit_io.list_batch_files(out)] == ["input_00000.bin"]
+    assert [os.path.basename(p) for p in batches.list_batch_files(out)] == ["input_00000.bin"]
     assert read_bytes(out / "input_00000.bin") == clean["input_00000.bin"]
     assert len(temporaries(out)) == 1 and temporaries(out)[0].startswith(".input_00001.bin.")
-    manifest = beit_io.load_manifest(out)  # complete JSON, never a cut-off one
+    manifest = batches.load_manifest(out)  # complete JSON, never a cut-off one
     assert manifest["complete"] is False and manifest["batches"] == []
 
     # The later steps refuse the unfinished folder, naming it, instead of scoring a part of the images.
     proc = no_traceback(run_script(["beit_infer.py"] + infer_args(pipe["model"], out, tmp_path / "o", "r")))
-    assert proc.returncode == 2 and str(out) in proc.stderr and "did not finish" in proc.stderr
+    assert proc.returncode == 1 and str(out) in proc.stderr and "did not finish" in proc.stderr
     assert not (tmp_path / "o").exists()
     proc = no_traceback(run_script(["beit_eval_acc.py"] + eval_args(pipe["outputs"], pipe["labels"],
                                                                      tmp_path / "res", out)))
@@ -230,12 +230,13 @@ def test_sigkill_during_preprocessing_then_rerun_is_byte_identical(pipe, tmp_pat
 def test_sigkill_during_inference_then_rerun_is_byte_identical(pipe, tmp_path):
     flag = tmp_path / "flag"
     args = infer_args(pipe["model"], pipe["prep"], tmp_path / "out", "run")
-    # One fsync per output file: killed while input_00003_0.txt is in .tmp.
-    run_until_killpoint("beit_infer.py", args, 4, flag)
+    # One fsync for the record of what makes the outputs, then one per output file: killed while
+    # input_00003_0.txt is in .tmp.
+    run_until_killpoint("beit_infer.py", args, 5, flag)
     run = tmp_path / "out" / "run"
     clean = tree_bytes(pipe["outputs"])
     done = sorted(n for n in os.listdir(run) if not n.endswith(".tmp"))
-    assert done == [f"input_{k:05d}_0.txt" for k in range(3)]
+    assert done == [".beit_infer.json"] + [f"input_{k:05d}_0.txt" for k in range(3)]
     assert all(read_bytes(run / n) == clean[n] for n in done)
     assert len(temporaries(run)) == 1 and temporaries(run)[0].startswith(".input_00003_0.txt.")
     assert not (tmp_path / "out" / "run_summary.json").exists()
@@ -259,11 +260,11 @@ def test_sigkill_at_any_moment_of_inference_then_rerun_is_byte_identical(pipe, t
     args = infer_args(pipe["model"], pipe["prep"], tmp_path / "out", "run")
 
     def two_outputs():
-        return run.is_dir() and len(beit_io.find_outputs(run)) >= 2
+        return run.is_dir() and len(ais_outputs.find_outputs(run)) >= 2
 
     run_until_killpoint("beit_infer.py", args, 0, tmp_path / "flag", delay=0.2, wait_for=two_outputs)
     clean = tree_bytes(pipe["outputs"])
-    left = beit_io.find_outputs(run)
+    left = ais_outputs.find_outputs(run)
     assert 2 <= len(left) < 6
     assert all(read_bytes(path) == clean[os.path.basename(path)] for path in left.values())
     ok(run_script(["beit_infer.py"] + args))
@@ -377,7 +378,7 @@ def test_disk_full_during_preprocessing(pipe, tmp_path, capsys, monkeypatch, tmp
     # No partial batch anywhere, under its name or as a .tmp; the one written is whole.
     assert sorted(os.listdir(out)) == ["input_00000.bin", "manifest.json"]
     assert read_bytes(out / "input_00000.bin") == clean["input_00000.bin"]
-    assert beit_io.load_manifest(out)["complete"] is False
+    assert batches.load_manifest(out)["complete"] is False
 
     # With room again, the rerun keeps the whole batch and ends as a clean run does.
     if disk == "tmpfs":
@@ -435,8 +436,8 @@ def test_decompression_bomb_is_refused_before_any_pixel_is_decoded(tmp_path, mon
         raise AssertionError("pixels were decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    with pytest.raises(beit_preprocess.BadImageError, match="refused as a possible decompression bomb"):
-        beit_preprocess.preprocess_image(path)
+    with pytest.raises(preprocess_transform.BadImageError, match="refused as a possible decompression bomb"):
+        preprocess_transform.preprocess_image(path)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
@@ -456,13 +457,13 @@ def test_bad_image_is_named_and_nothing_written_is_spoiled(pipe, tmp_path, kind)
     assert f"error: {bad}: " in proc.stderr and BAD_IMAGES[kind] in proc.stderr and "--skip_bad" in proc.stderr
     # The batch before the bad image is written, whole and right; nothing of its own batch is.
     assert sorted(os.listdir(out)) == ["input_00000.bin", "manifest.json"]
-    expected = np.stack([beit_preprocess.preprocess_image(src / n) for n in ("a.JPEG", "b.JPEG")])
-    assert np.array_equal(beit_io.read_batch(out / "input_00000.bin", batch_size=BS), expected)
-    assert beit_io.load_manifest(out)["complete"] is False
+    expected = np.stack([preprocess_transform.preprocess_image(src / n) for n in ("a.JPEG", "b.JPEG")])
+    assert np.array_equal(batches.read_batch(out / "input_00000.bin", batch_size=BS), expected)
+    assert batches.load_manifest(out)["complete"] is False
     first = read_bytes(out / "input_00000.bin")
 
     proc = ok(preprocess(src, out, "--skip_bad"))
-    manifest = beit_io.load_manifest(out)
+    manifest = batches.load_manifest(out)
     assert [s["name"] for s in manifest["skipped"]] == ["c.JPEG"] and BAD_IMAGES[kind] in manifest["skipped"][0]["error"]
     assert [b["images"] for b in manifest["batches"]] == [["a.JPEG", "b.JPEG"], ["d.JPEG"]]
     assert read_bytes(out / "input_00000.bin") == first
@@ -473,7 +474,7 @@ def test_exif_orientation_is_not_applied_as_in_torchvision(pipe, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     path = src / "exif.JPEG"
-    img = synthetic_data.synthetic_image(np.random.default_rng(3), 320, 200)
+    img = synthetic.synthetic_image(np.random.default_rng(3), 320, 200)
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     img.save(path, format="JPEG", quality=90, exif=exif.tobytes())
@@ -481,9 +482,9 @@ def test_exif_orientation_is_not_applied_as_in_torchvision(pipe, tmp_path):
         assert stored.getexif()[0x0112] == 6 and stored.size == (320, 200)
     out = tmp_path / "out"
     ok(preprocess(src, out, batch_size=1))
-    got = beit_io.read_batch(out / "input_00000.bin", batch_size=1)[0]
+    got = batches.read_batch(out / "input_00000.bin", batch_size=1)[0]
 
-    transform = beit_preprocess.reference_transform()
+    transform = preprocess_transform.reference_transform()
     with Image.open(path) as f:
         unrotated = transform(f.convert("RGB")).numpy()  # what torchvision's ImageFolder loader gives
     with Image.open(path) as f:
@@ -593,7 +594,7 @@ def test_graph_modify_refuses_what_is_not_beit(pipe, tmp_path, kind):
     out = folder / "beit_mg_bs8.onnx"
     out.write_bytes(b"an earlier graph_modify output")
     proc = no_traceback(run_script(["graph_modify.py", str(src), str(out), "8"]))
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # bad input (usage errors are 2)
     assert f"error: {src}: " in proc.stderr and message in proc.stderr
     assert os.listdir(folder) == ["beit_mg_bs8.onnx"] and out.read_bytes() == b"an earlier graph_modify output"
 
@@ -608,7 +609,7 @@ def test_batch_size_8_files_into_a_batch_16_model(pipe, tmp_path):
     shutil.copytree(pipe["outputs"], out / "run")
     before = tree_bytes(out)
     proc = no_traceback(run_script(["beit_infer.py"] + infer_args(model16, prep8, out, "run")))
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert f"{prep8 / 'input_00000.bin'}: holds a batch of 8 images but the model tiny_bs16.onnx takes batches " \
            "of 16" in proc.stderr and "preprocess with --batch_size 16" in proc.stderr
     assert tree_bytes(out) == before
@@ -694,7 +695,7 @@ def test_run_all_with_hostile_paths_runs_nothing_it_should_not(pipe, tmp_path):
     listed = sorted(names[:4] + [hostile_name])
     # Labels: PyTorch's own top class, except one image labelled with its 2nd: Top-1 4/5, Top-5 5/5.
     model, _, _ = beit_model.build_model(beit_model.load_state_dict(pipe["checkpoint"]), TINY)
-    batch = np.stack([beit_preprocess.preprocess_image(images / n) for n in listed])
+    batch = np.stack([preprocess_transform.preprocess_image(images / n) for n in listed])
     with torch.inference_mode():
         order = np.argsort(-model(torch.from_numpy(batch)).numpy(), axis=1, kind="stable")
     labels = [int(order[i, 1 if i == 3 else 0]) for i in range(len(listed))]
@@ -711,7 +712,7 @@ def test_run_all_with_hostile_paths_runs_nothing_it_should_not(pipe, tmp_path):
     result = json.loads((workdir / "acc_bs4.json").read_text())
     assert (result["num_images"], result["top1_correct"], result["top5_correct"]) == (5, 4, 5)
     assert "| ort (ONNX Runtime)   |     4 |      5 |     80.00 |    100.00 |" in proc.stdout
-    manifest = beit_io.load_manifest(workdir / "prep_image_bs4")
+    manifest = batches.load_manifest(workdir / "prep_image_bs4")
     assert [n for b in manifest["batches"] for n in b["images"]] == listed
     assert {p: sha256(p) for p in inputs_before} == inputs_before
     pwned = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f == "pwned"]

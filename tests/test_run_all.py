@@ -1,18 +1,22 @@
-"""run_all.sh end to end with the tiny BEiT: ONNX Runtime and (stand-in) Ascend paths, skips, --force,
-failures, hostile paths; make_demo_data.py's labels against PyTorch."""
+"""run_all.sh end to end with the tiny BEiT: ONNX Runtime and (stand-in) Ascend paths, content-aware reruns,
+--force, locks, signals, failures, hostile paths; make_demo_data.py's labels against PyTorch."""
 
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import types
 
 import numpy as np
 import pytest
 import torch
 
-import beit_model
-import make_demo_data
+from beit_pipeline import demo as make_demo_data
+from beit_pipeline import model as beit_model
 from helpers import REPO, TINY, run_script
 
 N_IMAGES = 19  # not a multiple of 8 or 16: the last batch is padded at every batch size tested
@@ -24,7 +28,7 @@ FAKE_ASCEND = os.path.join(REPO, "tests", "fake_ascend")
 
 def pytorch_logits(checkpoint, image_dir):
     """The reference: PyTorch on the images exactly as beit_preprocess.py prepares them."""
-    from beit_preprocess import preprocess_image
+    from beit_pipeline.preprocess_transform import preprocess_image
     model, _, _ = beit_model.build_model(beit_model.load_state_dict(checkpoint), TINY)
     names = sorted(os.listdir(image_dir))
     batch = np.stack([np.asarray(preprocess_image(os.path.join(image_dir, n)), np.float32) for n in names])
@@ -107,8 +111,9 @@ def table_row(stdout):
 
 
 def mtimes(folder):
+    """mtime of every file in the folder but run_all.sh's lock and its record of the run in progress."""
     return {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, _, files in os.walk(folder) for f in files}
+            for d, _, files in os.walk(folder) for f in files if f not in (".run_all.lock", ".run_all_run.json")}
 
 
 @pytest.fixture
@@ -185,7 +190,7 @@ def test_ort_pipeline_scores_what_pytorch_scores(ort_workdir, image_set, batch_s
                  f"beit_mg_bs{batch_size}.onnx"):
         assert (workdir / name).is_file(), name
     outputs = sorted(os.listdir(workdir / "ais_out" / f"bs{batch_size}"))
-    assert outputs == [f"input_{i:05d}_0.txt" for i in range(n_batches)]
+    assert outputs == [".beit_infer.json"] + [f"input_{i:05d}_0.txt" for i in range(n_batches)]
     leftovers = [f for f in mtimes(workdir) if "partial" in f or f.endswith(".tmp")]
     assert leftovers == []
     for step in ORT_STEPS[:1] + ORT_STEPS[2:]:  # the ONNX export is shared by the batch sizes
@@ -215,34 +220,94 @@ def test_second_run_skips_every_step_and_force_redoes_them(ort_workdir, image_se
     assert re.search(r"^\[run_all\] step pth2onnx: .* --batch_size 1( |$)", forced.stdout, re.M), forced.stdout
 
 
-def test_a_step_redone_redoes_the_steps_after_it(ort_workdir, image_set, tmp_path):
+def test_a_step_redone_to_the_same_bytes_leaves_the_steps_after_it(ort_workdir, image_set, tmp_path):
+    """Content, not time: onnxsim redone writes the same file, so graph_modify and the rest stay complete."""
     first = ok(ort_workdir(8))
     workdir = finished_bs8_copy(ort_workdir, tmp_path)
     (workdir / "beit_onnxsim_bs8.onnx").unlink()
     before = mtimes(workdir)
     proc = ok(run_all(workdir, image_set, 8))
-    assert "[run_all] skip preprocess: " in proc.stdout and "[run_all] skip pth2onnx: " in proc.stdout
+    assert "[run_all] redo onnxsim: beit_onnxsim_bs8.onnx: beit_onnxsim_bs8.onnx was changed or removed" in proc.stdout
     assert "[run_all] step onnxsim: " in proc.stdout and "[run_all] step onnx_check: " in proc.stdout
-    for step, dep in (("graph_modify", "onnxsim"), ("beit_infer", "graph_modify"), ("eval", "beit_infer")):
-        assert re.search(rf"^\[run_all\] redo {step}: .* exists, but step {dep} ran again$", proc.stdout, re.M), \
-            (step, proc.stdout)
-        assert f"[run_all] step {step}: " in proc.stdout
+    for step in ("preprocess", "pth2onnx", "graph_modify", "beit_infer", "eval"):
+        assert f"[run_all] skip {step}: " in proc.stdout, (step, proc.stdout)
     after = mtimes(workdir)
-    for name in ("prep_image_bs8/input_00000.bin", f"{TINY}.onnx"):
+    for name in ("prep_image_bs8/input_00000.bin", f"{TINY}.onnx", "beit_mg_bs8.onnx", "acc_bs8.json"):
         assert after[name] == before[name], name
-    for name in ("beit_mg_bs8.onnx", "ais_out/bs8/input_00000_0.txt", "acc_bs8.json"):
-        assert after[name] > before[name], name
     assert table_row(proc.stdout)[:5] == table_row(first.stdout)[:5]
 
 
-def test_other_inputs_in_the_same_workdir_are_refused(ort_workdir, image_set, tmp_path):
+def test_label_file_fixed_in_place_gives_the_fresh_number(ort_workdir, image_set, tmp_path):
+    """The reported bug: val_label.txt fixed in place, the rerun skipped the eval and printed the old number."""
     ok(ort_workdir(8))
-    other = dict(image_set, labels=str(tmp_path / "other_labels.txt"))
-    shutil.copyfile(image_set["labels"], other["labels"])
-    proc = run_all(ort_workdir.workdir, other, 8)
-    assert proc.returncode == 2
-    assert "was made from other inputs" in proc.stderr and "--force" in proc.stderr
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    labels = tmp_path / "val_label.txt"
+    shutil.copy2(image_set["labels"], labels)
+    inputs = dict(image_set, labels=str(labels))
+    same = ok(run_all(workdir, inputs, 8))  # the same content at another path: nothing to redo
+    assert "[run_all] step " not in same.stdout
+    assert table_row(same.stdout)[3] == f"{image_set['top1']:.2f}"
+    labels.write_text("".join(f"{n} {image_set['demo_labels'][n]}\n" for n in image_set["names"]))
+    fixed = ok(run_all(workdir, inputs, 8))
+    assert f"[run_all] redo eval: acc_bs8.json: the label file changed ({labels})" in fixed.stdout
+    assert [line.split(":")[0] for line in fixed.stdout.splitlines() if line.startswith("[run_all] step ")
+            and " done in " not in line] == ["[run_all] step eval"]
+    assert table_row(fixed.stdout)[3:5] == ["100.00", "100.00"]  # what a fresh run gives: PyTorch's own labels
+
+
+def test_the_same_inputs_by_relative_paths_from_elsewhere_skip_every_step(ort_workdir, image_set, tmp_path):
+    ok(ort_workdir(8))
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    relative = {k: os.path.relpath(image_set[k], cwd) for k in ("images", "labels", "checkpoint")}
+    relative["images"] += "/"
+    proc = ok(run_all(os.path.relpath(workdir, cwd) + "/", dict(image_set, **relative), 8, cwd=str(cwd)))
     assert "[run_all] step " not in proc.stdout
+    assert all(f"[run_all] skip {step}: " in proc.stdout for step in ORT_STEPS)
+
+
+def test_checkpoint_replaced_at_the_same_path_gives_the_fresh_number(ort_workdir, image_set, tmp_path):
+    ok(ort_workdir(8))
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    checkpoint = tmp_path / "beit.pth"
+    shutil.copy2(image_set["checkpoint"], checkpoint)
+    inputs = dict(image_set, checkpoint=str(checkpoint))
+    assert "[run_all] step " not in ok(run_all(workdir, inputs, 8)).stdout
+    beit_model.save_random_checkpoint(checkpoint, TINY, seed=7)
+    proc = ok(run_all(workdir, inputs, 8))
+    assert "[run_all] skip preprocess: " in proc.stdout
+    assert f"[run_all] redo pth2onnx: {TINY}.onnx: the checkpoint changed ({checkpoint})" in proc.stdout
+    for step in ORT_STEPS[1:]:
+        assert f"[run_all] step {step}: " in proc.stdout, step
+    _, logits = pytorch_logits(str(checkpoint), image_set["images"])
+    truth = [int(line.split()[1]) for line in open(image_set["labels"]).read().splitlines()]
+    fresh_top1 = 100.0 * np.mean(np.argmax(logits, axis=1) == np.array(truth))
+    assert table_row(proc.stdout)[3] == f"{fresh_top1:.2f}" and fresh_top1 != image_set["top1"]
+
+
+def test_images_added_are_preprocessed_and_counted(ort_workdir, image_set, tmp_path):
+    """The reported bug: 8 images added to the folder, the rerun reported the old image count."""
+    ok(ort_workdir(8))
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    images = tmp_path / "images"
+    shutil.copytree(image_set["images"], images)  # copy2 keeps names, sizes and mtimes: the same image set
+    labels = tmp_path / "labels.txt"
+    shutil.copy2(image_set["labels"], labels)
+    inputs = dict(image_set, images=str(images), labels=str(labels))
+    assert "[run_all] step " not in ok(run_all(workdir, inputs, 8)).stdout
+    lines = open(labels).read().splitlines()
+    for n, k in enumerate((0, 1, 3)):  # copies of three correctly labelled images, with their labels
+        name = f"ILSVRC2012_val_{N_IMAGES + 1 + n:08d}.JPEG"
+        shutil.copyfile(images / image_set["names"][k], images / name)
+        lines.append(f"{name} {lines[k].split()[1]}")
+    labels.write_text("\n".join(lines) + "\n")
+    proc = ok(run_all(workdir, inputs, 8))
+    for step, done in zip(ORT_STEPS, (True, False, False, False, True, True)):
+        assert (f"[run_all] step {step}: " in proc.stdout) == done, (step, proc.stdout)
+    images_col, top1 = table_row(proc.stdout)[2:4]
+    expected = 100.0 * (15 + 3) / (N_IMAGES + 3)
+    assert (images_col, top1) == (str(N_IMAGES + 3), f"{expected:.2f}")
 
 
 def test_interrupted_inference_is_resumed_not_redone(ort_workdir, image_set, tmp_path):
@@ -252,13 +317,12 @@ def test_interrupted_inference_is_resumed_not_redone(ort_workdir, image_set, tmp
     out = workdir / "ais_out"
     # The state a SIGKILL during beit_infer.py leaves: outputs written so far under the partial name.
     (out / "bs8").rename(out / "bs8_partial")
-    (out / "bs8.log").rename(out / "bs8_partial.log")
     (out / "bs8_summary.json").unlink()
     (out / "bs8_partial" / "input_00002_0.txt").unlink()
-    (workdir / "acc_bs8.json").unlink()
     kept = {name: (out / "bs8_partial" / name).stat().st_mtime_ns for name in ("input_00000_0.txt", "input_00001_0.txt")}
     proc = ok(run_all(workdir, image_set, 8))
-    assert "[run_all] resume beit_infer: keeping the outputs already in " in proc.stdout
+    assert "[run_all] redo beit_infer: ais_out/bs8: ais_out/bs8 was changed or removed" in proc.stdout
+    assert "[INFO] resume: 2 of 3 outputs already in " in proc.stdout
     assert not (out / "bs8_partial").exists()
     for name, mtime in kept.items():
         assert (out / "bs8" / name).stat().st_mtime_ns == mtime, name
@@ -277,7 +341,7 @@ def test_ascend_path_with_stand_in_tools(ort_workdir, image_set, fake_ascend, tm
     for step in ("preprocess", "pth2onnx", "onnxsim", "graph_modify"):
         assert f"[run_all] skip {step}: " in proc.stdout
     # The ORT outputs of the copied folder are not taken for the NPU's.
-    assert "[run_all] redo ais_bench: " in proc.stdout and "outputs of another backend (backend: ort)" in proc.stdout
+    assert "[run_all] redo ais_bench: ais_out/bs8: backend changed ('ort' -> 'ascend')" in proc.stdout
     assert "[run_all] step ais_bench: " in proc.stdout and "[run_all] step eval: " in proc.stdout
 
     (atc,) = fake_ascend.calls("atc")
@@ -327,44 +391,139 @@ def test_bad_checkpoint_stops_at_pth2onnx(image_set, tmp_path):
     assert not (tmp_path / "work" / f"{TINY}.onnx").exists()
 
 
-def test_forced_run_with_other_inputs_that_fails_leaves_no_old_result(ort_workdir, image_set, tmp_path):
-    """--force with a new checkpoint stops at pth2onnx; a rerun with it and without --force must fail at
-    pth2onnx again, never skip every step and report the old model's accuracy."""
+def test_a_new_checkpoint_that_fails_leaves_no_old_result(ort_workdir, image_set, tmp_path):
+    """A new checkpoint stops at pth2onnx; reruns with it fail there again, never skip every step and report
+    the old model's accuracy; back to the old checkpoint, the old results come back without a retrace of
+    what did not change."""
     workdir = finished_bs8_copy(ort_workdir, tmp_path)
     bad = tmp_path / "garbage.pth"
     bad.write_text("not a checkpoint")
     garbage = dict(image_set, checkpoint=str(bad))
-    forced = run_all(workdir, garbage, 8, "--force")
-    assert forced.returncode == 1, forced.stdout + forced.stderr
-    assert "error: step 'pth2onnx' failed (exit 1); see above" in forced.stderr
-    assert "[run_all] --force with other inputs: removing the " in forced.stdout
-    # Nothing made from the old checkpoint is left, for any batch size; preprocessing was redone.
-    left = sorted(os.listdir(workdir))
-    assert [n for n in left if n.startswith(("beit_", "acc_bs", "prep_image_bs")) or n == "ais_out"] == \
-        ["prep_image_bs8"], left
-    assert f"checkpoint={bad}" in (workdir / "run_all_inputs.txt").read_text()
-
-    rerun = run_all(workdir, garbage, 8)
-    assert rerun.returncode == 1, rerun.stdout + rerun.stderr
-    assert "error: step 'pth2onnx' failed (exit 1); see above" in rerun.stderr
-    assert "[run_all] skip preprocess: " in rerun.stdout and "step onnxsim" not in rerun.stdout
-    assert not [line for line in rerun.stdout.splitlines() if line.startswith("|")]  # no result table
-
-    # The work folder now belongs to the new inputs: the old ones need --force.
-    back = run_all(workdir, image_set, 8)
-    assert back.returncode == 2 and "was made from other inputs" in back.stderr
-    assert "[run_all] step " not in back.stdout
+    for args in ((), ("--force",), ()):
+        proc = run_all(workdir, garbage, 8, *args)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "error: step 'pth2onnx' failed (exit 1); see above" in proc.stderr
+        assert "step onnxsim" not in proc.stdout
+        assert not [line for line in proc.stdout.splitlines() if line.startswith("|")]  # no result table
+        assert not (workdir / f"{TINY}.onnx").exists()  # the old model's export went before the new one ran
+    assert f"[run_all] redo pth2onnx: {TINY}.onnx: an earlier run stopped before it finished" in proc.stdout
+    back = ok(run_all(workdir, image_set, 8))
+    assert "[run_all] step pth2onnx: " in back.stdout
+    for step in ("preprocess", "onnxsim", "graph_modify"):
+        assert f"[run_all] skip {step}: " in back.stdout, step  # the re-export is byte-identical
+    # --force redid the preprocessing above: the batches are new files, so inference and eval run again.
+    assert "[run_all] redo beit_infer: ais_out/bs8: the batches changed (" in back.stdout
+    assert table_row(back.stdout)[3:5] == [f"{image_set['top1']:.2f}", f"{image_set['top5']:.2f}"]
 
 
-def test_outputs_without_an_inputs_record_are_refused(ort_workdir, image_set, tmp_path):
+def test_outputs_without_a_record_are_refused_and_kept(ort_workdir, image_set, tmp_path):
+    """Also with --force: run_all.sh deletes only what a recorded run made (the reported bug deleted a user's
+    beit_my_finetuned_v2.onnx, prep_image_bs64_archive/ and acc_bs64_paper_numbers.json)."""
     workdir = finished_bs8_copy(ort_workdir, tmp_path)
-    (workdir / "run_all_inputs.txt").unlink()
+    (workdir / "run_all_state.json").unlink()
+    (workdir / "beit_my_finetuned_v2.onnx").write_bytes(b"mine")
     before = mtimes(workdir)
-    proc = run_all(workdir, image_set, 8)
-    assert proc.returncode == 2
-    assert "but no run_all_inputs.txt saying which inputs they were made from" in proc.stderr
-    assert "--force" in proc.stderr and "[run_all] step " not in proc.stdout
-    assert mtimes(workdir) == before
+    for args in ((), ("--force",)):
+        proc = run_all(workdir, image_set, 8, *args)
+        assert proc.returncode == 2, proc.stderr
+        assert "no recorded run lists them in run_all_state.json" in proc.stderr
+        assert "deletes and overwrites only files it made itself (also with --force)" in proc.stderr
+        assert "[run_all] step " not in proc.stdout
+        assert mtimes(workdir) == before
+
+
+def test_skip_bad_passes_through_and_is_reported(ort_workdir, image_set, tmp_path):
+    ok(ort_workdir(8))
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    images = tmp_path / "images"
+    shutil.copytree(image_set["images"], images)
+    (images / "ILSVRC2012_val_00000099.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    inputs = dict(image_set, images=str(images))
+    failed = run_all(workdir, inputs, 8)
+    assert failed.returncode == 1 and "use --skip_bad" in failed.stderr
+    proc = ok(run_all(workdir, inputs, 8, "--skip_bad"))
+    assert re.search(r"^\[run_all\] step preprocess: .* --skip_bad$", proc.stdout, re.M), proc.stdout
+    assert table_row(proc.stdout)[2:5] == [str(N_IMAGES), f"{image_set['top1']:.2f}", f"{image_set['top5']:.2f}"]
+    assert "note: 1 images could not be read and were skipped (--skip_bad)" in proc.stdout
+
+
+# ---------------------------------------------------------------- locks and signals
+
+def step_processes(marker):
+    """PIDs of the processes whose command line mentions ``marker`` (the work folder), this test's own aside."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def start_run_all(workdir, image_set, *extra):
+    """run_all.sh as a background process whose stdout lines can be awaited."""
+    args = ["bash", os.path.join(REPO, "run_all.sh"), "--batch_size", "8", "--workdir", str(workdir), "--model",
+            TINY, "--image_path", image_set["images"], "--label_file", image_set["labels"], "--checkpoint",
+            image_set["checkpoint"]] + list(extra)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_line(proc, prefix, timeout=120):
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+        assert line, f"run_all.sh ended before {prefix!r}:\n{''.join(lines)}{proc.stderr.read()}"
+    raise AssertionError(f"no {prefix!r} within {timeout} s")
+
+
+def test_sigterm_stops_the_running_step_and_a_rerun_completes(ort_workdir, image_set, tmp_path):
+    workdir = tmp_path / "work"
+    proc = start_run_all(workdir, image_set)
+    wait_for_line(proc, "[run_all] step pth2onnx: ")
+    time.sleep(1.0)  # well inside the export (several seconds)
+    assert step_processes(str(workdir))  # the step is running
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    assert "error: TERM: stopped step pth2onnx; run the same command again to go on from there" in err
+    assert "Traceback" not in err
+    time.sleep(0.5)
+    assert step_processes(str(workdir)) == []  # no process of the step left behind
+    assert not [n for n in os.listdir(workdir) if n.endswith(".tmp")]
+    rerun = ok(run_all(workdir, image_set, 8))
+    assert "[run_all] skip preprocess: " in rerun.stdout
+    assert f"[run_all] redo pth2onnx: {TINY}.onnx: an earlier run stopped before it finished" in rerun.stdout
+    assert table_row(rerun.stdout)[3:5] == [f"{image_set['top1']:.2f}", f"{image_set['top5']:.2f}"]
+
+
+def test_two_runs_on_one_work_folder(ort_workdir, image_set, tmp_path):
+    """The second refuses naming the first's PID, or waits with --wait_lock; the folder ends as one run's."""
+    reference = ort_workdir.workdir
+    ok(ort_workdir(8))
+    workdir = tmp_path / "work"
+    first = start_run_all(workdir, image_set)
+    wait_for_line(first, "[run_all] step preprocess: ")
+    refused = run_all(workdir, image_set, 8)
+    assert refused.returncode == 4
+    assert f"error: {workdir} is in use by PID {first.pid} (another run_all.sh or a step it started)" in refused.stderr
+    waiter = start_run_all(workdir, image_set, "--wait_lock")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out + err
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, out + err
+    assert f"[run_all] waiting for PID {first.pid}, which is using {workdir}" in out
+    assert "[run_all] step " not in out  # it found every step complete
+    for name in ["acc_bs8.json", "beit_mg_bs8.onnx", "prep_image_bs8/manifest.json"] + \
+            [f"prep_image_bs8/input_{k:05d}.bin" for k in range(3)]:
+        assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- the built-in demo, hostile paths
@@ -418,9 +577,10 @@ def test_ascend_backend_asked_for_without_cann_is_an_error(tmp_path):
 
 
 def test_soc_version_comes_from_npu_smi(fake_ascend, tmp_path):
-    """--soc_version wins; else Ascend + the chip name in `npu-smi info` (here a 310B1 board)."""
-    script = ('source "$1"; SOC_VERSION=""; soc_version; echo; SOC_VERSION=Ascend910B3; soc_version')
-    env = dict(fake_ascend.env, FAKE_NPU_CHIP="310B1")
-    proc = run_script(["bash", "-c", script, "bash", os.path.join(REPO, "run_all.sh")], env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["Ascend310B1", "Ascend910B3"]
+    """Ascend + the chip name in `npu-smi info` (here a 310B1 board); without npu-smi, a usage error."""
+    env = dict(fake_ascend.env, FAKE_NPU_CHIP="310B1", PYTHONPATH=REPO)
+    proc = run_script([sys.executable, "-m", "beit_pipeline.ascend", "soc-version"], env=env)
+    assert proc.returncode == 0 and proc.stdout.split() == ["Ascend310B1"], proc.stderr
+    proc = run_script([sys.executable, "-m", "beit_pipeline.ascend", "soc-version"],
+                      env={"PATH": "/nonexistent", "PYTHONPATH": REPO})
+    assert proc.returncode == 2 and "'npu-smi' is not on PATH; pass --soc_version" in proc.stderr

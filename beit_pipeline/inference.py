@@ -1,0 +1,418 @@
+"""Running an ONNX image model over batch files the way ais_bench runs the .om, with ONNX Runtime.
+
+The steps of beit_infer.py, each one function: open the model and check that it is
+an image model (ModelInfo), list and check the input batches (InputSet), plan the
+output folder against its record (InferencePlan, inference_record.py), warm up,
+time and write the outputs (Timings), then the summary (inference_summary.py).
+
+A batch file must hold exactly one model batch; ais_bench would silently glue
+several smaller files into one batch, which breaks the row -> image mapping of the
+manifest.  Every file is checked before anything is written.
+"""
+
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+from beit_pipeline import batches as batch_files
+from beit_pipeline import files, onnx_models
+from beit_pipeline import inference_record as records
+from beit_pipeline import inference_summary as summaries
+from beit_pipeline import outputs as output_files
+from beit_pipeline.cli import check, log
+from beit_pipeline.errors import PipelineError, PipelineFileError
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+# Every output file of a run, whichever input stem, output index and format: what a changed record clears.
+_ANY_OUTPUT_RE = re.compile(r"^.+_\d+\.(txt|bin|npy)$", re.IGNORECASE)
+
+
+class InferError(PipelineError):
+    """A model or an input that does not fit an image model run (exit 1); the message names the file."""
+
+
+# ---------------------------------------------------------------- the model
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What the run needs to know about the model, read from its ONNX Runtime session."""
+
+    path: str
+    input_name: str
+    input_dtype: type
+    input_shape: list  # as ONNX Runtime reports it: ints, or names / None for dynamic axes
+    static_batch: object  # int, or None for a dynamic batch axis
+    image_size: int
+    num_classes: object  # int, or None when the output's last axis is dynamic
+    output_names: list
+    provider: str  # the execution provider that really runs
+
+    def feed(self, batch):
+        return {self.input_name: batch.astype(self.input_dtype, copy=False)}
+
+
+def check_image_model(session, path):
+    """Refuse a model that is not one (N, 3, H, W) square-image input: the batch files hold nothing else."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise InferError(f"{path}: the model has {len(inputs)} inputs; beit_infer.py runs "
+                         "image models with one (N, 3, H, W) input")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or shape[1] != 3:
+        raise InferError(f"{path}: input '{inputs[0].name}' has shape {shape}, expected (N, 3, H, W)")
+    if isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] != shape[3]:
+        raise InferError(f"{path}: input '{inputs[0].name}' is {shape[2]}x{shape[3]}; "
+                         "the batch files hold square images")
+
+
+def _static(dim):
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def describe_model(session, path):
+    """ModelInfo of an open session (checked with check_image_model)."""
+    check_image_model(session, path)
+    meta = session.get_inputs()[0]
+    out_shape = session.get_outputs()[0].shape
+    return ModelInfo(path=path, input_name=meta.name, input_dtype=_ORT_TYPES.get(meta.type, np.float32),
+                     input_shape=list(meta.shape), static_batch=_static(meta.shape[0]),
+                     image_size=_static(meta.shape[2]) or batch_files.IMAGE_SIZE,
+                     num_classes=_static(out_shape[-1]) if out_shape else None,
+                     output_names=[o.name for o in session.get_outputs()], provider=session.get_providers()[0])
+
+
+def open_model(path, providers="cpu", device=0, threads=0):
+    """(session, ModelInfo) of an image model, through the pipeline's one session factory."""
+    session = onnx_models.open_session(path, providers, device, threads)
+    return session, describe_model(session, path)
+
+
+def expected_batch(model, batchsize):
+    """The batch every file must hold: the model's static batch, else --batchsize, else None (each file's)."""
+    if model.static_batch is not None and batchsize is not None and batchsize != model.static_batch:
+        raise InferError(f"--batchsize {batchsize} does not match the model {model.path}, whose batch is "
+                         f"{model.static_batch} (input '{model.input_name}' shape {model.input_shape})",
+                         exit_code=2)
+    return model.static_batch or batchsize
+
+
+# ---------------------------------------------------------------- the input batches
+
+@dataclasses.dataclass
+class InputSet:
+    files: list  # batch file paths, in order
+    stems: list  # ais_bench's output stems (basename up to its first dot)
+    rows: list  # images in each file
+    manifest_print: object  # the manifest's image-set fingerprint, or None
+
+
+def output_stem(path):
+    """ais_bench's rule: the basename up to its first dot (``input_00000.bin`` -> ``input_00000``)."""
+    return os.path.basename(path).split(".")[0]
+
+
+def output_name(stem, index, fmt):
+    if index == 0:
+        return output_files.output_file_name(stem, fmt)
+    return f"{stem}_{index}.{fmt.lower()}"
+
+
+def _natural_key(path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def list_folder(folder):
+    """The batch files of a folder: beit_preprocess.py's, else any .bin/.npy in natural order (as ais_bench)."""
+    found = batch_files.list_batch_files(folder)
+    if not found:
+        found = sorted((os.path.join(folder, n) for n in os.listdir(folder)
+                        if n.lower().endswith((".bin", ".npy")) and os.path.isfile(os.path.join(folder, n))),
+                       key=_natural_key)
+    if not found:
+        raise InferError(f"{folder}: no batch files (.bin or .npy) in the input folder (was beit_preprocess.py run?)")
+    return found
+
+
+def list_inputs(spec):
+    """The batch files named by --input: a folder, or comma-separated files as ais_bench takes them."""
+    parts = [p for p in spec.split(",") if p]
+    check(parts, "--input is empty")
+    if len(parts) == 1 and os.path.isdir(parts[0]):
+        return list_folder(parts[0])
+    for p in parts:
+        check(not os.path.isdir(p), f"--input {p}: this model has one input, so give one folder "
+                                    "or a comma-separated list of files")
+        check(os.path.isfile(p), f"--input {p}: no such file")
+        check(p.lower().endswith((".bin", ".npy")), f"--input {p}: not a .bin or .npy batch file")
+    stems = [output_stem(p) for p in parts]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    check(not dup, f"--input: several files would write the same output ({', '.join(dup)})")
+    return parts
+
+
+def finished_manifest_print(spec):
+    """Refuse an input folder whose manifest says beit_preprocess.py did not finish; its fingerprint or None.
+
+    A folder without a manifest (plain ais_bench input, not ours) is not checked;
+    neither is a list of files.
+    """
+    if os.path.isdir(spec) and os.path.lexists(os.path.join(spec, batch_files.MANIFEST_NAME)):
+        return batch_files.require_complete_manifest(spec).get("fingerprint")
+    return None
+
+
+def load_inputs(spec, model, expected):
+    """Check every batch file against the model before anything is written: a mismatch half way
+    through would leave a folder of outputs that looks complete to a later step."""
+    manifest_print = finished_manifest_print(spec)
+    paths = list_inputs(spec)
+    rows = []
+    for path in paths:
+        n = batch_files.batch_rows(path, model.image_size)
+        if expected is not None and n != expected:
+            raise InferError(f"{path}: holds a batch of {n} images but the model {os.path.basename(model.path)} "
+                             f"takes batches of {expected} (input '{model.input_name}' shape {model.input_shape}); "
+                             f"preprocess with --batch_size {expected} or export the model for batch {n}")
+        rows.append(n)
+    return InputSet(files=paths, stems=[output_stem(p) for p in paths], rows=rows, manifest_print=manifest_print)
+
+
+# ---------------------------------------------------------------- the output folder
+
+@dataclasses.dataclass
+class InferencePlan:
+    inputs: InputSet
+    out_dir: object  # the output folder, or None without --output
+    fmt: str
+    num_outputs: int
+    todo: list  # indices of the input files to run
+    kept: list  # indices whose outputs an earlier run left and that are kept
+
+    def output_path(self, i, k=0):
+        return os.path.join(self.out_dir, output_name(self.inputs.stems[i], k, self.fmt))
+
+    def output_paths(self, i):
+        return [self.output_path(i, k) for k in range(self.num_outputs)]
+
+
+def output_dir(args):
+    """``<output>/<--output_dirname or the date>``, or None without --output."""
+    if args.output is None:
+        return None
+    return os.path.join(args.output, args.output_dirname or time.strftime("%Y_%m_%d-%H_%M_%S"))
+
+
+def existing_output_ok(path, rows, num_classes):
+    """Whether an output left by an earlier run is complete and has the right number of rows."""
+    if not os.path.isfile(path):
+        return False
+    if path.endswith(".txt"):
+        # Parsing 50000 images' worth of %f text to resume would take longer than it saves;
+        # atomic writes already rule out a cut-off file, so count its lines.
+        with open(path, "rb") as f:
+            data = f.read()
+        return data.endswith(b"\n") and sum(1 for ln in data.splitlines() if ln.strip()) == rows
+    try:
+        arr = output_files.read_output(path, num_classes) if num_classes else None
+    except PipelineFileError:
+        return False
+    return arr is None or arr.shape[0] == rows
+
+
+def output_files_in(folder):
+    """Names of every output file in ``folder`` (any input stem, output index and format)."""
+    return sorted(n for n in os.listdir(folder)
+                  if _ANY_OUTPUT_RE.match(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def clear_outputs(folder, names):
+    """Delete the record, then the outputs: a run stopped half way leaves nothing that looks trusted."""
+    records.remove_record(folder)
+    for name in names:
+        os.unlink(os.path.join(folder, name))
+
+
+def kept_outputs(plan, num_classes):
+    """Indices of the inputs whose every output an earlier run (of a matching record) left complete."""
+    return [i for i in range(len(plan.inputs.files))
+            if all(existing_output_ok(plan.output_path(i, k), plan.inputs.rows[i], num_classes if k == 0 else None)
+                   for k in range(plan.num_outputs))]
+
+
+def refuse_resume(out_dir, changed, fmt_was):
+    hint = f"rerun with --outfmt {fmt_was.upper()}, " if fmt_was else ""
+    raise InferError(f"{out_dir}: --resume, but its outputs cannot be kept: {'; '.join(changed)}. Nothing was "
+                     f"deleted; {hint}drop --resume to recompute them all, or choose another --output_dirname")
+
+
+def reuse_decision(args, out_dir, new):
+    """What to do with ``out_dir``: keep (its record matches: resume), clear (recompute all) or fresh (empty).
+
+    With --resume, a record that does not match, or outputs without one, is refused and nothing is deleted.
+    """
+    if not os.path.isdir(out_dir):
+        return "fresh"
+    present = output_files_in(out_dir)
+    if args.overwrite:
+        return "clear"
+    if not present:
+        return "fresh"
+    old = records.read_record(out_dir)
+    changed = records.changes(old, new)
+    if changed and args.resume:
+        refuse_resume(out_dir, changed, old.outfmt if old and old.outfmt != new.outfmt else None)
+    if changed:
+        log.info(f"{out_dir}: recomputing all {len(present)} outputs there: {', '.join(changed)}")
+        return "clear"
+    # A dated folder is a new run's even when one of the same second exists: recompute as before.
+    return "keep" if args.output_dirname is not None else "clear"
+
+
+def prepare_output_folder(args, model, inputs, out_dir, expected):
+    """The plan for ``out_dir`` (held under its lock): what to keep, what to run; the record written first."""
+    new = records.make_record(model.path, inputs.files, inputs.manifest_print, args.outfmt,
+                              len(model.output_names), expected)
+    decision = reuse_decision(args, out_dir, new)
+    plan = InferencePlan(inputs, out_dir, args.outfmt.lower(), len(model.output_names),
+                         todo=list(range(len(inputs.files))), kept=[])
+    os.makedirs(out_dir, exist_ok=True)
+    files.remove_stale_temporaries(out_dir)
+    if decision == "keep":
+        plan.kept = kept_outputs(plan, model.num_classes)
+        kept = set(plan.kept)
+        plan.todo = [i for i in plan.todo if i not in kept]
+    else:
+        clear_outputs(out_dir, output_files_in(out_dir))
+    if decision != "keep" or records.read_record(out_dir) != new:
+        with files.naming_errors(records.record_path(out_dir)):
+            records.write_record(out_dir, new)
+    return plan
+
+
+# ---------------------------------------------------------------- running
+
+def timed_run(session, model, batch, timings):
+    """One session.run, timed into ``timings``; returns the outputs."""
+    start = time.perf_counter()
+    outs = session.run(model.output_names, model.feed(batch))
+    timings.add((time.perf_counter() - start) * 1000.0, batch.shape[0])
+    return outs
+
+
+def warm_up(session, model, batch, count):
+    for _ in range(count):
+        session.run(model.output_names, model.feed(batch))
+    log.info(f"warm up {count} done")
+
+
+def run_pure(session, model, args, batch_size):
+    """ais_bench without --input: time a seeded random batch ``--loop`` times; nothing is written."""
+    from tqdm import tqdm
+
+    batch = np.random.default_rng(0).standard_normal((batch_size, 3, model.image_size, model.image_size))
+    batch = batch.astype(np.float32)
+    warm_up(session, model, batch, args.warmup_count)
+    timings = summaries.Timings()
+    for _ in tqdm(range(args.loop), desc="Inference pure", file=sys.stderr, disable=args.no_progress):
+        timed_run(session, model, batch, timings)
+    return timings
+
+
+def write_outputs(plan, i, outs):
+    for k, out in enumerate(outs):
+        path = plan.output_path(i, k)
+        with files.naming_errors(path):
+            output_files.write_output(path, out, plan.fmt)
+
+
+def run_files(session, model, plan, args):
+    """Run the planned batches ``--loop`` times; the first round writes their outputs (when there is a folder)."""
+    from tqdm import tqdm
+
+    timings = summaries.Timings()
+    if not plan.todo:
+        return timings  # every output is already there: nothing to run, nothing to read
+    read = lambda i: batch_files.read_batch(plan.inputs.files[i], image_size=model.image_size)  # noqa: E731
+    first = read(plan.todo[0])
+    warm_up(session, model, first, args.warmup_count)
+    bar = tqdm(total=len(plan.todo) * args.loop, desc="Inference", unit="batch", file=sys.stderr,
+               disable=args.no_progress)
+    with bar:
+        for round_ in range(args.loop):
+            for i in plan.todo:
+                outs = timed_run(session, model, first if i == plan.todo[0] else read(i), timings)
+                if round_ == 0 and plan.out_dir is not None:
+                    write_outputs(plan, i, outs)
+                    timings.written.append(i)
+                bar.update(1)
+    return timings
+
+
+# ---------------------------------------------------------------- the whole run
+
+def check_arguments(args):
+    """Flag values and path arguments (exit 2), before the model is opened."""
+    check(args.loop >= 1 and args.warmup_count >= 0 and (args.batchsize is None or args.batchsize >= 1),
+          "--loop and --batchsize must be positive, --warmup_count not negative")
+    check(args.output is not None or args.output_dirname is None, "--output_dirname needs --output (as in ais_bench)")
+    check(not (args.resume and args.overwrite), "--resume keeps outputs and --overwrite recomputes them: give one")
+    check(not args.resume or args.output_dirname is not None,
+          "--resume needs --output_dirname (the folder of the run to resume)")
+    check(os.path.isfile(args.model), f"--model {args.model}: model not found" if not os.path.exists(args.model)
+          else f"--model {args.model}: is not a file")
+    if args.input is not None and "," not in args.input:
+        check(os.path.exists(args.input), f"--input {args.input}: no such folder or file")
+    if args.output is not None:
+        check(not os.path.exists(args.output) or os.path.isdir(args.output),
+              f"--output {args.output}: exists and is not a folder")
+    if args.output_dirname is not None:
+        out_dir = output_dir(args)
+        check(args.output_dirname not in ("", ".", ".."), f"--output_dirname {args.output_dirname!r}: give a folder name")
+        check(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"{out_dir}: exists and is not a folder")
+
+
+def run_with_inputs(session, model, args, inputs, out_dir, expected):
+    """Files mode: plan the output folder (under its lock when there is one), run, write."""
+    if out_dir is None:
+        plan = InferencePlan(inputs, None, args.outfmt.lower(), len(model.output_names),
+                             todo=list(range(len(inputs.files))), kept=[])
+    else:
+        plan = prepare_output_folder(args, model, inputs, out_dir, expected)
+        log.info(f"output path:{out_dir}")
+    log.info(f"provider:{model.provider}")
+    if plan.kept:
+        log.info(f"resume: {len(plan.kept)} of {len(inputs.files)} outputs already in {out_dir}; "
+                 f"running the other {len(plan.todo)}")
+    return plan, run_files(session, model, plan, args)
+
+
+def run_inference(args):
+    """Run the model over the batch files (or random input) and write ais_bench's outputs.
+
+    ``args`` is the namespace beit_infer.build_parser() parses.  Returns the summary
+    dict (also written to ``<output>/<dirname>_summary.json`` when ``--output`` is
+    given).  Raises PipelineError naming the file or flag, before any folder is made,
+    for a model or input that does not fit.
+    """
+    check_arguments(args)
+    session, model = open_model(args.model, args.providers, args.device, args.threads)
+    expected = expected_batch(model, args.batchsize)
+    inputs = load_inputs(args.input, model, expected) if args.input is not None else None
+    out_dir = output_dir(args)
+    lock = files.FolderLock(out_dir, f"output folder {out_dir}", wait=args.wait_lock) if out_dir else None
+    with lock or contextlib.nullcontext():
+        if inputs is not None:
+            plan, timings = run_with_inputs(session, model, args, inputs, out_dir, expected)
+        else:
+            log.info(f"provider:{model.provider}")
+            plan, timings = None, run_pure(session, model, args, expected or 1)
+        summary = summaries.build_summary(args, model, plan, timings, expected)
+        if out_dir is not None:
+            with files.naming_errors(out_dir + "_summary.json"):
+                summaries.write_summary(summary, out_dir)
+    return summary

@@ -1,0 +1,471 @@
+"""run_all.sh's memory: which step is complete for which inputs, what it owns, and the summary.
+
+run_all.sh keeps no state of its own.  For every step it asks this module::
+
+    python3 -m beit_pipeline.workstate --workdir W start STEP   # 0: run it now; 10: skip, complete
+    ... the step's command ...
+    python3 -m beit_pipeline.workstate --workdir W finish STEP  # check its outputs, record them
+
+A step is redone exactly when something it depends on changed: the content of
+its input files (SHA-256, cached by size, mtime and ctime), the names, sizes and
+mtimes of its input folders, its parameters (batch size, model, backend, ...),
+the versions of the packages that shape its output, and the pipeline's own code.
+Paths are never part of a key, so a trailing slash or a relative path changes
+nothing.  ``W/run_all_state.json`` records, per output, the key it was made with
+and which files the step owns: ``--force`` and a redo delete only those, and a
+file at an output path that no recorded step made is never touched.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import glob
+import os
+import shutil
+import sys
+
+from beit_pipeline import cli, files, fingerprint
+from beit_pipeline.cli import log
+from beit_pipeline.errors import PipelineError, PipelineFileError, UsageError
+from beit_pipeline.variants import KNOWN_VARIANTS
+
+STATE_NAME = "run_all_state.json"
+RUN_NAME = ".run_all_run.json"  # the parameters of the run in progress, written by `begin`
+HASH_CACHE_NAME = ".run_all_hashes.json"
+LEGACY_RECORD = "run_all_inputs.txt"  # run_all.sh before content-aware reruns
+STATE_FORMAT = 1
+EXIT_SKIP = 10
+DEFAULT_MODEL = "beit_base_patch16_224"
+PIPELINE_SIZE = 224
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_VERSIONS = {
+    "demo": ("torch", "timm", "numpy", "pillow"),
+    "preprocess": ("pillow", "numpy"),
+    "pth2onnx": ("torch", "timm", "onnx", "onnxruntime"),
+    "onnxsim": ("onnxsim", "onnx", "onnxruntime"),
+    "graph_modify": ("onnx", "onnxruntime"),
+    "atc": (),
+    "beit_infer": ("onnxruntime", "numpy"),
+    "ais_bench": ("ais_bench", "aclruntime"),
+    "eval": ("numpy",),
+}
+
+
+@dataclasses.dataclass
+class RunParams:
+    """What run_all.sh was asked for, with every path absolute and normalised."""
+
+    workdir: str
+    batch_size: int
+    backend: str
+    model: str
+    image_path: str
+    label_file: str
+    checkpoint: str
+    demo: bool = False
+    skip_bad: bool = False
+    soc_version: str = ""
+    force: bool = False
+
+    def path(self, relative):
+        return os.path.join(self.workdir, relative)
+
+
+@dataclasses.dataclass
+class StepSpec:
+    """One step of this run: what it reads, what shapes its output, what it writes (relative to W)."""
+
+    name: str
+    outputs: list
+    inputs: dict = dataclasses.field(default_factory=dict)  # role ("the label file") -> absolute path
+    params: dict = dataclasses.field(default_factory=dict)
+    promote: list = dataclasses.field(default_factory=list)  # (partial, final): renamed by `finish`
+    keep_on_redo: list = dataclasses.field(default_factory=list)  # owned, but the step itself decides
+
+    @property
+    def product(self):
+        return self.outputs[0]
+
+
+# ---------------------------------------------------------------- the steps of a run
+
+def step_specs(run):
+    """{step name: StepSpec} for this run, in pipeline order."""
+    n = run.batch_size
+    prep, onnx = f"prep_image_bs{n}", f"{run.model}.onnx"
+    sim, mg, om = f"beit_onnxsim_bs{n}.onnx", f"beit_mg_bs{n}.onnx", f"beit_mg_bs{n}.om"
+    out, partial = f"ais_out/bs{n}", f"ais_out/bs{n}_partial"
+    infer_name = "ais_bench" if run.backend == "ascend" else "beit_infer"
+    steps = [
+        StepSpec("preprocess", [prep], {"the images": run.image_path}, {"batch_size": n, "skip_bad": run.skip_bad}),
+        StepSpec("pth2onnx", [onnx], {"the checkpoint": run.checkpoint}, {"model": run.model}),
+        StepSpec("onnxsim", [sim, sim[:-5] + ".partial.onnx"], {"the exported model": run.path(onnx)},
+                 {"batch_size": n}, promote=[(sim[:-5] + ".partial.onnx", sim)]),
+        StepSpec("graph_modify", [mg], {"the simplified model": run.path(sim)}, {"batch_size": n}),
+        StepSpec(infer_name, [out, f"{out}_summary.json", partial, f"{partial}_summary.json"],
+                 {"the batches": run.path(prep), "the model": run.path(om if run.backend == "ascend" else mg)},
+                 {"batch_size": n, "backend": run.backend},
+                 promote=[(partial, out), (f"{partial}_summary.json", f"{out}_summary.json")],
+                 keep_on_redo=[partial] if run.backend == "ort" else []),
+        StepSpec("eval", [f"acc_bs{n}.json"], {"the outputs": run.path(out), "the label file": run.label_file,
+                                                "the batches": run.path(prep)}, {"batch_size": n}),
+    ]
+    if run.backend == "ascend":
+        steps.insert(4, StepSpec("atc", [om, f"beit_mg_bs{n}_partial.om", "fusion_result.json"],
+                                 {"the padded model": run.path(mg)},
+                                 {"batch_size": n, "soc_version": run.soc_version},
+                                 promote=[(f"beit_mg_bs{n}_partial.om", om)]))
+    if run.demo:
+        steps.insert(0, StepSpec("demo", ["demo"], {}, {"model": run.model}))
+    for step in steps:
+        step.params["versions"] = fingerprint.package_versions(_VERSIONS[step.name])
+    return {step.name: step for step in steps}
+
+
+def code_digest():
+    """The pipeline's own code is a tool version too: every .py file of the scripts and the package."""
+    paths = glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "beit_pipeline", "*.py"))
+    return fingerprint.source_digest(paths)
+
+
+# ---------------------------------------------------------------- digests
+
+def input_digest(path, cache):
+    """A file's content digest (cached), a folder's digest of names, sizes and mtimes; None when missing."""
+    if os.path.isdir(path):
+        return "tree:" + tree_digest(path)
+    if os.path.isfile(path):
+        return "sha256:" + fingerprint.file_digest(path, cache)
+    return None
+
+
+def tree_digest(folder):
+    """Digest of every file below ``folder`` (relative name, size, mtime); symlinks to files are followed."""
+    names = []
+    for root, dirs, names_here in os.walk(folder):
+        dirs.sort()
+        names.extend(os.path.relpath(os.path.join(root, n), folder) for n in names_here)
+    return fingerprint.image_set_digest(folder, sorted(names))
+
+
+def output_digest(path):
+    """What a recorded output looked like: stat of a file, or tree_digest of a folder; None when missing."""
+    if os.path.isdir(path):
+        return "tree:" + tree_digest(path)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return f"stat:{st.st_size}:{st.st_mtime_ns}"
+    return None
+
+
+def made_from(spec, run, code):
+    """Everything the step's output depends on, readable in the record (paths shown, but not keyed)."""
+    cache = run.path(HASH_CACHE_NAME)
+    inputs = {role: {"path": path, "digest": input_digest(path, cache)} for role, path in spec.inputs.items()}
+    return {"inputs": inputs, "params": dict(spec.params, code=code)}
+
+
+def step_key(parts):
+    """The key: digests and parameters only, never the paths, so that equal content is equal."""
+    digests = {role: value["digest"] for role, value in parts["inputs"].items()}
+    return fingerprint.digest_json([digests, parts["params"]])
+
+
+# ---------------------------------------------------------------- the record
+
+def load_state(workdir):
+    state = files.read_json(os.path.join(workdir, STATE_NAME))
+    if state is None or state.get("format") != STATE_FORMAT or not isinstance(state.get("outputs"), dict):
+        return None
+    return state
+
+
+def save_state(workdir, state):
+    files.write_json_atomic(os.path.join(workdir, STATE_NAME), state)
+
+
+def owned_paths(state):
+    """Every output path (relative) that a recorded step lists as its own."""
+    owned = set()
+    for entry in (state or {}).get("outputs", {}).values():
+        owned.update(entry.get("owns", []))
+    return owned
+
+
+def load_run(workdir):
+    data = files.read_json(os.path.join(workdir, RUN_NAME))
+    if data is None:
+        raise PipelineError(f"{workdir}: no run in progress ({RUN_NAME} missing); run_all.sh calls 'begin' first")
+    return RunParams(**data)
+
+
+def describe_change(old, new):
+    """Why a recorded output is out of date, in words: the first parameter or input that differs."""
+    if not old:
+        return "no record of how it was made"
+    for name, value in new["params"].items():
+        if old.get("params", {}).get(name) != value:
+            return {"code": "the pipeline's code changed", "versions": "a package version changed"}.get(
+                name, f"{name} changed ({old.get('params', {}).get(name)!r} -> {value!r})")
+    for role, value in new["inputs"].items():
+        before = old.get("inputs", {}).get(role)
+        if not isinstance(before, dict) or before.get("digest") != value["digest"]:
+            return f"{role} changed ({value['path']})"
+    return "its inputs changed"
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- begin: check the work folder
+
+def check_model(name):
+    """UsageError unless ``name`` is a known variant the pipeline can run (224x224 input)."""
+    if name not in KNOWN_VARIANTS:
+        raise UsageError(f"--model {name}: unknown BEiT variant; known: {', '.join(sorted(KNOWN_VARIANTS))}")
+    size = KNOWN_VARIANTS[name][3]
+    if size != PIPELINE_SIZE:
+        fits = ", ".join(sorted(n for n, v in KNOWN_VARIANTS.items() if v[3] == PIPELINE_SIZE))
+        raise UsageError(f"--model {name}: takes {size}x{size} images, but this pipeline is fixed at 224x224 "
+                         f"(preprocessing, onnxsim and atc input shapes); use one of: {fits}")
+
+
+def run_params(args):
+    """RunParams from `begin`'s arguments; the demo's inputs live in the work folder."""
+    workdir = os.path.abspath(args.workdir)
+    demo = not (args.image_path or args.label_file or args.checkpoint)
+    if demo:
+        image_path, label_file, checkpoint = (os.path.join(workdir, "demo", name) for name in
+                                              ("images", "val_label.txt", "random_checkpoint.pth"))
+    else:
+        image_path, label_file, checkpoint = (os.path.abspath(p) for p in
+                                              (args.image_path, args.label_file, args.checkpoint))
+    return RunParams(workdir=workdir, batch_size=args.batch_size, backend=args.backend,
+                     model=args.model or DEFAULT_MODEL, image_path=image_path, label_file=label_file,
+                     checkpoint=checkpoint, demo=demo, skip_bad=args.skip_bad, soc_version=args.soc_version,
+                     force=args.force)
+
+
+def unowned_outputs(run, state):
+    """Output paths of this run that exist but that no recorded step made (never deleted, never overwritten)."""
+    owned = owned_paths(state)
+    found = []
+    for spec in step_specs(run).values():
+        found += [p for p in spec.outputs if p not in owned and os.path.lexists(run.path(p))]
+    return found
+
+
+def begin(args):
+    """Check the work folder for this run and remember the run's parameters for the later calls."""
+    if args.model:
+        check_model(args.model)
+    run = run_params(args)
+    state = load_state(run.workdir)
+    foreign = unowned_outputs(run, state)
+    if foreign:
+        why = (f"{LEGACY_RECORD} shows an older run_all.sh made them, which recorded no content"
+               if os.path.exists(run.path(LEGACY_RECORD)) and state is None else
+               f"no recorded run lists them in {STATE_NAME}")
+        raise UsageError(
+            f"{run.workdir} holds {', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}, but {why}; "
+            "run_all.sh deletes and overwrites only files it made itself (also with --force): move them away "
+            "or choose another --workdir")
+    if state is None:
+        save_state(run.workdir, {"format": STATE_FORMAT, "outputs": {}})
+    files.write_json_atomic(run.path(RUN_NAME), dataclasses.asdict(run))
+
+
+# ---------------------------------------------------------------- start / finish: one step
+
+def start(args):
+    """0 when the step must run now (its old outputs are gone), EXIT_SKIP when it is complete for these inputs."""
+    run = load_run(args.workdir)
+    spec = step_specs(run)[args.step]
+    state = load_state(run.workdir) or {"format": STATE_FORMAT, "outputs": {}}
+    parts = made_from(spec, run, code_digest())
+    missing = [v["path"] for v in parts["inputs"].values() if v["digest"] is None]
+    if missing:
+        raise PipelineFileError(f"step {spec.name}: input {missing[0]} is missing")
+    key = step_key(parts)
+    entry = state["outputs"].get(spec.product)
+    reason = redo_reason(run, spec, entry, key, parts)
+    if reason is None:
+        log.info(f"skip {spec.name}: {spec.product} is complete for these inputs (use --force to redo)")
+        return EXIT_SKIP
+    if entry is not None:
+        log.info(f"redo {spec.name}: {spec.product}: {reason}")
+    owns = sorted(set(spec.outputs) | set(entry.get("owns", []) if entry else []))
+    state["outputs"][spec.product] = {"step": spec.name, "status": "running", "key": key, "made_from": parts,
+                                      "owns": owns, "started": now()}
+    save_state(run.workdir, state)  # owned before anything is deleted: a kill here leaves nothing orphaned
+    for relative in owns:
+        if relative not in spec.keep_on_redo:
+            remove(run.path(relative))
+    return 0
+
+
+def redo_reason(run, spec, entry, key, parts):
+    """Why the step must run, or None when its recorded outputs are complete for these inputs."""
+    if entry is None:
+        return "not made yet"
+    if run.force:
+        return "--force"
+    if entry.get("status") != "complete":
+        return "an earlier run stopped before it finished"
+    if entry.get("key") != key:
+        return describe_change(entry.get("made_from"), parts)
+    recorded = entry.get("outputs", {})
+    for relative, value in recorded.items():
+        if output_digest(run.path(relative)) != value:
+            return f"{relative} was changed or removed after it was made"
+    return None if recorded else "no record of its outputs"
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def finish(args):
+    """Promote the step's partial outputs, check them against their file contracts, record them complete."""
+    run = load_run(args.workdir)
+    spec = step_specs(run)[args.step]
+    state = load_state(run.workdir)
+    entry = (state or {}).get("outputs", {}).get(spec.product)
+    if entry is None or entry.get("status") != "running":
+        raise PipelineError(f"step {spec.name}: 'finish' without 'start' in {run.workdir}")
+    for partial, final in spec.promote:
+        if os.path.lexists(run.path(partial)):
+            remove(run.path(final))
+            os.replace(run.path(partial), run.path(final))
+    VERIFY.get(spec.name, verify_product)(run, spec)
+    if step_key(made_from(spec, run, code_digest())) != entry["key"]:
+        raise PipelineError(f"step {spec.name}: its inputs changed while it ran; run run_all.sh again")
+    entry.update(status="complete", finished=now(),
+                 outputs={p: output_digest(run.path(p)) for p in spec.outputs if os.path.lexists(run.path(p))})
+    save_state(run.workdir, state)
+
+
+# ---------------------------------------------------------------- the steps' output contracts
+
+def verify_product(run, spec):
+    path = run.path(spec.product)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise PipelineFileError(f"step {spec.name} wrote no {path}")
+
+
+def verify_demo(run, spec):
+    if files.read_json(run.path("demo/demo.json")) is None:
+        raise PipelineFileError(f"step demo left {run.path('demo')} without demo.json")
+
+
+def verify_preprocess(run, spec):
+    from beit_pipeline import batches
+    manifest = batches.require_complete_manifest(run.path(spec.product))
+    if manifest["batch_size"] != run.batch_size:
+        raise PipelineFileError(f"{run.path(spec.product)}: batch size {manifest['batch_size']}, "
+                                f"not {run.batch_size}")
+
+
+def verify_inference(run, spec):
+    """Every batch of the manifest has an output in the promoted folder."""
+    from beit_pipeline import batches, outputs
+    manifest = batches.require_complete_manifest(run.path(f"prep_image_bs{run.batch_size}"))
+    folder = run.path(spec.product)
+    found = outputs.find_outputs(folder) if os.path.isdir(folder) else {}
+    missing = [stem for stem, _ in batches.rows_from_manifest(manifest) if stem not in found]
+    if missing:
+        raise PipelineFileError(f"step {spec.name} left {len(missing)} outputs missing in {folder} "
+                                f"({missing[0]}_0.*, ...)")
+
+
+def verify_eval(run, spec):
+    result = files.read_json(run.path(spec.product)) or {}
+    if not all(isinstance(result.get(k), (int, float)) for k in ("top1", "top5", "num_images")):
+        raise PipelineFileError(f"{run.path(spec.product)}: the result JSON lacks numeric top1, top5 or num_images")
+
+
+VERIFY = {"demo": verify_demo, "preprocess": verify_preprocess, "beit_infer": verify_inference,
+          "ais_bench": verify_inference, "eval": verify_eval}
+
+
+# ---------------------------------------------------------------- summary
+
+def summary(args):
+    """The closing table: backend, batch, images, Top-1, Top-5, throughput; notes for the demo and skips."""
+    run = load_run(args.workdir)
+    acc_path = run.path(f"acc_bs{run.batch_size}.json")
+    acc = files.read_json(acc_path) or {}
+    if not all(isinstance(acc.get(k), (int, float)) for k in ("top1", "top5", "num_images")):
+        raise PipelineFileError(f"{acc_path}: the result JSON lacks numeric 'top1', 'top5' or 'num_images'")
+    timing = files.read_json(run.path(f"ais_out/bs{run.batch_size}_summary.json")) or {}
+    tput = timing.get("throughput")
+    tput = f"{float(tput):.2f}" if isinstance(tput, (int, float)) else "n/a"
+    backend = "ort (ONNX Runtime)" if run.backend == "ort" else run.backend
+    row = "| {:<20} | {:>5} | {:>6} | {:>9} | {:>9} | {:>18} |"
+    print()
+    print(row.format("backend", "batch", "images", "Top-1 (%)", "Top-5 (%)", "throughput (img/s)"))
+    print("|" + "|".join("-" * w for w in (22, 7, 8, 11, 11, 20)) + "|")
+    print(row.format(backend, run.batch_size, int(acc["num_images"]), f"{acc['top1']:.2f}", f"{acc['top5']:.2f}",
+                     tput))
+    print_notes(run, acc, acc_path)
+    log.info(f"results: {acc_path}")
+
+
+def print_notes(run, acc, acc_path):
+    skipped = acc.get("skipped") or []
+    if skipped:
+        print(f"\nnote: {len(skipped)} images could not be read and were skipped (--skip_bad), so they are not "
+              f"counted; they are listed under 'skipped' in {acc_path}")
+    if run.demo:
+        print("\nnote: this was the built-in demo: its labels are the PyTorch model's own predictions, so "
+              "Top-1/Top-5\nmeasure fidelity to PyTorch (100% expected), not ImageNet accuracy.  fp16 on an NPU "
+              "may flip an image\nwhose two highest PyTorch logits are nearly tied (see min_top1_margin in "
+              "demo/demo.json).")
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python3 -m beit_pipeline.workstate",
+                                     description="run_all.sh's record of which step is complete for which inputs.")
+    parser.add_argument("--workdir", default=None, help="the work folder of run_all.sh")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-model", help="refuse a --model the pipeline cannot run (exit 2)")
+    check.add_argument("model", help="BEiT variant name")
+    begin_p = sub.add_parser("begin", help="check the work folder and remember this run's parameters")
+    begin_p.add_argument("--batch_size", type=int, required=True, help="the run's batch size")
+    begin_p.add_argument("--backend", choices=("ascend", "ort"), required=True, help="the backend chosen")
+    begin_p.add_argument("--model", default="", help="BEiT variant (default: beit_base_patch16_224's file name)")
+    for flag in ("--image_path", "--label_file", "--checkpoint"):
+        begin_p.add_argument(flag, default="", help=f"run_all.sh's {flag} (none of the three: the demo)")
+    begin_p.add_argument("--soc_version", default="", help="atc's --soc_version (Ascend backend)")
+    begin_p.add_argument("--skip_bad", action="store_true", help="preprocessing skips unreadable images")
+    begin_p.add_argument("--force", action="store_true", help="redo every step (deleting only recorded outputs)")
+    for name, text in (("start", "0: run STEP now (old outputs removed); 10: skip, it is complete"),
+                       ("finish", "check STEP's outputs and record them as complete")):
+        sub.add_parser(name, help=text).add_argument("step", help="step name as run_all.sh logs it")
+    sub.add_parser("summary", help="print the result table of the run")
+    return parser
+
+
+COMMANDS = {"begin": begin, "start": start, "finish": finish, "summary": summary,
+            "check-model": lambda args: check_model(args.model)}
+
+
+def run(args):
+    if args.command != "check-model" and not args.workdir:
+        raise UsageError("--workdir is required")
+    return COMMANDS[args.command](args)
+
+
+def main(argv=None):
+    return cli.run_main(build_parser(), run, argv, info_prefix="[run_all] ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""run_all.sh's state module on files made by hand: what is redone when, what --force deletes. No model runs.
+
+Each test lays out a work folder as the steps would leave it (tiny stand-in files with the real
+names and contracts: a complete manifest, one output per batch, a result JSON) and asks
+beit_pipeline.workstate what run_all.sh would ask it, in-process, in milliseconds.
+"""
+
+import json
+import os
+import time
+
+import pytest
+
+from beit_pipeline import batches, workstate
+
+BS = 2
+ORT_STEPS = ["preprocess", "pth2onnx", "onnxsim", "graph_modify", "beit_infer", "eval"]
+IMAGES = ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG", "ILSVRC2012_val_00000003.JPEG"]
+
+
+class Work:
+    """A work folder plus its inputs, and the calls run_all.sh makes."""
+
+    def __init__(self, root, capsys):
+        self.root, self.capsys = root, capsys
+        self.workdir = root / "work"
+        self.images = root / "images"
+        self.images.mkdir()
+        for i, name in enumerate(IMAGES):
+            (self.images / name).write_bytes(b"jpeg %d" % i)
+        self.labels = root / "val_label.txt"
+        self.labels.write_text("".join(f"{n} {i}\n" for i, n in enumerate(IMAGES)))
+        self.checkpoint = root / "model.pth"
+        self.checkpoint.write_bytes(b"checkpoint one")
+        self.made = []
+
+    def call(self, *args):
+        code = workstate.main(["--workdir", str(self.workdir)] + [str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def begin(self, *extra, image_path=None, workdir=None):
+        self.workdir.mkdir(exist_ok=True)
+        args = ["--workdir", str(workdir or self.workdir), "begin", "--batch_size", BS, "--backend", "ort",
+                "--model", "beit_tiny_test_patch16_224", "--image_path", image_path or self.images,
+                "--label_file", self.labels, "--checkpoint", self.checkpoint] + list(extra)
+        code = workstate.main([str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def run(self, *extra, **kwargs):
+        """One run_all.sh pass: begin, then start/[make]/finish per step. Returns the steps that ran."""
+        code, _, err = self.begin(*extra, **kwargs)
+        assert code == 0, err
+        ran = []
+        for step in ORT_STEPS:
+            code, out, err = self.call("start", step)
+            assert code in (0, workstate.EXIT_SKIP), err
+            if code == 0:
+                MAKERS[step](self)
+                code, _, err = self.call("finish", step)
+                assert code == 0, err
+                ran.append(step)
+        return ran
+
+    def path(self, name):
+        return self.workdir / name
+
+
+def make_prep(work):
+    prep = work.path(f"prep_image_bs{BS}")
+    prep.mkdir()
+    names = sorted(os.listdir(work.images))
+    entries = []
+    for k in range(0, len(names), BS):
+        (prep / batches.batch_file_name(k // BS)).write_bytes(b"\0" * 16)
+        entries.append({"file": batches.batch_file_name(k // BS), "images": names[k:k + BS],
+                        "real": len(names[k:k + BS])})
+    batches.save_manifest(str(prep), {"format": batches.MANIFEST_FORMAT, "complete": True, "batch_size": BS,
+                                      "batches": entries, "skipped": []})
+
+
+def make_file(name, content_from=None):
+    def make(work):
+        source = work.checkpoint if content_from is None else work.path(content_from)
+        work.path(name).write_bytes(b"made from " + source.read_bytes())
+    return make
+
+
+def make_outputs(work):
+    out = work.path(f"ais_out/bs{BS}_partial")
+    out.mkdir(parents=True)
+    manifest = batches.load_manifest(str(work.path(f"prep_image_bs{BS}")))
+    for stem, _ in batches.rows_from_manifest(manifest):
+        (out / f"{stem}_0.txt").write_text("0.0 \n" * BS)
+    work.path(f"ais_out/bs{BS}_partial_summary.json").write_text(json.dumps({"throughput": 12.5}))
+
+
+def make_acc(work):
+    n = len(os.listdir(work.images))
+    work.path(f"acc_bs{BS}.json").write_text(json.dumps({"top1": 100.0, "top5": 100.0, "num_images": n,
+                                                         "skipped": []}))
+
+
+MAKERS = {"preprocess": make_prep, "pth2onnx": make_file("beit_tiny_test_patch16_224.onnx"),
+          "onnxsim": make_file(f"beit_onnxsim_bs{BS}.partial.onnx", "beit_tiny_test_patch16_224.onnx"),
+          "graph_modify": make_file(f"beit_mg_bs{BS}.onnx", f"beit_onnxsim_bs{BS}.onnx"),
+          "beit_infer": make_outputs, "eval": make_acc}
+
+
+@pytest.fixture
+def work(tmp_path, capsys):
+    return Work(tmp_path, capsys)
+
+
+def mtimes(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, names in os.walk(folder) for f in names}
+
+
+# ---------------------------------------------------------------- what is redone when
+
+def test_first_run_runs_every_step_and_a_rerun_none_in_milliseconds(work):
+    assert work.run() == ORT_STEPS
+    assert os.path.isdir(work.path(f"ais_out/bs{BS}")) and not os.path.exists(work.path(f"ais_out/bs{BS}_partial"))
+    assert work.path(f"beit_onnxsim_bs{BS}.onnx").is_file()  # the partial name was promoted by `finish`
+    before = mtimes(work.workdir)
+    start = time.perf_counter()
+    assert work.run() == []
+    assert time.perf_counter() - start < 2.0  # 8 calls in-process: a plan for files on disk, no model
+    changed = {k for k, v in mtimes(work.workdir).items() if before.get(k) != v}
+    assert changed <= {workstate.RUN_NAME}
+
+
+def test_label_file_fixed_in_place_redoes_only_the_eval(work):
+    """The reported bug: val_label.txt fixed in place, the rerun skipped the eval and printed the old 0.00%."""
+    work.run()
+    stat = work.labels.stat()
+    text = work.labels.read_text()
+    work.labels.write_text(text.replace(" 1\n", " 7\n"))  # same size
+    os.utime(work.labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its old mtime
+    assert work.run() == ["eval"]
+
+
+def test_checkpoint_replaced_at_the_same_path_redoes_the_export_and_what_follows(work):
+    work.run()
+    stat = work.checkpoint.stat()
+    work.checkpoint.write_bytes(b"checkpoint two")  # same size, same path
+    os.utime(work.checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    code, _, _ = work.begin()
+    code, out, _ = work.call("start", "pth2onnx")
+    assert code == 0 and f"redo pth2onnx: beit_tiny_test_patch16_224.onnx: the checkpoint changed ({work.checkpoint})" in out
+    MAKERS["pth2onnx"](work)
+    assert work.call("finish", "pth2onnx")[0] == 0
+    ran = work.run()
+    assert ran == ["onnxsim", "graph_modify", "beit_infer", "eval"]  # preprocessing was not redone
+
+
+def test_an_export_redone_to_the_same_bytes_redoes_nothing_after_it(work):
+    """Content, not time: an ONNX file deleted and remade identically leaves onnxsim and the rest complete."""
+    work.run()
+    work.path("beit_tiny_test_patch16_224.onnx").unlink()
+    assert work.run() == ["pth2onnx"]
+
+
+def test_images_added_redo_preprocessing_inference_and_eval(work):
+    """The reported bug: 8 images added, the rerun reported the old image count."""
+    work.run()
+    (work.images / "ILSVRC2012_val_00000004.JPEG").write_bytes(b"new")
+    assert work.run() == ["preprocess", "beit_infer", "eval"]
+    assert json.loads(work.path(f"acc_bs{BS}.json").read_text())["num_images"] == 4
+
+
+def test_an_image_rewritten_in_place_redoes_preprocessing(work):
+    work.run()
+    path = work.images / IMAGES[1]
+    path.write_bytes(b"jpeg X")
+    os.utime(path, ns=(1, path.stat().st_mtime_ns + 1000))
+    assert work.run()[0] == "preprocess"
+
+
+def test_the_same_inputs_by_other_paths_are_the_same_inputs(work, monkeypatch):
+    work.run()
+    monkeypatch.chdir(work.root)
+    assert work.run(image_path="images/") == []
+    assert work.run(image_path=str(work.images) + "//") == []
+    link = work.root / "link_to_images"
+    link.symlink_to(work.images)
+    assert work.run(image_path=link) == []
+
+
+def test_a_step_killed_half_way_is_redone(work):
+    work.run()
+    work.begin("--force")
+    code, _, _ = work.call("start", "graph_modify")  # ... and the process dies before `finish`
+    assert code == 0 and not work.path(f"beit_mg_bs{BS}.onnx").exists()  # the old output went first
+    code, _, _ = work.begin()
+    code, out, _ = work.call("start", "graph_modify")
+    assert code == 0 and "an earlier run stopped before it finished" in out
+
+
+def test_an_output_changed_by_hand_is_redone(work):
+    work.run()
+    acc = work.path(f"acc_bs{BS}.json")
+    acc.write_text(acc.read_text().replace("100.0", "99.0", 1))
+    code, _, _ = work.begin()
+    assert work.call("start", "eval")[0] == 0
+
+
+def test_done_refuses_an_incomplete_step_and_keeps_it_running(work):
+    work.begin()
+    for step in ORT_STEPS[:1]:
+        work.call("start", step)
+    prep = work.path(f"prep_image_bs{BS}")
+    prep.mkdir()
+    batches.save_manifest(str(prep), {"format": 1, "complete": False, "batch_size": BS, "batches": [],
+                                      "skipped": []})
+    code, _, err = work.call("finish", "preprocess")
+    assert code == 1 and "did not finish here (complete: false" in err
+    state = json.loads(work.path(workstate.STATE_NAME).read_text())
+    assert state["outputs"][f"prep_image_bs{BS}"]["status"] == "running"
+
+
+def test_inputs_changed_while_a_step_ran_are_not_recorded_as_its_inputs(work):
+    work.begin()
+    work.call("start", "preprocess")
+    make_prep(work)
+    (work.images / "ILSVRC2012_val_00000009.JPEG").write_bytes(b"arrived during the run")
+    code, _, err = work.call("finish", "preprocess")
+    assert code == 1 and "its inputs changed while it ran" in err
+
+
+# ---------------------------------------------------------------- what --force deletes
+
+def test_force_redoes_every_step_deleting_only_recorded_outputs(work):
+    work.run()
+    keep = {"beit_my_finetuned_v2.onnx": b"user model", "acc_bs64_paper_numbers.json": b"{}",
+            "prep_image_bs64_archive/input_00000.bin": b"user batch"}
+    for name, data in keep.items():
+        work.path(name).parent.mkdir(exist_ok=True)
+        work.path(name).write_bytes(data)
+    assert work.run("--force") == ORT_STEPS
+    for name, data in keep.items():
+        assert work.path(name).read_bytes() == data, name
+
+
+def test_force_in_a_folder_without_a_record_refuses_and_deletes_nothing(work):
+    """The reported bug: --force deleted a user's files as 'outputs made from the previous ones'."""
+    work.workdir.mkdir()
+    mine = work.path(f"beit_mg_bs{BS}.onnx")
+    mine.write_bytes(b"a user's own graph")
+    (work.path(f"prep_image_bs{BS}")).mkdir()
+    before = mtimes(work.workdir)
+    code, _, err = work.begin("--force")
+    assert code == 2
+    assert f"holds prep_image_bs{BS}, beit_mg_bs{BS}.onnx, but no recorded run lists them" in err
+    assert "deletes and overwrites only files it made itself (also with --force)" in err
+    assert mtimes(work.workdir) == before and mine.read_bytes() == b"a user's own graph"
+
+
+def test_a_legacy_work_folder_is_refused_with_the_reason(work):
+    work.workdir.mkdir()
+    work.path(workstate.LEGACY_RECORD).write_text("image_path=/x\n")
+    work.path(f"acc_bs{BS}.json").write_text("{}")
+    code, _, err = work.begin()
+    assert code == 2 and "an older run_all.sh made them, which recorded no content" in err
+
+
+def test_an_output_path_taken_by_a_user_file_after_a_run_is_refused(work):
+    work.run()
+    os.unlink(work.path(workstate.STATE_NAME))
+    code, _, err = work.begin()
+    assert code == 2 and "no recorded run lists them" in err
+
+
+# ---------------------------------------------------------------- summary and model check
+
+def test_summary_table_and_notes(work):
+    work.run()
+    acc = work.path(f"acc_bs{BS}.json")
+    acc.write_text(json.dumps({"top1": 66.6666, "top5": 100.0, "num_images": 3,
+                               "skipped": [{"name": "bad.jpg", "error": "truncated"}]}))
+    code, out, _ = work.call("summary")
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in rows[1].strip("|").split("|")] == ["ort (ONNX Runtime)", "2", "3", "66.67",
+                                                                  "100.00", "12.50"]
+    assert "note: 1 images could not be read and were skipped (--skip_bad)" in out
+    assert "built-in demo" not in out
+
+
+@pytest.mark.parametrize("name, message", [
+    ("beit_huge", "--model beit_huge: unknown BEiT variant; known: beit_base_patch16_224, "),
+    ("beit_base_patch16_384", "--model beit_base_patch16_384: takes 384x384 images, but this pipeline is fixed"),
+])
+def test_check_model_refuses(name, message, capsys):
+    assert workstate.main(["check-model", name]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
