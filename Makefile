@@ -1,4 +1,5 @@
-# make demo  - set up .venv and run the whole pipeline on the built-in demo (batch size 8)
+# make demo  - set up .venv and run the whole pipeline on the built-in demo (batch size 8): real photographs
+#              (scikit-image's), a random BEiT; MODEL=beit_base_patch16_384 (a variant) picks the model
 # make test  - set up .venv and run the test suite (what CI runs)
 # make bench - throughput/accuracy tables (long; not part of make test)
 
@@ -7,6 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BATCH_SIZE ?= 8
 WORKDIR ?= work
+MODEL ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-all demo bench clean
@@ -25,7 +27,8 @@ test-all: venv
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 demo: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash run_all.sh --batch_size $(BATCH_SIZE) --workdir $(WORKDIR)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash run_all.sh --batch_size $(BATCH_SIZE) --workdir $(WORKDIR) \
+		$(if $(MODEL),--model $(MODEL))
 
 bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) beit_bench.py --out bench_out

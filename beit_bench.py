@@ -3,11 +3,15 @@
 Not a pipeline step: it drives the pipeline's own scripts and measures, in one
 run and on the same randomly initialised weights and inputs,
 
-  * throughput (img/s) per batch size of PyTorch eager (timm), and of ONNX
-    Runtime on the exported, the onnxsim and the graph_modify models;
-  * the machine's fp32 ceiling: ONNX Runtime MatMul GFLOP/s on BEiT-shaped
-    GEMMs, and from it and BEiT-base's 17.6 GMACs per image the fraction of the
-    ceiling each runtime reaches;
+  * throughput (img/s) per batch size of PyTorch eager (timm) in fp32 and bf16
+    (autocast), of ONNX Runtime on the exported, the onnxsim and the graph_modify
+    models, and of OpenVINO's runtime on the onnxsim model in fp32 and bf16: a
+    column per engine and precision, all timed in interleaved rounds (one call of
+    each in turn) so that a load burst on a shared machine hits every column;
+  * the machine's GEMM ceiling per precision: the best GFLOP/s of ONNX Runtime,
+    OpenVINO and PyTorch on BEiT-shaped MatMuls in fp32, and of OpenVINO and
+    PyTorch in bf16, and from it and BEiT-base's 17.6 GMACs per image the
+    fraction of its precision's ceiling each column reaches;
   * preprocessing img/s on realistic JPEGs: the reference pipeline (torchvision
     transforms, one image at a time, one process, as the guide's script does)
     against beit_preprocess.py with 1 worker and with all cores;
@@ -37,7 +41,9 @@ from beit_pipeline.errors import PipelineError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GMACS_PER_IMAGE = {"beit_base_patch16_224": 17.6}
-RUNTIMES = ("pytorch", "onnx", "onnxsim", "graph_modify")
+RUNTIMES = ("pytorch", "onnx", "onnxsim", "graph_modify", "openvino", "pytorch_bf16", "openvino_bf16")
+# The precision each column runs in; the others are fp32.
+RUNTIME_PRECISION = {"pytorch_bf16": "bf16", "openvino_bf16": "bf16"}
 
 
 def build_parser():
@@ -48,8 +54,11 @@ def build_parser():
     p.add_argument("--batch_sizes", default="1,4,8,16,32", help="comma-separated batch sizes to time")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size before timing")
-    p.add_argument("--runtimes", default=",".join(RUNTIMES),
-                   help=f"which runtimes to time, comma-separated from {','.join(RUNTIMES)}")
+    p.add_argument("--ceiling_repeats", type=int, default=10,
+                   help="timed calls per GEMM shape, engine and precision for the ceiling (the median is kept)")
+    p.add_argument("--runtimes", default=None,
+                   help=f"which columns to time, comma-separated from {','.join(RUNTIMES)} (default: every one this "
+                        "machine can run: the bf16 ones need the CPU's bf16 instructions, openvino its package)")
     p.add_argument("--providers", default="cpu", choices=sorted(onnx_models.PROVIDERS),
                    help="ONNX Runtime execution provider, as for beit_infer.py (cuda/tensorrt need onnxruntime-gpu)")
     p.add_argument("--torch_device", default="cpu", help="device for PyTorch eager (cpu or cuda)")
@@ -144,8 +153,9 @@ def session(path, args):
     return onnx_models.open_session(path, providers=args.providers, threads=args.threads)
 
 
-def torch_call(models, args, x):
-    """A call of PyTorch eager on ``x`` (on --torch_device, synchronised), the model built once."""
+def torch_call(models, args, x, bf16=False):
+    """A call of PyTorch eager on ``x`` (on --torch_device, synchronised; ``bf16``: under bf16 autocast),
+    the model built once."""
     import torch
 
     from beit_pipeline import model as beit_model
@@ -155,7 +165,8 @@ def torch_call(models, args, x):
     xt = torch.from_numpy(x).to(args.torch_device)
 
     def call():
-        with torch.inference_mode():
+        autocast = torch.autocast(args.torch_device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+        with torch.inference_mode(), autocast:
             models["torch_model"](xt)
         if args.torch_device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -167,8 +178,38 @@ def ort_call(sess, x):
     return lambda: sess.run(None, feed)
 
 
+def default_runtimes(flags=None):
+    """Every column this machine can run: bf16 needs the CPU's bf16 instructions, openvino its package."""
+    from beit_pipeline import engines
+    flags = engines.cpu_flags() if flags is None else flags
+    keep = []
+    for name in RUNTIMES:
+        if RUNTIME_PRECISION.get(name) == "bf16" and not engines.native_support("bf16", flags):
+            continue
+        if name.startswith("openvino") and not engines.openvino_available():
+            continue
+        keep.append(name)
+    return keep
+
+
+def runtime_call(name, models, args, x, onnx_session):
+    """A call of column ``name`` on ``x``."""
+    bs = x.shape[0]
+    if name in ("pytorch", "pytorch_bf16"):
+        return torch_call(models, args, x, bf16=name == "pytorch_bf16")
+    if name.startswith("openvino"):
+        sess = onnx_models.open_session(models["onnxsim"][bs], "openvino", threads=args.threads,
+                                        precision=RUNTIME_PRECISION.get(name, "fp32"))
+        return ort_call(sess, x)
+    return ort_call(onnx_session if name == "onnx" else session(models[name][bs], args), x)
+
+
 def bench_runtimes(models, runtimes, batch_sizes, args):
-    """{runtime: [throughput entries per batch size]}; every runtime sees the same inputs."""
+    """{runtime: [throughput entries per batch size]}; every runtime sees the same inputs.
+
+    At each batch size the columns are timed in interleaved rounds (one call of each in
+    turn, ``--repeats`` rounds), so that the ratios between them hold on a loaded machine.
+    """
     import torch
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -177,15 +218,28 @@ def bench_runtimes(models, runtimes, batch_sizes, args):
     # The exported model has a dynamic batch: one session serves every batch size.
     onnx_session = session(models["onnx"], args) if "onnx" in runtimes else None
     for bs in batch_sizes:
+        calls = [(name, runtime_call(name, models, args, inputs[bs], onnx_session)) for name in runtimes]
+        times = interleaved_times(calls, args.warmup, args.repeats)
         for name in runtimes:
-            if name == "pytorch":
-                call = torch_call(models, args, inputs[bs])
-            else:
-                call = ort_call(onnx_session if name == "onnx" else session(models[name][bs], args), inputs[bs])
-            entry = throughput_entry(bs, time_calls(call, args.warmup, args.repeats))
+            entry = throughput_entry(bs, times[name])
+            entry["precision"] = RUNTIME_PRECISION.get(name, "fp32")
             results[name].append(entry)
-            log(f"{name:>12} bs{bs:<3} {entry['img_per_s']:8.2f} img/s (median {entry['median_ms']:.0f} ms)")
+            log(f"{name:>13} bs{bs:<3} {entry['img_per_s']:8.2f} img/s (median {entry['median_ms']:.0f} ms)")
     return results
+
+
+def interleaved_times(calls, warmup, repeats):
+    """{name: [seconds of each round]} over ``repeats`` rounds of one call of each, after ``warmup`` of each."""
+    for _ in range(warmup):
+        for _, fn in calls:
+            fn()
+    times = {name: [] for name, _ in calls}
+    for _ in range(repeats):
+        for name, fn in calls:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 # ---------------------------------------------------------------- ceiling
@@ -208,22 +262,56 @@ def write_matmul_model(path, m, k, n, rng):
     files.write_bytes_atomic(path, model.SerializeToString())
 
 
-def measure_matmul_ceiling(args, repeats=10):
-    """ONNX Runtime fp32 MatMul GFLOP/s on BEiT-shaped GEMMs: per shape and the best."""
+# The GEMM engines measured for each precision's ceiling (the ceiling is the best of them).
+CEILING_ENGINES = {"fp32": ("onnxruntime", "openvino", "pytorch"), "bf16": ("openvino", "pytorch")}
+
+
+def gemm_call(engine, precision, path, a, w, threads):
+    """One (m, k) @ (k, n) MatMul call of ``engine`` at ``precision``; ``path`` holds the same MatMul as ONNX."""
+    if engine == "pytorch":
+        import torch
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        ta, tw = torch.from_numpy(a).to(dtype), torch.from_numpy(w).to(dtype)
+        return lambda: torch.matmul(ta, tw)
+    providers = "openvino" if engine == "openvino" else "cpu"
+    sess = onnx_models.open_session(path, providers, threads=threads, precision=precision)
+    return lambda: sess.run(None, {"a": a})
+
+
+def ceiling_engines(precision):
+    from beit_pipeline import engines
+    return [e for e in CEILING_ENGINES[precision] if e != "openvino" or engines.openvino_available()]
+
+
+def measure_matmul_ceiling(args, repeats=10, precisions=("fp32",)):
+    """MatMul GFLOP/s on BEiT-shaped GEMMs per precision and engine; each precision's ceiling is the best.
+
+    Returns fp32's ``per_shape`` (best engine per shape) and ``peak_gflop_per_s`` at the top, as before,
+    and ``by_precision``: {precision: {"peak_gflop_per_s", "engines": {engine: peak}}}.
+    """
+    import torch
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    per_shape = []
-    for m, k, n in beit_gemm_shapes():
-        # Written to a file because the pipeline's one session factory opens paths.
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "matmul.onnx")
+    found = {p: {e: [] for e in ceiling_engines(p)} for p in precisions}
+    with tempfile.TemporaryDirectory() as folder:
+        for m, k, n in beit_gemm_shapes():
+            path = os.path.join(folder, f"matmul_{m}_{k}_{n}.onnx")
             write_matmul_model(path, m, k, n, rng)
-            sess = session(path, args)
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        times = time_calls(lambda: sess.run(None, {"a": a}), 3, repeats)
-        gflops = 2 * m * k * n / statistics.median(times) / 1e9
-        per_shape.append({"m": m, "k": k, "n": n, "gflop_per_s": gflops})
-        log(f"MatMul {m}x{k}x{n}: {gflops:.0f} GFLOP/s")
-    return {"per_shape": per_shape, "peak_gflop_per_s": max(s["gflop_per_s"] for s in per_shape)}
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((k, n), dtype=np.float32)
+            for precision, per_engine in found.items():
+                calls = [(e, gemm_call(e, precision, path, a, w, args.threads)) for e in per_engine]
+                for e, times in interleaved_times(calls, min(3, repeats), repeats).items():
+                    per_engine[e].append(2 * m * k * n / statistics.median(times) / 1e9)
+                log(f"MatMul {m}x{k}x{n} {precision}: " + ", ".join(f"{e} {v[-1]:.0f}" for e, v in per_engine.items())
+                    + " GFLOP/s")
+    by_precision = {p: {"engines": {e: max(v) for e, v in per_engine.items()},
+                        "peak_gflop_per_s": max(max(v) for v in per_engine.values())} for p, per_engine in found.items()}
+    shapes = beit_gemm_shapes()
+    per_shape = [{"m": m, "k": k, "n": n, "gflop_per_s": max(v[i] for v in found["fp32"].values())}
+                 for i, (m, k, n) in enumerate(shapes)]
+    return {"per_shape": per_shape, "peak_gflop_per_s": by_precision["fp32"]["peak_gflop_per_s"],
+            "by_precision": by_precision}
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -248,9 +336,18 @@ def reference_preprocessing(folder):
     transform = reference_transform()
 
     def reference(subset=names):
-        for name in subset:
-            with Image.open(os.path.join(folder, name)) as img:
-                transform(img.convert("RGB")).numpy()
+        import torch
+        # One torch thread: the transforms' small tensor ops gain nothing from more, and on a shared machine
+        # torch's spinning OpenMP threads made the reference 13x slower (80 vs 6.2 ms an image, 2 threads vs 1,
+        # load average 4): the fastest reference, so that the speed-ups are not flattered.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for name in subset:
+                with Image.open(os.path.join(folder, name)) as img:
+                    transform(img.convert("RGB")).numpy()
+        finally:
+            torch.set_num_threads(threads)
 
     # Warm the reference up (torch's first calls pay one-off initialisation) so that only
     # steady-state work is compared; beit_preprocess.py is timed with its start-up included.
@@ -325,18 +422,22 @@ def bench_e2e(work, batch_size):
 def summarize(results, model_name):
     """Ratios that the targets are stated in."""
     gmacs = GMACS_PER_IMAGE.get(model_name)
-    ceiling = results.get("ceiling", {}).get("peak_gflop_per_s")
+    ceilings = ceiling_by_precision(results.get("ceiling", {}))
     out = {}
     tp = results.get("throughput", {})
-    if ceiling and gmacs:
-        out["ceiling_img_per_s"] = ceiling / (2 * gmacs)
+    if ceilings and gmacs:
+        out["ceiling_img_per_s"] = ceilings["fp32"] / (2 * gmacs)
+        for precision, gflops in ceilings.items():
+            out[f"ceiling_{precision}_img_per_s"] = gflops / (2 * gmacs)
         torch_on_cpu = results["args"].get("torch_device", "cpu") == "cpu"
         for name, entries in tp.items():
-            # The ceiling is ONNX Runtime's, on the chosen provider; PyTorch on another device has none here.
-            if name == "pytorch" and not torch_on_cpu:
+            # The ceiling is the CPU's; PyTorch on another device has none here.
+            if name.startswith("pytorch") and not torch_on_cpu:
                 continue
-            for e in entries:
-                e["fraction_of_ceiling"] = e["img_per_s"] / out["ceiling_img_per_s"]
+            precision = RUNTIME_PRECISION.get(name, "fp32")
+            if f"ceiling_{precision}_img_per_s" in out:
+                for e in entries:
+                    e["fraction_of_ceiling"] = e["img_per_s"] / out[f"ceiling_{precision}_img_per_s"]
 
     def at(name, bs):
         for e in tp.get(name, []):
@@ -350,10 +451,32 @@ def summarize(results, model_name):
         out["bs8_onnxsim_over_pytorch"] = at("onnxsim", 8) / at("pytorch", 8)
     if at("onnx", 8) and at("pytorch", 8) and results["args"].get("torch_device", "cpu") == "cpu":
         out["bs8_onnx_over_pytorch"] = at("onnx", 8) / at("pytorch", 8)
+    if results["args"].get("torch_device", "cpu") == "cpu" and at("pytorch", 8):
+        for name in tp:
+            if name != "pytorch" and at(name, 8):
+                out[f"bs8_{name}_over_pytorch"] = at(name, 8) / at("pytorch", 8)
+        default = default_column(tp)
+        if at(default, 8):
+            out["default_exact_column"] = default
+            out["bs8_default_exact_over_pytorch"] = at(default, 8) / at("pytorch", 8)
+            if "ceiling_img_per_s" in out:
+                out["bs8_default_exact_fraction_of_fp32_ceiling"] = at(default, 8) / out["ceiling_img_per_s"]
     if at("graph_modify", 8) and at("onnxsim", 8):
         out["bs8_graph_modify_over_onnxsim"] = at("graph_modify", 8) / at("onnxsim", 8)
         out["token_ratio_197_over_208"] = 197 / 208
     return out
+
+
+def ceiling_by_precision(ceiling):
+    """{precision: peak GFLOP/s}; a result of the fp32-only format counts as fp32."""
+    if "by_precision" in ceiling:
+        return {p: c["peak_gflop_per_s"] for p, c in ceiling["by_precision"].items()}
+    return {"fp32": ceiling["peak_gflop_per_s"]} if ceiling.get("peak_gflop_per_s") else {}
+
+
+def default_column(tp):
+    """The column of beit_infer.py's default engine: OpenVINO fp32 where it ran, else ONNX Runtime (onnxsim)."""
+    return "openvino" if "openvino" in tp else "onnxsim"
 
 
 def markdown(results):
@@ -367,7 +490,8 @@ def markdown(results):
         names = list(tp)
         device = results["args"].get("torch_device", "cpu")
         labels = [f"pytorch ({device})" if n == "pytorch" and device != "cpu" else n for n in names]
-        lines += ["Throughput (img/s, median of timed runs; in brackets the fraction of the fp32 ceiling):", "",
+        lines += ["Throughput (img/s, median of interleaved timed runs; in brackets the fraction of the ceiling "
+                  "of the column's precision):", "",
                   "| Batch Size | " + " | ".join(labels) + " |", "|---" * (len(names) + 1) + "|"]
         for i, e0 in enumerate(tp[names[0]]):
             cells = []
@@ -377,11 +501,17 @@ def markdown(results):
                 cells.append(f"{e['img_per_s']:.2f}{frac}")
             lines.append(f"| {e0['batch_size']} | " + " | ".join(cells) + " |")
         lines.append("")
-    if "ceiling" in results:
-        c = results["ceiling"]
-        lines.append(f"fp32 ceiling: ONNX Runtime MatMul peak {c['peak_gflop_per_s']:.0f} GFLOP/s on BEiT-shaped GEMMs"
-                     f" -> {summary.get('ceiling_img_per_s', float('nan')):.2f} img/s at 17.6 GMACs/image.")
+    for precision, c in results.get("ceiling", {}).get("by_precision", {}).items():
+        engines_text = ", ".join(f"{e} {v:.0f}" for e, v in c["engines"].items())
+        lines.append(f"{precision} ceiling: best MatMul {c['peak_gflop_per_s']:.0f} GFLOP/s on BEiT-shaped GEMMs "
+                     f"({engines_text}) -> {summary.get(f'ceiling_{precision}_img_per_s', float('nan')):.2f} img/s "
+                     f"at 17.6 GMACs/image.")
     for key, text in (("bs8_onnxsim_over_pytorch", "ONNX Runtime (onnxsim model) / PyTorch eager at bs8"),
+                      ("bs8_openvino_over_pytorch", "OpenVINO fp32 / PyTorch eager fp32 at bs8"),
+                      ("bs8_openvino_bf16_over_pytorch", "OpenVINO bf16 / PyTorch eager fp32 at bs8"),
+                      ("bs8_pytorch_bf16_over_pytorch", "PyTorch bf16 autocast / PyTorch eager fp32 at bs8"),
+                      ("bs8_default_exact_fraction_of_fp32_ceiling",
+                       "beit_infer.py's default exact engine: fraction of the fp32 ceiling at bs8"),
                       ("bs8_graph_modify_over_onnxsim", "graph_modify / onnxsim model at bs8 (197/208 = 0.947)")):
         if key in summary:
             lines.append(f"- {text}: {summary[key]:.2f}x")
@@ -410,9 +540,10 @@ def plot(results, path):
         ax.plot([e["batch_size"] for e in entries], [e["img_per_s"] for e in entries], marker="o", label=label)
     if device != "cpu":
         ax.set_yscale("log")  # a GPU next to CPU runtimes: orders of magnitude apart
-    ceiling = results["summary"].get("ceiling_img_per_s")
-    if ceiling:
-        ax.axhline(ceiling, color="grey", linestyle="--", label=f"fp32 MatMul ceiling ({ceiling:.1f})")
+    for precision, style in (("fp32", "--"), ("bf16", ":")):
+        ceiling = results["summary"].get(f"ceiling_{precision}_img_per_s")
+        if ceiling:
+            ax.axhline(ceiling, color="grey", linestyle=style, label=f"{precision} MatMul ceiling ({ceiling:.1f})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("img/s")
@@ -426,6 +557,8 @@ def plot(results, path):
 
 
 def check_args(args):
+    if args.runtimes is None:
+        args.runtimes = ",".join(default_runtimes())
     unknown = {r for r in args.runtimes.split(",") if r} - set(RUNTIMES)
     cli.check(not unknown, f"unknown runtimes {sorted(unknown)}; choose from {RUNTIMES}")
     cli.check(all(b.strip().isdigit() and int(b) >= 1 for b in args.batch_sizes.split(",") if b),
@@ -439,7 +572,8 @@ def run(args):
     work = os.path.join(args.out, "work")
     results = {"date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}", "args": vars(args), "machine": machine_info()}
     log(f"machine: {results['machine']}")
-    results["ceiling"] = measure_matmul_ceiling(args)
+    precisions = ["fp32"] + (["bf16"] if any(RUNTIME_PRECISION.get(r) == "bf16" for r in runtimes) else [])
+    results["ceiling"] = measure_matmul_ceiling(args, args.ceiling_repeats, precisions=precisions)
     if runtimes:
         models = prepare_models(work, args.model, batch_sizes, args.seed)
         results["throughput"] = bench_runtimes(models, runtimes, batch_sizes, args)

@@ -5,7 +5,8 @@
 
 Reads the outputs as ais_bench writes them (``input_00000_0.txt`` / ``.bin`` /
 ``.npy``, one row per batch item), maps every row to its image, compares with
-``val_label.txt`` and writes the ModelZoo result JSON::
+``val_label.txt`` and writes the ModelZoo result JSON (its "value" list holds the guide's
+entries in the guide's order, Top1 accuracy last; Top-1..Top-5 are under "top_k")::
 
     python3 beit_eval_acc.py --folder_davinci_target ./ais_out/2024_01_01-00_00_00 \\
         --annotation_file_path /opt/npu/imageNet/val_label.txt \\
@@ -38,7 +39,9 @@ def build_parser():
                     "(pipeline step 6; writes the ModelZoo result JSON).")
     parser.add_argument("--folder_davinci_target", required=True, metavar="DIR",
                         help="folder of inference outputs as ais_bench writes them: <input_stem>_0.txt, _0.bin "
-                             "(raw float32) or _0.npy; other files (sumary.json, logs) are ignored")
+                             "(raw float32, or float16 from an OM with fp16 outputs: named by the summary's "
+                             "output_dtype or, with the manifest, told by the file size) or _0.npy; other files "
+                             "(sumary.json, logs) are ignored")
     parser.add_argument("--annotation_file_path", required=True, metavar="FILE",
                         help="label file with lines 'ILSVRC2012_val_00000001.JPEG 65'")
     parser.add_argument("--result_json_path", required=True, metavar="DIR",

@@ -10,8 +10,9 @@ torchvision computes it on a PIL image::
     img.convert("RGB") -> Resize(256, bicubic, short side) -> CenterCrop(224)
     -> ToTensor -> Normalize(mean=0.5, std=0.5)
 
-and writes ``input_00000.bin``, ``input_00001.bin``, ... (raw float32, C order,
-(batch_size, 3, 224, 224), the last batch zero-padded) plus ``manifest.json``
+(at ``--image_size`` S below 384: Resize(int(S / (224/256))) + CenterCrop(S); from 384 up,
+Resize(S) + CenterCrop(S), unilm's rule) and writes ``input_00000.bin``, ``input_00001.bin``,
+... (raw float32, C order, (batch_size, 3, S, S), the last batch zero-padded) plus ``manifest.json``
 saying which image is in which row (see beit_pipeline/batches.py).
 
 Usage::
@@ -29,7 +30,7 @@ import sys
 
 from beit_pipeline import cli
 from beit_pipeline.preprocess import IMAGE_EXTENSIONS, INTERRUPTED_HINT, check_args, run
-from beit_pipeline.preprocess_transform import DEFAULT_MAX_PIXELS
+from beit_pipeline.preprocess_transform import DEFAULT_MAX_PIXELS, UNILM_FULL_CROP_FROM
 from beit_pipeline.preprocess_workers import keep_freed_memory, usable_cpus
 
 
@@ -48,6 +49,10 @@ def build_parser():
     p.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, required=True,
                    help="images per batch file; must match the batch size of the ONNX/OM model "
                         "(--batchsize is the guide's spelling)")
+    p.add_argument("--image_size", type=int, default=224,
+                   help="the model's input size S (default %(default)s; 384 or 512 for those BEiT variants): "
+                        f"below {UNILM_FULL_CROP_FROM}, Resize(int(S / (224/256)), bicubic) + CenterCrop(S); from "
+                        f"{UNILM_FULL_CROP_FROM} up, Resize(S) + CenterCrop(S), as unilm's beit/datasets.py does")
     p.add_argument("--workers", type=int, default=usable_cpus(),
                    help="processes that decode and resize images (default: all %(default)s usable cores, "
                         "also the most allowed without --force_workers); the output is the same for any number")

@@ -14,7 +14,7 @@ readonly EXIT_SKIP=10 EXIT_BUSY=4
 
 # Options, named after their flags (parse_args sets --image_path in IMAGE_PATH).
 BATCH_SIZE="" IMAGE_PATH="" LABEL_FILE="" CHECKPOINT="" WORKDIR="./work" BACKEND="auto"
-SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0
+SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0 NO_FIDELITY=0 PRECISION="fp32" MODEL_FILE="" SIZE=224
 STEP_PID="" STEP_NAME=""
 
 usage() {
@@ -22,7 +22,7 @@ usage() {
 Usage: bash run_all.sh --batch_size N [options]
 
 Runs the BEiT offline-inference pipeline end to end; prints Top-1/Top-5 and throughput.  Without
---image_path, --label_file and --checkpoint: the built-in demo (a random BEiT, synthetic images
+--image_path, --label_file and --checkpoint: the built-in demo (a random BEiT, real photographs
 labelled with PyTorch's own predictions: 100% measures fidelity to PyTorch, not ImageNet accuracy).
 
 Options:
@@ -31,14 +31,18 @@ Options:
   --label_file FILE     val_label.txt: lines 'ILSVRC2012_val_00000001.JPEG 65'
   --checkpoint PTH      unilm BEiT checkpoint (beit_base_patch16_224_pt22k_ft22kto1k.pth)
   --workdir DIR         where every step writes its output (default: ./work)
-  --backend B           auto | ascend | ort (auto: ascend when atc and ais_bench are found)
+  --backend B           auto | ascend | ort (auto: ascend when atc and ais_bench are found; ort:
+                        beit_infer.py on the CPU, the fastest exact engine found: README)
+  --precision P         fp32 | bf16 | fp16 | int8: beit_infer.py's precision (ort; default fp32)
   --soc_version NAME    atc --soc_version (default: Ascend + the chip name `npu-smi info` shows)
   --device ID           NPU device id for ais_bench (default: 0)
-  --model NAME          BEiT variant (224x224 input), also the ONNX file's name (default: read from
-                        the checkpoint, the file named beit_base_patch16_224.onnx)
+  --model NAME          BEiT variant, also the ONNX file's name (default: read from the checkpoint);
+                        base/large at 224 and 384 px: the steps take its input size (large-512:
+                        refused, its ONNX is over protobuf's 2 GB that onnxsim can write)
   --skip_bad            leave out images that cannot be decoded (counted in the summary)
   --force               redo every step; deletes only the files a recorded run made
   --wait_lock           wait while another run_all.sh uses the work folder (default: refuse)
+  --no_fidelity         skip the last step, beit_fidelity.py (every stage scored, the OM's fp16 emulated)
   -h, --help            show this help and exit
 
 A step is redone exactly when what it depends on changed: README, "When things go wrong".  Work folder:
@@ -57,9 +61,9 @@ parse_args() {
     opt="${1%%=*}" val="${1#*=}"
     case "${opt}" in
       -h | --help) usage && exit 0 ;;
-      --force | --skip_bad | --wait_lock) [[ "$1" == "${opt}" ]] || die "${opt} takes no value" && val=1 ;;
+      --force | --skip_bad | --wait_lock | --no_fidelity) [[ "$1" == "${opt}" ]] || die "${opt} takes no value" && val=1 ;;
       --batch_size | --batchsize | --image_path | --label_file | --checkpoint | --workdir | --backend | \
-        --soc_version | --device | --model)
+        --soc_version | --device | --model | --precision)
         if [[ "$1" == "${opt}" ]]; then
           (($# >= 2)) || die "${opt} needs a value (see --help)"
           val="$2" && shift
@@ -75,6 +79,7 @@ parse_args() {
   [[ "${BATCH_SIZE}" =~ ^[1-9][0-9]*$ ]] || die "--batch_size must be a positive integer, got '${BATCH_SIZE}'"
   [[ "${DEVICE}" =~ ^[0-9]+$ ]] || die "--device must be a non-negative integer, got '${DEVICE}'"
   [[ "${BACKEND}" =~ ^(auto|ascend|ort)$ ]] || die "--backend must be auto, ascend or ort, got '${BACKEND}'"
+  [[ "${PRECISION}" =~ ^(fp32|bf16|fp16|int8)$ ]] || die "--precision must be fp32, bf16, fp16 or int8, got '${PRECISION}'"
   [[ -n "${WORKDIR}" ]] || die "--workdir must not be empty"
   if [[ -n "${IMAGE_PATH}${LABEL_FILE}${CHECKPOINT}" ]]; then
     [[ -n "${IMAGE_PATH}" && -n "${LABEL_FILE}" && -n "${CHECKPOINT}" ]] ||
@@ -89,26 +94,20 @@ parse_args() {
   WORKDIR="$(realpath -m -- "${WORKDIR}")"
 }
 
-state() { # the state module, in the package next to this script
-  PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" python3 -m beit_pipeline.workstate \
-    --workdir "${WORKDIR}" "$@"
-}
+# The package next to this script: run_all.sh's record (workstate) and its questions about CANN (ascend).
+pkg() { PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" python3 -m "beit_pipeline.$1" "${@:2}"; }
+state() { pkg workstate --workdir "${WORKDIR}" "$@"; }
 
-ais_bench_available() {
-  if [[ -n "${AIS_INFER:-}" ]]; then [[ -f "${AIS_INFER}" ]]; else python3 -c 'import ais_bench' 2>/dev/null; fi
-}
-
-choose_backend() {
+choose_backend() { # ascend needs atc, aclruntime and an ais_bench (or AIS_INFER) with --output_dirname
   local atc_path why=""
   atc_path="$(command -v atc || true)"
   [[ -n "${atc_path}" ]] || why="'atc' is not on PATH (no CANN toolkit here)"
-  [[ -n "${why}" ]] || ais_bench_available ||
-    why="atc is at ${atc_path} but ais_bench is not importable and AIS_INFER is not set"
+  [[ -n "${why}" ]] || why="$(pkg ascend check-ais-bench 2>&1)" || why="atc is at ${atc_path}, but ${why#error: }"
   case "${BACKEND}:${why}" in
     ascend:?*) die "--backend ascend: ${why} (source the CANN set_env.sh)" ;;
     ascend:) log "backend: ascend (asked for; atc: ${atc_path})" ;;
-    ort:*) log "backend: ort (ONNX Runtime; asked for)" ;;
-    auto:?*) BACKEND="ort" && log "backend: ort (ONNX Runtime), because ${why}" ;;
+    ort:*) log "backend: ort (beit_infer.py on the CPU; asked for)" ;;
+    auto:?*) BACKEND="ort" && log "backend: ort (beit_infer.py on the CPU), because ${why}" ;;
     auto:) BACKEND="ascend" && log "backend: ascend, because atc is at ${atc_path} and ais_bench is available" ;;
   esac
 }
@@ -120,11 +119,8 @@ lock_workdir() {
   exec {LOCK_FD}<>"${lock}"
   if ! flock -n "${LOCK_FD}"; then
     holder="$(cat "${lock}" 2>/dev/null || true)"
-    if ((!WAIT_LOCK)); then
-      printf 'error: %s is in use by PID %s (another run_all.sh or a step it started); wait for it, or pass --wait_lock\n' \
-        "${WORKDIR}" "${holder:-?}" >&2
-      exit "${EXIT_BUSY}"
-    fi
+    ((WAIT_LOCK)) || { printf 'error: %s is in use by PID %s (another run_all.sh or a step it started); wait for it, or pass --wait_lock\n' \
+      "${WORKDIR}" "${holder:-?}" >&2 && exit "${EXIT_BUSY}"; }
     log "waiting for PID ${holder:-?}, which is using ${WORKDIR}"
     flock "${LOCK_FD}"
   fi
@@ -149,9 +145,7 @@ on_signal() {
 run_step() {
   local name="$1" start="${SECONDS}" rc=0
   shift
-  printf '[run_all] step %s:' "${name}"
-  printf ' %q' "$@"
-  printf '\n'
+  printf '[run_all] step %s:%s\n' "${name}" "$(printf ' %q' "$@")"
   (cd "${WORKDIR}" && exec setsid "$@") &
   STEP_PID=$! STEP_NAME="${name}"
   wait "${STEP_PID}" || rc=$?
@@ -174,13 +168,13 @@ step() {
 
 onnxsim_and_check() {
   local onnx="$1" partial="$2"
-  run_step onnxsim python3 -m onnxsim "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,224,224"
+  run_step onnxsim python3 -m onnxsim "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
   run_step onnx_check python3 "${SCRIPT_DIR}/onnx_check.py" "${onnx}" "${partial}" --batch_size "${BATCH_SIZE}"
 }
 
 run_demo_step() {
   local args=(--out "${WORKDIR}/demo")
-  log "demo: a random BEiT on synthetic images labelled with its own PyTorch predictions: Top-1 measures"
+  log "demo: a random BEiT on real photographs labelled with its own PyTorch predictions: Top-1 measures"
   log "demo: fidelity to PyTorch (100% expected), not ImageNet accuracy"
   IMAGE_PATH="${WORKDIR}/demo/images" LABEL_FILE="${WORKDIR}/demo/val_label.txt"
   CHECKPOINT="${WORKDIR}/demo/random_checkpoint.pth"
@@ -190,12 +184,12 @@ run_demo_step() {
 
 run_pipeline() {
   local n="${BATCH_SIZE}" w="${WORKDIR}" prep_args=() export_args=() infer=()
-  local prep="${w}/prep_image_bs${n}" onnx="${w}/${MODEL:-beit_base_patch16_224}.onnx" sim="${w}/beit_onnxsim_bs${n}.onnx"
+  local prep="${w}/prep_image_bs${n}" onnx="${w}/${MODEL_FILE}.onnx" sim="${w}/beit_onnxsim_bs${n}.onnx"
   local mg="${w}/beit_mg_bs${n}.onnx" om="${w}/beit_mg_bs${n}.om"
   if ((SKIP_BAD)); then prep_args+=(--skip_bad); fi
   if [[ -n "${MODEL}" ]]; then export_args+=(--model "${MODEL}"); fi
   step preprocess run_step preprocess python3 "${SCRIPT_DIR}/beit_preprocess.py" --image_path "${IMAGE_PATH}" \
-    --prep_image "${prep}" --batch_size "${n}" "${prep_args[@]}"
+    --prep_image "${prep}" --batch_size "${n}" --image_size "${SIZE}" "${prep_args[@]}"
   # The ONNX file has a dynamic batch axis shared by every batch size; tracing at 1 is fastest.
   step pth2onnx run_step pth2onnx python3 "${SCRIPT_DIR}/beit_pth2onnx.py" --source "${CHECKPOINT}" \
     --target "${onnx}" --batch_size 1 "${export_args[@]}"
@@ -204,18 +198,20 @@ run_pipeline() {
   mkdir -p -- "${w}/ais_out"
   if [[ "${BACKEND}" == ascend ]]; then
     step atc run_step atc atc --framework=5 --model="${mg}" --output="${om%.om}_partial" --input_format=NCHW \
-      --input_shape="image:${n},3,224,224" --log=error --soc_version="${SOC_VERSION}" \
+      --input_shape="image:${n},3,${SIZE},${SIZE}" --log=error --soc_version="${SOC_VERSION}" \
       --optypelist_for_implmode="Gelu" --op_select_implmode=high_performance
     infer=(ais_bench python3 -m ais_bench --model "${om}" --device "${DEVICE}")
     if [[ -n "${AIS_INFER:-}" ]]; then infer=(ais_bench python3 "${AIS_INFER}" "${infer[@]:4}"); fi
   else
-    infer=(beit_infer python3 "${SCRIPT_DIR}/beit_infer.py" --model "${mg}")
+    infer=(beit_infer python3 "${SCRIPT_DIR}/beit_infer.py" --model "${mg}" --precision "${PRECISION}")
   fi
   step "${infer[0]}" run_step "${infer[@]}" --input "${prep}" --output "${w}/ais_out" \
     --output_dirname "bs${n}_partial" --outfmt TXT --batchsize "${n}"
   step eval run_step eval python3 "${SCRIPT_DIR}/beit_eval_acc.py" --folder_davinci_target "${w}/ais_out/bs${n}" \
     --annotation_file_path "${LABEL_FILE}" --result_json_path "${w}" --json_file_name "acc_bs${n}.json" \
     --batch_size "${n}" --prep_image "${prep}"
+  ((NO_FIDELITY)) || step fidelity run_step fidelity python3 "${SCRIPT_DIR}/beit_fidelity.py" --workdir "${w}" \
+    --batch_size "${n}" --checkpoint "${CHECKPOINT}" --label_file "${LABEL_FILE}" --model "${MODEL_FILE}"
 }
 
 main() {
@@ -225,18 +221,21 @@ main() {
   command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
   if [[ -n "${MODEL}" ]]; then state check-model "${MODEL}"; fi
   choose_backend
+  [[ "${BACKEND}" == ort || "${PRECISION}" == fp32 ]] || die "--precision is beit_infer.py's (--backend ort); atc sets the OM's"
   mkdir -p -- "${WORKDIR}" || die "cannot create the work folder ${WORKDIR}"
   lock_workdir
   trap 'on_signal INT 130' INT
   trap 'on_signal TERM 143' TERM
   log "work folder: ${WORKDIR}"
-  [[ "${BACKEND}" != ascend || -n "${SOC_VERSION}" ]] ||
-    SOC_VERSION="$(PYTHONPATH="${SCRIPT_DIR}" python3 -m beit_pipeline.ascend soc-version)"
+  if [[ "${BACKEND}" == ascend ]]; then pkg ascend check-paths "${WORKDIR}"; fi
+  [[ "${BACKEND}" != ascend || -n "${SOC_VERSION}" ]] || SOC_VERSION="$(pkg ascend soc-version)"
   flags=(--batch_size "${BATCH_SIZE}" --backend "${BACKEND}" --image_path "${IMAGE_PATH}" --label_file "${LABEL_FILE}"
-    --checkpoint "${CHECKPOINT}" --soc_version "${SOC_VERSION}" --model "${MODEL}")
+    --checkpoint "${CHECKPOINT}" --soc_version "${SOC_VERSION}" --model "${MODEL}" --precision "${PRECISION}")
   if ((SKIP_BAD)); then flags+=(--skip_bad); fi
   if ((FORCE)); then flags+=(--force); fi
+  if ((NO_FIDELITY)); then flags+=(--no_fidelity); fi
   state begin "${flags[@]}"
+  MODEL_FILE="$(state model-info)" && SIZE="${MODEL_FILE##* }" MODEL_FILE="${MODEL_FILE%% *}"
   if [[ -z "${IMAGE_PATH}" ]]; then run_demo_step; fi
   run_pipeline
   state summary

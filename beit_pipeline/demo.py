@@ -2,8 +2,10 @@
 
 A demo folder holds, written seeded and once::
 
-    images/ILSVRC2012_val_00000001.JPEG ...  synthetic images of awkward sizes and every PIL
-                                             mode, some PNGs (or TIFFs) under a .JPEG name
+    images/ILSVRC2012_val_00000001.JPEG ...  real photographs (scikit-image's bundled data, as
+                                             photos.py writes them: grey, CMYK and a PNG among
+                                             them), or synthetic images of awkward sizes and
+                                             every PIL mode (``images="synthetic"``)
     random_checkpoint.pth                    a randomly initialised BEiT in the real unilm
                                              format ({'model': state_dict})
     val_label.txt                            'ILSVRC2012_val_00000001.JPEG 65' lines: the
@@ -11,8 +13,10 @@ A demo folder holds, written seeded and once::
                                              the pipeline preprocesses them
     demo.json                                written last: the recipe and the label margins
 
-So the demo's Top-1 measures how faithfully the exported pipeline reproduces
-PyTorch (100% expected), not ImageNet accuracy.
+The photographs are real, the model is not: a randomly initialised BEiT has no
+ImageNet accuracy, so the labels stay the PyTorch model's own predictions and the
+demo's Top-1 measures how faithfully the exported pipeline reproduces PyTorch
+(100% expected), not ImageNet accuracy.
 """
 
 import dataclasses
@@ -25,13 +29,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from beit_pipeline import files, synthetic
+from beit_pipeline import files, photos, synthetic
 from beit_pipeline import model as beit_model
 # The labels must come from the pipeline's own transform, not a look-alike.
-from beit_pipeline.preprocess_transform import preprocess_image
+from beit_pipeline.preprocess_transform import preprocess_image, use_image_size
+from beit_pipeline.variants import image_size
 
 DEMO_FORMAT = 1
-DEFAULT_COUNT = 28
+DEFAULT_COUNT = 28  # synthetic images; the photographs are all of photos.PHOTOS by default
+IMAGE_KINDS = ("photos", "synthetic")
 IMAGES_DIR = "images"
 CHECKPOINT_NAME = "random_checkpoint.pth"
 LABELS_NAME = "val_label.txt"
@@ -47,14 +53,20 @@ class Recipe:
     model: str
     count: int
     seed: int
+    images: str = "photos"
 
     def as_record(self):
-        return {"format": DEMO_FORMAT, "model": self.model, "count": self.count, "seed": self.seed}
+        return {"format": DEMO_FORMAT, "model": self.model, "count": self.count, "seed": self.seed,
+                "images_from": self.images}
 
 
-def recipe(model, count, seed):
+def default_count(images):
+    return len(photos.PHOTOS) if images == "photos" else DEFAULT_COUNT
+
+
+def recipe(model, count, seed, images="photos"):
     """The recipe as demo.json records it (a dict: the file's format is unchanged)."""
-    return Recipe(model, count, seed).as_record()
+    return Recipe(model, count, seed, images).as_record()
 
 
 def is_complete(out, wanted):
@@ -79,12 +91,15 @@ def remove_stale_image_folders(out):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def write_images(out, count, seed):
+def write_images(out, count, seed, images="photos"):
     """Write the images into a fresh folder, then put it in place whole; returns their paths."""
     final = os.path.join(out, IMAGES_DIR)
     tmp = tempfile.mkdtemp(prefix=TMP_IMAGES_PREFIX, suffix=TMP_SUFFIX, dir=out)
     try:
-        names = synthetic.write_image_set(tmp, count, seed=seed)
+        if images == "photos":  # their nominal labels are not written: the demo's are PyTorch's
+            names = photos.write_photo_set(tmp, count, labels=False)
+        else:
+            names = synthetic.write_image_set(tmp, count, seed=seed)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -129,18 +144,19 @@ def write_labels(out, paths, logits):
     return labels
 
 
-def make_demo(out, model_name, count, seed):
+def make_demo(out, model_name, count, seed, images="photos"):
     """Write the whole demo folder; returns the record written to demo.json."""
     start_demo_folder(out)
+    use_image_size(image_size(model_name))  # the labels come from the model's own input size
     ckpt_path = os.path.join(out, CHECKPOINT_NAME)
     beit_model.save_random_checkpoint(ckpt_path, model_name, seed=seed)  # random_checkpoint(), atomically
-    paths = write_images(out, count, seed)
+    paths = write_images(out, count, seed, images)
     # Built from the saved file, as beit_pth2onnx.py builds it, so both start from the same tensors.
     model, _, _ = beit_model.build_model(beit_model.load_state_dict(ckpt_path), model_name)
     logits = predict(model, paths)
     labels = write_labels(out, paths, logits)
     margins = top1_margins(logits)
-    record = dict(recipe(model_name, count, seed),
+    record = dict(recipe(model_name, count, seed, images),
                   images=IMAGES_DIR, checkpoint=CHECKPOINT_NAME, labels=LABELS_NAME,
                   labels_from="PyTorch predictions of the checkpoint (fp32) on beit_preprocess.py's input",
                   distinct_labels=int(len(set(labels.tolist()))),

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from beit_pipeline import batches as batch_files
+from beit_pipeline import files
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError
@@ -134,10 +135,10 @@ def plan_from_manifest(manifest, outputs, batch_size, manifest_file):
     return plan, extra
 
 
-def manifest_rows(plan, batch_size, num_classes):
+def manifest_rows(plan, batch_size, num_classes, dtype=None):
     """Yield BatchRows of the real rows of each planned batch, checking row counts."""
     for batch in _progress(plan):
-        logits = output_files.read_output(batch.path, num_classes)
+        logits = output_files.read_output(batch.path, num_classes, batch_size, dtype)
         rows = logits.shape[0]
         if rows < len(batch.names):
             raise PipelineFileError(f"{batch.path}: {rows} rows but batch {batch.stem} holds {len(batch.names)} images")
@@ -227,13 +228,15 @@ def check_guide_rows(batch, rows, batch_size, last):
             "--batch_size (or --prep_image)")
 
 
-def guide_rows(plan, batch_size, labels, num_classes, uncounted):
+def guide_rows(plan, batch_size, labels, num_classes, uncounted, dtype=None):
     """Yield BatchRows under the guide's rule; rows past the label file's last image are padding.
 
     ``uncounted`` (a one-item list) collects how many rows were left out as padding.
     """
     for batch in _progress(plan):
-        logits = output_files.read_output(batch.path, num_classes)
+        # --batch_size is only the user's word here: a size that fits B fp16 rows may be B/2 float32 ones,
+        # so the dtype comes from the summary or is float32, as the guide's script reads it.
+        logits = output_files.read_output(batch.path, num_classes, dtype=dtype)
         check_guide_rows(batch, logits.shape[0], batch_size, batch is plan[-1])
         names = [batch_files.guide_image_name(batch.index, row, batch_size) for row in range(logits.shape[0])]
         keep = [row for row, name in enumerate(names) if name in labels]
@@ -260,6 +263,13 @@ def find_outputs_in(folder):
     return found
 
 
+def summary_output_dtype(folder):
+    """The outputs' dtype as the run's summary (``<folder>_summary.json``) records it, or None."""
+    summary = files.read_json(os.path.normpath(folder) + "_summary.json")
+    dtype = summary.get("output_dtype") if isinstance(summary, dict) else None
+    return dtype if isinstance(dtype, str) else None
+
+
 def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, num_classes):
     manifest_file = batch_files.manifest_path(prep_image)
     manifest = batch_files.require_complete_manifest(manifest_file)
@@ -268,7 +278,7 @@ def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, 
         log.warning(f"{folder}: {len(extra)} output files are not in the manifest and are ignored "
                     f"({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
     labels = manifest_labels(label_file, plan)
-    rows = manifest_rows(plan, manifest["batch_size"], num_classes)
+    rows = manifest_rows(plan, manifest["batch_size"], num_classes, summary_output_dtype(folder))
     accuracy = evaluate(rows, labels, num_classes, label_file.path)
     return Evaluation(accuracy, "manifest", list(manifest.get("skipped") or []))
 
@@ -277,8 +287,8 @@ def evaluate_with_guide_rule(folder, outputs, label_file, batch_size, num_classe
     plan = plan_from_guide_rule(outputs, folder)
     labels = guide_labels(label_file)
     uncounted = [0]
-    accuracy = evaluate(guide_rows(plan, batch_size, labels, num_classes, uncounted), labels, num_classes,
-                        label_file.path)
+    accuracy = evaluate(guide_rows(plan, batch_size, labels, num_classes, uncounted, summary_output_dtype(folder)),
+                        labels, num_classes, label_file.path)
     if uncounted[0]:
         log.warning(f"no manifest given, so padded rows cannot be told apart: {uncounted[0]} rows whose "
                     f"ILSVRC2012_val_ name is not in {label_file.path} were not counted "
@@ -306,19 +316,27 @@ def evaluate_folder(folder, label_file, prep_image, batch_size, num_classes):
 
 # ---------------------------------------------------------------- result file
 
+def topk_entry(k, hits, count):
+    # The ModelZoo scripts write str(round(acc * 100, 2)) + '%': "97.1%", not "97.10%".
+    return {"key": f"Top{k} accuracy", "value": str(round(percent(hits, count), 2)) + "%"}
+
+
 def modelzoo_json(result):
-    """The ModelZoo vision_metric JSON of an Evaluation, plus plain numbers a program can read."""
+    """The ModelZoo vision_metric JSON of an Evaluation, plus plain numbers a program can read.
+
+    "value" holds exactly the guide's entries in its order (its beit_eval_acc.py calls topn=1): images,
+    classes, Top1 accuracy LAST, where a reader of the guide's JSON takes it; Top-2..Top-5 go to "top_k".
+    """
     acc = result.accuracy
     table = [
         {"key": "Number of images", "value": str(acc.num_images)},
         {"key": "Number of classes", "value": str(acc.num_classes)},
+        topk_entry(1, acc.correct[0], acc.num_images),
     ]
-    for k, hits in enumerate(acc.correct, 1):
-        # The ModelZoo scripts write str(round(acc * 100, 2)) + '%': "97.1%", not "97.10%".
-        table.append({"key": f"Top{k} accuracy", "value": str(round(percent(hits, acc.num_images), 2)) + "%"})
     return {
         "title": "Overall statistical evaluation",
         "value": table,
+        "top_k": [topk_entry(k, hits, acc.num_images) for k, hits in enumerate(acc.correct, 1)],
         "num_images": acc.num_images,
         "num_classes": acc.num_classes,
         "top1": acc.top1,

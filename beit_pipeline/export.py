@@ -7,6 +7,8 @@ torch and timm are imported inside the functions, so that importing this module
 (the scripts' argument checks) stays fast.
 """
 
+import contextlib
+import types
 import warnings
 
 from beit_pipeline.errors import PipelineError
@@ -20,8 +22,46 @@ class ExportError(PipelineError):
     """The export or its verification failed; the message says which and why."""
 
 
+def unilm_attention_forward(self, x, shared_rel_pos_bias=None):
+    """timm's BEiT attention (fused attention off) with q, k, v taken as unilm takes them.
+
+    unilm's beit/modeling_finetune.py Attention.forward indexes ``q, k, v = qkv[0], qkv[1], qkv[2]``
+    ("make torchscript happy"), which exports as three Gathers; timm's ``qkv.unbind(0)`` exports as
+    Split + Squeeze, where the guide's graph_modify.py (refill_zero_gather: every Gather whose index
+    is 1) finds nothing to edit.  The arithmetic is the same, so the outputs are too.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    B, N, C = x.shape
+    bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+    qkv = F.linear(x, weight=self.qkv.weight, bias=bias if bias is not None else self.qkv.bias)
+    qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q * self.scale) @ k.transpose(-2, -1)
+    if self.relative_position_bias_table is not None:
+        attn = attn + self._get_rel_pos_bias()
+    if shared_rel_pos_bias is not None:
+        attn = attn + shared_rel_pos_bias
+    x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C)
+    return self.proj_drop(self.proj(x))
+
+
+@contextlib.contextmanager
+def unilm_qkv_indexing(model):
+    """Every BEiT block's attention runs unilm_attention_forward inside the block, timm's own after it."""
+    attentions = [block.attn for block in getattr(model, "blocks", [])]
+    for attn in attentions:
+        attn.forward = types.MethodType(unilm_attention_forward, attn)
+    try:
+        yield model
+    finally:
+        for attn in attentions:
+            del attn.forward
+
+
 def export(model, path, batch_size, img_size, opset, dynamic):
-    """Write ``model`` to ``path`` with the TorchScript exporter."""
+    """Write ``model`` to ``path`` with the TorchScript exporter, q/k/v indexed as unilm does."""
     import torch
 
     dummy = torch.zeros(batch_size, 3, img_size, img_size)
@@ -32,7 +72,7 @@ def export(model, path, batch_size, img_size, opset, dynamic):
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        with torch.no_grad():
+        with torch.no_grad(), unilm_qkv_indexing(model):
             torch.onnx.export(model, (dummy,), path, dynamo=False, export_params=True, opset_version=opset,
                               do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes=dynamic_axes)

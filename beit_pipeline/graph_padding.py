@@ -5,6 +5,8 @@ here rewrites one kind of pattern and returns a Counter of what it changed
 (graph_modify.py prints those counts).  Finally the graph is checked: ONNX
 checker, strict shape inference, every Softmax at the padded size, and no
 constant downstream of the padded stream still carrying the old token count.
+modify_as_guide makes the guide's own graph instead (its four edits, unmasked),
+for the fidelity report's guide_padding stage.
 """
 
 from collections import Counter
@@ -35,8 +37,13 @@ class PaddingResult:
     padded: int
 
 
-def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
-    """Pad the token axis of a simplified BEiT graph in place; PatternError when the graph does not fit."""
+def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True, guide=False):
+    """Pad the token axis of a simplified BEiT graph in place; PatternError when the graph does not fit.
+
+    ``guide``: the guide's own four edits instead (guide_passes); ``mask`` is then ignored.
+    """
+    if guide:
+        return modify_as_guide(model, batch_size, pad_to)
     gi, plan = graph_patterns.plan_padding(model, batch_size, pad_to)
     # The stream pass comes first and also names the padded stream, which the final check follows.
     padded_stream = pad_token_stream(gi, plan)
@@ -45,6 +52,29 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True):
         counts.update(rewrite(gi, plan, mask))
     drop_unused_initializers(model)
     check_result(model, plan.stream, padded_stream, exempt={pooling_end(gi, plan, mask)} - {None})
+    return PaddingResult(counts, plan.stream.tokens, plan.stream.padded)
+
+
+def modify_as_guide(model, batch_size, pad_to=DEFAULT_PAD_TO):
+    """The guide's graph_modify.py (MagicONNX), edit for edit, found structurally instead of by op counts.
+
+    Its four edits, in its order: every Reshape constant 197 -> 208; a zero (B, 11, D)
+    input appended to the cls-token Concat; the constant of the bias Add (and any
+    per-token constant) zero-padded to 208; after each attention's key tensor
+    (B, H, 208, hd) a Slice [0:197] on axis 2 and a Concat of zeros, so the padded keys
+    are zero.  Nothing else: the padded keys still take softmax weight (their score is
+    0 + bias 0, not masked), and the mean pooling runs over all 207 non-cls tokens.
+    """
+    gi, plan = graph_patterns.plan_padding(model, batch_size, pad_to, keys=True)
+    counts = Counter()
+    counts.update(pad_token_reshapes(gi, plan, False))
+    counts.update(append_zero_tokens(gi, plan))
+    for rewrite in (pad_attention, pad_token_constants, zero_padded_keys, restrict_pooling):
+        counts.update(rewrite(gi, plan, False))
+    slice_ends = {n.input[2] for n in model.graph.node
+                  if n.op_type == "Slice" and n.name.startswith("graph_modify_guide_key_slice")}
+    drop_unused_initializers(model)
+    check_result(model, plan.stream, plan.stream.name, exempt=slice_ends)
     return PaddingResult(counts, plan.stream.tokens, plan.stream.padded)
 
 
@@ -80,6 +110,39 @@ def pad_token_stream(gi, plan):
         gi.replace_input(user, s.name, padded_stream)
     gi.insert_after(s.concat, pad_node)
     return padded_stream
+
+
+def append_zero_tokens(gi, plan):
+    """The guide's token padding: a zero (B, P - T, D) third input of the cls-token Concat itself."""
+    s = plan.stream
+    zeros = np.zeros((s.batch_size, s.padded - s.tokens, s.dim), dtype=np.float32)
+    s.concat.input.append(gi.add_const("graph_modify_guide_token_pad", zeros))
+    return Counter({"guide: zero tokens appended to the cls-token Concat": 1})
+
+
+def zero_padded_keys(gi, plan, mask):
+    """The guide's key fix: k (B, H, P, hd) -> Slice [0:T] on axis 2 -> Concat zeros (B, H, P - T, hd)."""
+    s, counts = plan.stream, Counter()
+    bounds = [gi.add_const(f"graph_modify_guide_key_{what}", np.array([value], np.int64))
+              for what, value in (("starts", 0), ("ends", s.tokens), ("axes", 2), ("steps", 1))]
+    zeros = {}
+    for key in plan.key_branches:
+        shape = (s.batch_size, key.heads, s.padded - s.tokens, key.head_dim)
+        if shape not in zeros:
+            zeros[shape] = gi.add_const("graph_modify_guide_key_pad", np.zeros(shape, np.float32))
+        real = gi.unique_name(key.tensor + "_real")
+        padded = gi.unique_name(key.tensor + "_zero_padded")
+        sl = helper.make_node("Slice", [key.tensor, *bounds], [real],
+                              name=gi.unique_name("graph_modify_guide_key_slice"))
+        cat = helper.make_node("Concat", [real, zeros[shape]], [padded], axis=2,
+                               name=gi.unique_name("graph_modify_guide_key_concat"))
+        readers = list(gi.consumers[key.tensor])  # as MagicONNX's insert 'after': every reader of k
+        gi.insert_before(key.transpose, sl)
+        gi.insert_before(key.transpose, cat)
+        for reader in readers:
+            gi.replace_input(reader, key.tensor, padded)
+        counts[f"guide: padded keys zeroed (Slice 0:{s.tokens} + Concat zeros)"] += 1
+    return counts
 
 
 def pad_attention(gi, plan, mask):

@@ -72,6 +72,15 @@ class TokenReshape:
 
 
 @dataclass
+class KeyBranch:
+    """The key tensor (B, H, T, hd) of one attention, read by the Transpose that makes k^T for q @ k^T."""
+    tensor: str
+    transpose: NodeProto
+    heads: int
+    head_dim: int
+
+
+@dataclass
 class PaddingPlan:
     """Everything the padding rewrites touch, found and checked before any of them runs."""
     stream: TokenStream
@@ -79,10 +88,14 @@ class PaddingPlan:
     pooling: Pooling
     token_constants: list[TokenConstant] = field(default_factory=list)
     token_reshapes: list[TokenReshape] = field(default_factory=list)
+    key_branches: list[KeyBranch] = field(default_factory=list)  # filled for the guide's padding only
 
 
-def plan_padding(model, batch_size, pad_to):
-    """(GraphIndex, PaddingPlan) of a simplified BEiT graph; PatternError when it does not fit."""
+def plan_padding(model, batch_size, pad_to, keys=False):
+    """(GraphIndex, PaddingPlan) of a simplified BEiT graph; PatternError when it does not fit.
+
+    ``keys``: also find each attention's key branch (the guide's padding zeroes the padded keys there).
+    """
     opset = opset_version(model)
     if opset is None or opset < MIN_OPSET:
         raise PatternError(f"opset >= {MIN_OPSET}", f"the graph uses opset {opset}")
@@ -91,8 +104,11 @@ def plan_padding(model, batch_size, pad_to):
     downstream = gi.downstream(stream.name)
     blocks = find_attention_blocks(gi, downstream, stream)
     pooling = find_pooling(gi, stream.name, stream.tokens)
-    return gi, PaddingPlan(stream, blocks, pooling, find_token_constants(gi, downstream, stream.tokens),
-                           find_token_reshapes(gi, downstream, stream.tokens, blocks))
+    plan = PaddingPlan(stream, blocks, pooling, find_token_constants(gi, downstream, stream.tokens),
+                       find_token_reshapes(gi, downstream, stream.tokens, blocks))
+    if keys:
+        plan.key_branches = [find_key_branch(gi, block, stream) for block in blocks]
+    return gi, plan
 
 
 # ---------------------------------------------------------------- input and token stream
@@ -265,6 +281,30 @@ def walk_to_reshape(gi, name):
         name = live[0]
     raise PatternError(ATTENTION, f"no qkv Reshape above the attention operand '{name}' "
                                   f"(walking through {', '.join(QKV_WALK_OPS)})")
+
+
+def scores_matmul(gi, block):
+    """The q @ k^T MatMul whose output (plus the bias, if any) the block's Softmax reads."""
+    if block.bias_add is None:
+        return gi.producer[block.softmax.input[0]]
+    live = next(i for i in block.bias_add.input if i != block.bias_input)
+    return gi.producer[live]
+
+
+def find_key_branch(gi, block, stream):
+    """The key tensor (B, H, T, hd) before the Transpose [0, 1, 3, 2] that feeds q @ k^T."""
+    pattern = "attention key branch (k (B, H, T, hd) -> Transpose [0, 1, 3, 2] -> q @ k^T)"
+    scores = scores_matmul(gi, block)
+    trans = gi.producer.get(scores.input[1])
+    if trans is None or trans.op_type != "Transpose" or list(attr(trans, "perm", [])) != [0, 1, 3, 2]:
+        found = "nothing" if trans is None else f"{trans.op_type} {attr(trans, 'perm')}"
+        raise PatternError(pattern, f"the right operand of the scores MatMul comes from {found}")
+    shape = gi.shape(trans.input[0])
+    if not shape or len(shape) != 4 or None in shape or shape[0] != stream.batch_size \
+            or shape[2] != stream.tokens or shape[1] * shape[3] != stream.dim:
+        raise PatternError(pattern, f"the key tensor has shape {shape}, expected "
+                                    f"[{stream.batch_size}, H, {stream.tokens}, {stream.dim} / H]")
+    return KeyBranch(trans.input[0], trans, shape[1], shape[3])
 
 
 # ---------------------------------------------------------------- pooling

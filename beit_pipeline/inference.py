@@ -5,9 +5,16 @@ an image model (ModelInfo), list and check the input batches (InputSet), plan th
 output folder against its record (InferencePlan, inference_record.py), warm up,
 time and write the outputs (Timings), then the summary (inference_summary.py).
 
-A batch file must hold exactly one model batch; ais_bench would silently glue
-several smaller files into one batch, which breaks the row -> image mapping of the
-manifest.  Every file is checked before anything is written.
+Input files and model batches follow ais_bench (io_oprations.py): a file holds one
+model batch, or, where every file holds the same smaller number of images that divides
+the model's batch, ``batch / rows`` files are joined into one model batch (the last
+group padded with its own first file) and the output is split back along
+``--output_batchsize_axis``, one output file per input file, none for the padding.
+The manifest's row -> image mapping stays exact because each output file still holds
+its own input file's rows.  Files of different sizes, which ais_bench would join and
+split wrongly, are refused; every file is checked before anything is written.
+
+The engine (ONNX Runtime or OpenVINO) and the precision come from engines.py.
 """
 
 import contextlib
@@ -20,7 +27,7 @@ import time
 import numpy as np
 
 from beit_pipeline import batches as batch_files
-from beit_pipeline import files, onnx_models
+from beit_pipeline import engines, files, onnx_models
 from beit_pipeline import inference_record as records
 from beit_pipeline import inference_summary as summaries
 from beit_pipeline import outputs as output_files
@@ -51,6 +58,9 @@ class ModelInfo:
     num_classes: object  # int, or None when the output's last axis is dynamic
     output_names: list
     provider: str  # the execution provider that really runs
+    engine: str = "onnxruntime"  # onnxruntime / openvino
+    precision: str = "fp32"  # the precision that really runs
+    instructions: list = dataclasses.field(default_factory=list)  # CPU instruction sets a reduced precision uses
 
     def feed(self, batch):
         return {self.input_name: batch.astype(self.input_dtype, copy=False)}
@@ -86,10 +96,27 @@ def describe_model(session, path):
                      output_names=[o.name for o in session.get_outputs()], provider=session.get_providers()[0])
 
 
-def open_model(path, providers="cpu", device=0, threads=0):
-    """(session, ModelInfo) of an image model, through the pipeline's one session factory."""
-    session = onnx_models.open_session(path, providers, device, threads)
-    return session, describe_model(session, path)
+_OV_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+def open_model(path, providers="cpu", device=0, threads=0, precision="fp32"):
+    """(session, ModelInfo) of an image model, through the pipeline's one session factory.
+
+    ``providers`` None picks the engine (engines.choose_engine); the precision that
+    OpenVINO reports it compiled for must be the one asked for, else the run is refused.
+    """
+    choice = engines.choose_engine(providers, precision)
+    session = onnx_models.open_session(path, choice.providers, device, threads, precision)
+    model = describe_model(session, path)
+    model.engine, model.instructions = choice.engine, choice.instructions
+    if choice.engine == "openvino":
+        ran = _OV_PRECISIONS.get(session.precision_ran, session.precision_ran)
+        if ran != precision:
+            raise InferError(f"{path}: OpenVINO compiled the model for {ran}, not the --precision {precision} asked for")
+    model.precision = precision
+    log.info(f"engine:{engines.engine_version(choice.engine)} ({choice.reason}), precision:{precision}"
+             + (f" on the CPU's {', '.join(choice.instructions)} instructions" if choice.instructions else ""))
+    return session, model
 
 
 def expected_batch(model, batchsize):
@@ -109,6 +136,12 @@ class InputSet:
     stems: list  # ais_bench's output stems (basename up to its first dot)
     rows: list  # images in each file
     manifest_print: object  # the manifest's image-set fingerprint, or None
+    files_per_batch: int = 1  # files joined into one model batch (ais_bench's filesperbatch)
+
+    def groups(self):
+        """Indices of the files of each model batch, in order (the last group may be short: padded when run)."""
+        n, k = len(self.files), self.files_per_batch
+        return [list(range(start, min(start + k, n))) for start in range(0, n, k)]
 
 
 def output_stem(path):
@@ -166,20 +199,32 @@ def finished_manifest_print(spec):
     return None
 
 
+def files_per_batch(rows, expected):
+    """ais_bench's filesperbatch: model batch / the first file's rows, where that divides; else 1."""
+    if expected is None or not rows or rows[0] >= expected or expected % rows[0]:
+        return 1
+    return expected // rows[0]
+
+
 def load_inputs(spec, model, expected):
     """Check every batch file against the model before anything is written: a mismatch half way
     through would leave a folder of outputs that looks complete to a later step."""
     manifest_print = finished_manifest_print(spec)
     paths = list_inputs(spec)
-    rows = []
-    for path in paths:
-        n = batch_files.batch_rows(path, model.image_size)
-        if expected is not None and n != expected:
+    rows = [batch_files.batch_rows(path, model.image_size) for path in paths]
+    per_batch = files_per_batch(rows, expected)
+    for path, n in zip(paths, rows):
+        if expected is not None and n * per_batch != expected:
+            joined = (f"; ais_bench joins {per_batch} files of {rows[0]} images into one batch, so every file "
+                      f"must hold {rows[0]}") if per_batch > 1 else ""
             raise InferError(f"{path}: holds a batch of {n} images but the model {os.path.basename(model.path)} "
-                             f"takes batches of {expected} (input '{model.input_name}' shape {model.input_shape}); "
-                             f"preprocess with --batch_size {expected} or export the model for batch {n}")
-        rows.append(n)
-    return InputSet(files=paths, stems=[output_stem(p) for p in paths], rows=rows, manifest_print=manifest_print)
+                             f"takes batches of {expected} (input '{model.input_name}' shape {model.input_shape})"
+                             f"{joined}; preprocess with --batch_size {expected} or export the model for batch {n}")
+    if per_batch > 1:
+        log.info(f"get filesperbatch files0 rows:{rows[0]} batch:{expected} filesperbatch:{per_batch} "
+                 f"runcount:{-(-len(paths) // per_batch)}")
+    return InputSet(files=paths, stems=[output_stem(p) for p in paths], rows=rows, manifest_print=manifest_print,
+                    files_per_batch=per_batch)
 
 
 # ---------------------------------------------------------------- the output folder
@@ -301,6 +346,7 @@ def timed_run(session, model, batch, timings):
     start = time.perf_counter()
     outs = session.run(model.output_names, model.feed(batch))
     timings.add((time.perf_counter() - start) * 1000.0, batch.shape[0])
+    log.debug(f"run {len(timings.times_ms)}: batch {batch.shape[0]}, {timings.times_ms[-1]:.3f} ms")
     return outs
 
 
@@ -310,16 +356,35 @@ def warm_up(session, model, batch, count):
     log.info(f"warm up {count} done")
 
 
-def run_pure(session, model, args, batch_size):
-    """ais_bench without --input: time a seeded random batch ``--loop`` times; nothing is written."""
+PURE_STEM = "pure_infer_data"  # ais_bench's name for the input of a run without --input
+
+
+def pure_batch(model, batch_size, data_type):
+    """ais_bench's pure-inference input: zeros by default; ``random``: a seeded standard-normal batch
+    (ais_bench fills random bytes, which as float32 are mostly huge or NaN; normal values time the same)."""
+    shape = (batch_size, 3, model.image_size, model.image_size)
+    if data_type == "random":
+        return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return np.zeros(shape, dtype=np.float32)
+
+
+def run_pure(session, model, args, batch_size, out_dir=None):
+    """ais_bench without --input: time the pure batch ``--loop`` times; with an output folder, write the
+    outputs of the last run as ``pure_infer_data_<k>.<fmt>``, as ais_bench does."""
     from tqdm import tqdm
 
-    batch = np.random.default_rng(0).standard_normal((batch_size, 3, model.image_size, model.image_size))
-    batch = batch.astype(np.float32)
+    batch = pure_batch(model, batch_size, args.pure_data_type)
     warm_up(session, model, batch, args.warmup_count)
     timings = summaries.Timings()
     for _ in tqdm(range(args.loop), desc="Inference pure", file=sys.stderr, disable=args.no_progress):
-        timed_run(session, model, batch, timings)
+        outs = timed_run(session, model, batch, timings)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        log.info(f"output path:{out_dir}")
+        for k, out in enumerate(outs):
+            path = os.path.join(out_dir, f"{PURE_STEM}_{k}.{args.outfmt.lower()}")
+            with files.naming_errors(path):
+                output_files.write_output(path, out, args.outfmt.lower())
     return timings
 
 
@@ -330,25 +395,54 @@ def write_outputs(plan, i, outs):
             output_files.write_output(path, out, plan.fmt)
 
 
+def join_group(read, group, per_batch):
+    """One model batch from the files of ``group``, padded with its first file (ais_bench's padding file)."""
+    if per_batch == 1:
+        return read(group[0])
+    arrays = [read(i) for i in group]
+    arrays += [arrays[0]] * (per_batch - len(group))
+    return np.concatenate(arrays, axis=0)
+
+
+def split_outputs(outs, per_batch, axis):
+    """Each output split into ``per_batch`` equal parts along ``axis`` (ais_bench's save_tensors_to_file)."""
+    parts = []
+    for k, out in enumerate(outs):
+        if axis >= out.ndim or out.shape[axis] % per_batch:
+            raise InferError(f"output {k} has shape {out.shape}: cannot split it into {per_batch} files along "
+                             f"--output_batchsize_axis {axis}")
+        parts.append(np.split(out, per_batch, axis=axis) if per_batch > 1 else [out])
+    return [[p[j] for p in parts] for j in range(per_batch)]
+
+
+def planned_groups(plan):
+    """The groups of files with at least one output to write (all of a group runs: it is one batch)."""
+    todo = set(plan.todo)
+    return [g for g in plan.inputs.groups() if todo.intersection(g)]
+
+
 def run_files(session, model, plan, args):
     """Run the planned batches ``--loop`` times; the first round writes their outputs (when there is a folder)."""
     from tqdm import tqdm
 
     timings = summaries.Timings()
-    if not plan.todo:
+    groups, per_batch, todo = planned_groups(plan), plan.inputs.files_per_batch, set(plan.todo)
+    if not groups:
         return timings  # every output is already there: nothing to run, nothing to read
     read = lambda i: batch_files.read_batch(plan.inputs.files[i], image_size=model.image_size)  # noqa: E731
-    first = read(plan.todo[0])
+    first = join_group(read, groups[0], per_batch)
     warm_up(session, model, first, args.warmup_count)
-    bar = tqdm(total=len(plan.todo) * args.loop, desc="Inference", unit="batch", file=sys.stderr,
+    bar = tqdm(total=len(groups) * args.loop, desc="Inference", unit="batch", file=sys.stderr,
                disable=args.no_progress)
     with bar:
         for round_ in range(args.loop):
-            for i in plan.todo:
-                outs = timed_run(session, model, first if i == plan.todo[0] else read(i), timings)
+            for n, group in enumerate(groups):
+                outs = timed_run(session, model, first if n == 0 else join_group(read, group, per_batch), timings)
                 if round_ == 0 and plan.out_dir is not None:
-                    write_outputs(plan, i, outs)
-                    timings.written.append(i)
+                    for i, file_outs in zip(group, split_outputs(outs, per_batch, args.output_batchsize_axis)):
+                        if i in todo:
+                            write_outputs(plan, i, file_outs)
+                            timings.written.append(i)
                 bar.update(1)
     return timings
 
@@ -359,6 +453,7 @@ def check_arguments(args):
     """Flag values and path arguments (exit 2), before the model is opened."""
     check(args.loop >= 1 and args.warmup_count >= 0 and (args.batchsize is None or args.batchsize >= 1),
           "--loop and --batchsize must be positive, --warmup_count not negative")
+    check(args.output_batchsize_axis >= 0, "--output_batchsize_axis must not be negative")
     check(args.output is not None or args.output_dirname is None, "--output_dirname needs --output (as in ais_bench)")
     check(not (args.resume and args.overwrite), "--resume keeps outputs and --overwrite recomputes them: give one")
     check(not args.resume or args.output_dirname is not None,
@@ -391,16 +486,42 @@ def run_with_inputs(session, model, args, inputs, out_dir, expected):
     return plan, run_files(session, model, plan, args)
 
 
+def parse_devices(text):
+    """``--device 0`` or ``0,1``: the device ids, as ais_bench takes them."""
+    try:
+        devices = [int(d) for d in str(text).split(",") if d.strip() != ""]
+    except ValueError:
+        devices = []
+    check(devices and all(d >= 0 for d in devices) and len(set(devices)) == len(devices),
+          f"--device {text!r}: give a device id or comma-separated distinct ids (0 or 0,1)")
+    return devices
+
+
 def run_inference(args):
-    """Run the model over the batch files (or random input) and write ais_bench's outputs.
+    """Run the model over the batch files (or the pure input) and write ais_bench's outputs.
 
     ``args`` is the namespace beit_infer.build_parser() parses.  Returns the summary
     dict (also written to ``<output>/<dirname>_summary.json`` when ``--output`` is
     given).  Raises PipelineError naming the file or flag, before any folder is made,
-    for a model or input that does not fit.
+    for a model or input that does not fit.  Several ``--device`` ids run one worker
+    each (inference_devices.py).
     """
+    devices = parse_devices(args.device)
+    if len(devices) > 1:
+        from beit_pipeline import inference_devices
+        return inference_devices.run_devices(args, devices)
+    args.device = devices[0]
+    return run_one_device(args)
+
+
+def run_one_device(args):
+    """run_inference() on one device (``args.device`` an int)."""
     check_arguments(args)
-    session, model = open_model(args.model, args.providers, args.device, args.threads)
+    if getattr(args, "debug", False):
+        log.setLevel("DEBUG")
+    session, model = open_model(args.model, args.providers, args.device, args.threads, args.precision)
+    log.debug(f"session info: inputs {[(i.name, i.shape, i.type) for i in session.get_inputs()]}, "
+              f"outputs {[(o.name, o.shape, o.type) for o in session.get_outputs()]}, provider {model.provider}")
     expected = expected_batch(model, args.batchsize)
     inputs = load_inputs(args.input, model, expected) if args.input is not None else None
     out_dir = output_dir(args)
@@ -410,7 +531,7 @@ def run_inference(args):
             plan, timings = run_with_inputs(session, model, args, inputs, out_dir, expected)
         else:
             log.info(f"provider:{model.provider}")
-            plan, timings = None, run_pure(session, model, args, expected or 1)
+            plan, timings = None, run_pure(session, model, args, expected or 1, out_dir)
         summary = summaries.build_summary(args, model, plan, timings, expected)
         if out_dir is not None:
             with files.naming_errors(out_dir + "_summary.json"):

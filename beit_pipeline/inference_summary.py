@@ -2,13 +2,18 @@
 
 The summary keeps ais_bench's keys (``NPU_compute_time`` with min/max/mean/median/
 ``percentile(99%)``/count, ``throughput``, ``npu_compute_time_list``, ``filesinfo``,
-``args``, ``pid``); here the "NPU compute time" is the wall time of one ONNX Runtime
-``session.run`` in ms.  Throughput is ais_bench's ``1000 * batchsize.mean /
-compute_time.mean``: images per summed compute second.
+``args``, ``pid``, ``H2D_latency``, ``D2H_latency``; ais_bench's summary.py); here the
+"NPU compute time" is the wall time of one ``session.run`` in ms.  Throughput is
+ais_bench's ``1000 * batchsize.mean / compute_time.mean``: images per summed compute
+second.  ``args`` is the command line as a list (ais_bench writes ``sys.argv``); the
+parsed options are under ``options``.  The CPU engines read the batch where it lies in
+host memory, so there is no host-to-device copy to time: H2D_latency and D2H_latency
+are ais_bench's empty statistics (zeros, count 0), and ``latency_note`` says why.
 """
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
@@ -62,22 +67,43 @@ def files_info(plan):
             for i, path in enumerate(plan.inputs.files)}
 
 
+LATENCY_NOTE = ("CPU engines read the input in host memory and return host arrays: no host-device copies, "
+                "so H2D_latency and D2H_latency are empty (count 0)")
+
+
+def command_line(args):
+    """ais_bench's ``args``: the argv list (beit_infer.main puts it on the namespace; else this process's)."""
+    return list(getattr(args, "argv", None) or sys.argv)
+
+
+def options(args):
+    return {k: v for k, v in vars(args).items() if k != "argv"}
+
+
 def build_summary(args, model, plan, timings, expected_batch):
     """The summary dict; ``plan`` is None in pure performance mode."""
-    import onnxruntime
+    from beit_pipeline import engines
 
     rows = plan.inputs.rows if plan is not None else []
     mean_bs = float(np.mean(timings.batch_sizes)) if timings.batch_sizes else \
         float(expected_batch or (rows[0] if rows else 1))
     return {
         "filesinfo": files_info(plan),
-        "args": vars(args),
+        "args": command_line(args),
         "NPU_compute_time": timing_stats(timings.times_ms),
+        "H2D_latency": timing_stats([]),
+        "D2H_latency": timing_stats([]),
         "throughput": throughput(timings.batch_sizes, timings.times_ms),
         "batchsize": mean_bs,
         "npu_compute_time_list": [float(t) for t in timings.times_ms],
         "pid": os.getpid(),
-        "runner": "onnxruntime " + onnxruntime.__version__,
+        "latency_note": LATENCY_NOTE,
+        "options": options(args),
+        "runner": engines.engine_version(model.engine),
+        "engine": model.engine,
+        "precision": model.precision,
+        "cpu_instructions": model.instructions,
+        "files_per_batch": plan.inputs.files_per_batch if plan is not None else 1,
         "provider": model.provider,
         "providers_requested": args.providers,
         "model": os.path.abspath(model.path),
@@ -95,15 +121,33 @@ def write_summary(summary, out_dir):
     return summary["summary_path"]
 
 
-def report(summary):
+def _stats_line(name, t):
+    return (f"{name} (ms): min = {t['min']}, max = {t['max']}, mean = {t['mean']}, "
+            f"median = {t['median']}, percentile({PERCENTILE}%) = {t[f'percentile({PERCENTILE}%)']}")
+
+
+def report_devices(results):
+    """ais_bench's multidevice_run closing lines: one per device, then the summed throughput."""
+    for r in results:
+        log.info(f"i:{r['index']} device_{r['device']} throughput:{r['throughput']} "
+                 f"start_time:{r['start_time']} end_time:{r['end_time']}")
+    log.info(f"summary throughput:{sum(r['throughput'] for r in results)}")
+
+
+def report(summary, display_all=False):
     """The closing lines, worded as ais_bench's summary.report prints them (through log.info: ``[INFO] ``)."""
+    if "devices" in summary:
+        report_devices(summary["devices"])
+        return
     t = summary["NPU_compute_time"]
-    p = t[f"percentile({PERCENTILE}%)"]
     bs = summary["batchsize"]
     bs_text = int(bs) if float(bs).is_integer() else bs
     log.info("-----------------Performance Summary------------------")
-    log.info(f"NPU_compute_time (ms): min = {t['min']}, max = {t['max']}, mean = {t['mean']}, "
-             f"median = {t['median']}, percentile({PERCENTILE}%) = {p}")
+    if display_all:
+        log.info(_stats_line("H2D_latency", summary["H2D_latency"]))
+    log.info(_stats_line("NPU_compute_time", t))
+    if display_all:
+        log.info(_stats_line("D2H_latency", summary["D2H_latency"]))
     log.info(f"throughput 1000*batchsize.mean({bs_text})/NPU_compute_time.mean({t['mean']}): "
              f"{summary['throughput']}")
     log.info("------------------------------------------------------")

@@ -223,7 +223,7 @@ def resolve_providers(requested, available):
     for item in [p.strip() for p in requested.split(",") if p.strip()]:
         name = PROVIDERS.get(item.lower(), item)
         if name not in PROVIDERS.values() and name not in available:
-            raise UsageError(f"--providers: unknown provider {item!r}; use cpu, cuda, tensorrt, cann "
+            raise UsageError(f"--providers: unknown provider {item!r}; use cpu, cuda, tensorrt, cann, openvino "
                              f"or an ONNX Runtime provider name ({', '.join(available)})")
         if name not in available:
             warnings.append(f"provider {item} ({name}) is not available in this onnxruntime "
@@ -236,13 +236,14 @@ def resolve_providers(requested, available):
     return wanted, warnings
 
 
-def open_session(path, providers="cpu", device=0, threads=0):
+def open_session(path, providers="cpu", device=0, threads=0, precision="fp32"):
     """An ONNX Runtime session on the first available requested provider (CPU as the fallback).
 
-    ``providers``: comma-separated names of PROVIDERS or ONNX Runtime's own; ``threads``:
-    intra-op threads (0: ONNX Runtime's default, all cores).  Raises OnnxCheckError
-    naming the file when it is missing or will not load; logs which provider runs
-    when the first choice did not start.
+    ``providers``: comma-separated names of PROVIDERS or ONNX Runtime's own, or ``openvino``
+    (then OpenVINO's runtime compiles the file at ``precision``, engines.OpenVinoSession,
+    which answers like an ONNX Runtime session); ``threads``: intra-op threads (0: the
+    runtime's default, all cores).  Raises OnnxCheckError naming the file when it is
+    missing or will not load; logs which provider runs when the first choice did not start.
     """
     import onnxruntime as ort
 
@@ -252,6 +253,8 @@ def open_session(path, providers="cpu", device=0, threads=0):
     if path.lower().endswith(".om"):
         raise OnnxCheckError(f"{path}: an Ascend .om model runs with ais_bench on the NPU; "
                              "ONNX Runtime takes the .onnx model")
+    if providers.split(",")[0].strip().lower() == "openvino":
+        return _open_openvino(path, precision, threads)
     wanted, warnings = resolve_providers(providers, ort.get_available_providers())
     for w in warnings:
         log.warning(w)
@@ -269,6 +272,17 @@ def open_session(path, providers="cpu", device=0, threads=0):
         # The provider was built in but failed to start (e.g. no CUDA libraries).
         log.warning(f"{wanted[0]} did not start; running on {actual}")
     return session
+
+
+def _open_openvino(path, precision, threads):
+    from beit_pipeline import engines
+
+    if not engines.openvino_available():
+        raise UsageError("--providers openvino: OpenVINO is not installed (.venv/bin/pip install -r requirements.txt)")
+    try:
+        return engines.OpenVinoSession(path, precision, threads)
+    except Exception as exc:  # OpenVINO raises RuntimeError with its own text for a bad file
+        raise OnnxCheckError(f"{path}: not a model OpenVINO can load ({_first_line(exc)})") from exc
 
 
 def _first_line(exc):

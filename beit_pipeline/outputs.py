@@ -1,7 +1,8 @@
 """Inference outputs as ais_bench writes them, read back for evaluation.
 
 ``<input_stem>_0.txt`` (one line per batch row, ``%f`` values each followed by a
-space), ``<input_stem>_0.bin`` (raw float32) or ``<input_stem>_0.npy``.
+space), ``<input_stem>_0.bin`` (raw, in the model output's dtype: float32 from ONNX
+Runtime, float16 from an OM whose output atc left in fp16) or ``<input_stem>_0.npy``.
 """
 
 import io
@@ -48,11 +49,39 @@ def write_output(path, array, fmt=None):
         raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
 
 
-def read_output(path, num_classes=NUM_CLASSES):
+BIN_DTYPES = {"float32": np.float32, "float16": np.float16}  # what an ONNX model or an OM outputs here
+
+
+def bin_dtype(path, size, num_classes, batch_size=None, dtype=None):
+    """The dtype of a raw BIN output: ``dtype`` when known (the summary), else told by the file size.
+
+    An OM writes whole batches (its input is padded), so with ``batch_size`` B a size of exactly
+    B x classes x 2 is float16 and B x classes x 4 float32 (by size alone, 8 fp16 rows are 4 float32
+    rows).  Any other size is float32 rows if it fits them (ONNX Runtime's outputs, as before), else
+    float16 rows; a size that fits no dtype, or more rows than B, is refused.
+    """
+    names = [dtype] if dtype is not None else list(BIN_DTYPES)
+    if dtype is not None and dtype not in BIN_DTYPES:
+        raise PipelineFileError(f"{path}: output dtype {dtype!r} is not one of {', '.join(BIN_DTYPES)}")
+    row_bytes = {name: np.dtype(name).itemsize * num_classes for name in names}
+    fits = [name for name in names if size and size % row_bytes[name] == 0
+            and (batch_size is None or size // row_bytes[name] <= batch_size)]
+    full = [name for name in fits if batch_size and size == batch_size * row_bytes[name]]
+    whole = [name for name in names if size and size % row_bytes[name] == 0]
+    if not fits and whole:
+        raise PipelineFileError(f"{path}: {size // row_bytes[whole[0]]} rows or more ({size} bytes), more than "
+                                f"the batch size {batch_size}")
+    if not fits:
+        raise PipelineFileError(f"{path}: {size} bytes is not a whole number of {' or '.join(names)} rows of "
+                                f"{num_classes} classes: not an output of this model")
+    return BIN_DTYPES[(full or fits)[0]]
+
+
+def read_output(path, num_classes=NUM_CLASSES, batch_size=None, dtype=None):
     """Read one output file as a (rows, num_classes) float32 array.
 
-    Raises PipelineFileError naming the file when it is malformed or when a
-    row is not ``num_classes`` wide.
+    A BIN file's dtype is ``dtype`` or told by its size (bin_dtype).  Raises PipelineFileError naming
+    the file when it is malformed or when a row is not ``num_classes`` wide.
     """
     path = os.fspath(path)
     fmt = os.path.splitext(path)[1][1:].lower()
@@ -75,11 +104,8 @@ def read_output(path, num_classes=NUM_CLASSES):
                 raise PipelineFileError(f"{path}: empty output file")
             arr = np.asarray(rows, dtype=np.float32)
         elif fmt == "bin":
-            size = os.path.getsize(path)
-            if size == 0 or size % (4 * num_classes):
-                raise PipelineFileError(
-                    f"{path}: {size} bytes is not a whole number of float32 rows of {num_classes} classes")
-            arr = np.fromfile(path, dtype=np.float32).reshape(-1, num_classes)
+            kind = bin_dtype(path, os.path.getsize(path), num_classes, batch_size, dtype)
+            arr = np.fromfile(path, dtype=kind).reshape(-1, num_classes).astype(np.float32)
         elif fmt == "npy":
             try:
                 arr = np.load(path, allow_pickle=False)

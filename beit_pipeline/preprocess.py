@@ -22,8 +22,7 @@ from tqdm import tqdm
 from beit_pipeline import batches, cli, files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import EXIT_USAGE, PipelineFileError, UsageError
-from beit_pipeline.preprocess_transform import (CROP_SIZE, TRANSFORM, BadImageError, load_crop, shown,
-                                                to_float)
+from beit_pipeline.preprocess_transform import BadImageError, geometry, load_crop, shown, to_float, use_image_size
 from beit_pipeline.preprocess_workers import (WRITER_DEPTH, BatchWriter, decoded, fork_workers, usable_cpus,
                                               write_error)
 
@@ -127,7 +126,8 @@ def available_memory():
 
 def buffer_bytes(batch_size):
     """Memory the batch buffers take: the writer's float32 buffers and the uint8 crops being batched."""
-    return (WRITER_DEPTH + 2) * batches.batch_nbytes(batch_size, CROP_SIZE) + batch_size * 3 * CROP_SIZE ** 2
+    crop = geometry().crop
+    return (WRITER_DEPTH + 2) * batches.batch_nbytes(batch_size, crop) + batch_size * 3 * crop ** 2
 
 
 def check_memory(batch_size):
@@ -154,6 +154,10 @@ def check_args(args):
     cli.check(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
     cli.check(args.workers >= 1, f"--workers must be at least 1, got {args.workers}")
     cli.check(args.max_pixels >= 1, f"--max_pixels must be at least 1, got {args.max_pixels}")
+    image_size = getattr(args, "image_size", batches.IMAGE_SIZE)
+    cli.check(16 <= image_size <= 4096 and image_size % 16 == 0,
+              f"--image_size must be a multiple of 16 (BEiT's patch) in [16, 4096], got {image_size}")
+    use_image_size(image_size)  # before the pool forks: the workers inherit it
     check_memory(args.batch_size)
     args.workers = cap_workers(args.workers, args.force_workers)
 
@@ -161,17 +165,20 @@ def check_args(args):
 # ---------------------------------------------------------------- the output folder
 
 def make_manifest(args, names, fingerprint, batch_entries, skipped, complete):
+    geo = geometry()
     return {
         "format": batches.MANIFEST_FORMAT,
         "complete": complete,
         "batch_size": args.batch_size,
-        "image_size": CROP_SIZE,
+        "image_size": geo.crop,
+        "resize_size": geo.resize,
         "dtype": "float32",
-        "layout": "raw C-order (batch_size, 3, 224, 224) per input_NNNNN.bin; the last batch is zero-padded",
+        "layout": f"raw C-order (batch_size, 3, {geo.crop}, {geo.crop}) per input_NNNNN.bin; the last batch is "
+                  "zero-padded",
         "source": os.path.abspath(args.image_path),
         "num_images": len(names),
         "fingerprint": fingerprint,
-        "transform": TRANSFORM,
+        "transform": geo.description,
         "batches": batch_entries,
         "skipped": skipped,
     }
@@ -186,13 +193,13 @@ def _refused(message, out):
 
 
 def _check_settings(old, out, batch_size, fingerprint, num_images, source):
-    if (old.get("batch_size"), old.get("fingerprint"), old.get("image_size")) != (
-            batch_size, fingerprint, CROP_SIZE):
+    crop = geometry().crop
+    if (old.get("batch_size"), old.get("fingerprint"), old.get("image_size")) != (batch_size, fingerprint, crop):
         raise _refused(
             f"{out} was made with batch size {old.get('batch_size')} from {old.get('num_images')} images "
             f"in {old.get('source')} (image-set fingerprint {old.get('fingerprint')}, image size "
             f"{old.get('image_size')}); this run asks for batch size {batch_size} from {num_images} images "
-            f"in {source} (fingerprint {fingerprint}, image size {CROP_SIZE}). Batches of both are never mixed", out)
+            f"in {source} (fingerprint {fingerprint}, image size {crop}). Batches of both are never mixed", out)
 
 
 def read_old_manifest(out, batch_size, fingerprint, num_images, source):
@@ -230,7 +237,7 @@ def batches_on_disk(out, candidates, batch_size):
     Batch k holds candidates[k*bs:(k+1)*bs]: every image skipped before it was
     recorded in the manifest before the batch was written.
     """
-    size = batches.batch_nbytes(batch_size, CROP_SIZE)
+    size = batches.batch_nbytes(batch_size, geometry().crop)
     found = []
     while len(found) * batch_size < len(candidates):
         k = len(found)
@@ -354,7 +361,8 @@ def record_bad(plan, name, problem):
 
 def batch_images(plan, results, writer):
     """Consume (crop, problem) in the order of ``plan.todo``; hand every full batch, then the rest, to ``writer``."""
-    crops = np.zeros((plan.args.batch_size, 3, CROP_SIZE, CROP_SIZE), np.uint8)
+    crop = geometry().crop
+    crops = np.zeros((plan.args.batch_size, 3, crop, crop), np.uint8)
     rows = []
     with tqdm(total=len(plan.todo), unit="img", desc="preprocess", file=sys.stderr, disable=not plan.todo) as bar:
         for name, (crop, problem) in zip(plan.todo, results):

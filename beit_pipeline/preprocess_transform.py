@@ -1,13 +1,18 @@
 """unilm BEiT's eval transform, computed exactly as torchvision computes it on a PIL image.
 
-    img.convert("RGB") -> Resize(256, bicubic, short side) -> CenterCrop(224)
+    img.convert("RGB") -> Resize(R, bicubic, short side) -> CenterCrop(S)
     -> ToTensor -> Normalize(mean=0.5, std=0.5)
+
+S is the model's input size and R follows unilm's rule (beit/datasets.py, build_transform):
+below 384 px, R = int(S / (224 / 256)) (256 at 224); at 384 and above crop_pct is 1.0, R = S.
+The size is a process setting (``use_image_size``), made before any pool worker forks.
 
 ``preprocess_image(path)`` is the whole transform for one file; ``load_crop`` and
 ``to_float`` are its two halves (uint8 crop, then float32), which the folder run
 (preprocess.py) calls apart so that the crops can come from worker processes.
 """
 
+import dataclasses
 import math
 import os
 import warnings
@@ -19,13 +24,45 @@ from beit_pipeline.batches import IMAGE_SIZE
 from beit_pipeline.errors import PipelineFileError
 
 RESIZE_SIZE = 256  # unilm: int(224 / crop_pct) with crop_pct = 224 / 256
-CROP_SIZE = IMAGE_SIZE
+CROP_SIZE = IMAGE_SIZE  # the default size; the active one is geometry().crop
 MEAN = 0.5  # unilm's IMAGENET_INCEPTION_MEAN/STD, the same for the three channels
 STD = 0.5
 # Pillow's own default; an image above it is refused as a possible decompression bomb.
 DEFAULT_MAX_PIXELS = 89_478_485
-TRANSFORM = ("PIL convert('RGB') -> Resize(256, bicubic, short side) -> CenterCrop(224) -> ToTensor "
-             "-> Normalize(mean=0.5, std=0.5), as torchvision computes it on a PIL image")
+UNILM_FULL_CROP_FROM = 384  # unilm's build_transform: crop_pct = 1.0 from this size up
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The resize (short side) and centre-crop sizes of the eval transform for one model input size."""
+
+    resize: int
+    crop: int
+
+    @classmethod
+    def for_size(cls, size):
+        """unilm's rule: below 384, Resize(int(size / (224/256))); from 384, Resize(size) (crop_pct 1.0)."""
+        return cls(int(size / (224 / 256)) if size < UNILM_FULL_CROP_FROM else size, size)
+
+    @property
+    def description(self):
+        return (f"PIL convert('RGB') -> Resize({self.resize}, bicubic, short side) -> CenterCrop({self.crop}) "
+                "-> ToTensor -> Normalize(mean=0.5, std=0.5), as torchvision computes it on a PIL image")
+
+
+_ACTIVE = [Geometry.for_size(IMAGE_SIZE)]  # the process setting; forked workers inherit it
+TRANSFORM = _ACTIVE[0].description
+
+
+def use_image_size(size):
+    """Make ``size`` the model input size of this process's transform; returns its Geometry."""
+    _ACTIVE[0] = Geometry.for_size(size)
+    return _ACTIVE[0]
+
+
+def geometry():
+    """The Geometry in use (224 -> Resize 256 + CenterCrop 224 unless use_image_size changed it)."""
+    return _ACTIVE[0]
 
 # A truncated file must be an error, never a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -40,12 +77,13 @@ def shown(path):
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def reference_transform():
-    """unilm's eval transform as a torchvision Compose (for tests and benchmarks)."""
+def reference_transform(size=IMAGE_SIZE):
+    """unilm's eval transform for input ``size`` as a torchvision Compose (for tests and benchmarks)."""
     from torchvision import transforms
+    geo = Geometry.for_size(size)
     return transforms.Compose([
-        transforms.Resize(RESIZE_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(CROP_SIZE),
+        transforms.Resize(geo.resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(geo.crop),
         transforms.ToTensor(),
         transforms.Normalize(mean=[MEAN] * 3, std=[STD] * 3),
     ])
@@ -119,8 +157,8 @@ def _on_canvas(part, size, offset):
     return canvas
 
 
-def resize_center_crop(img, size=RESIZE_SIZE, crop=CROP_SIZE):
-    """The 224x224 centre crop of the bicubic resize of an RGB PIL image, as uint8 (H, W, 3).
+def resize_center_crop(img, size=None, crop=None):
+    """The centre crop (geometry() unless given) of the bicubic resize of an RGB PIL image, as uint8 (H, W, 3).
 
     Pillow's img.resize((w, h), BICUBIC) is two separable passes, each rounding
     to uint8.  Making the same two passes ourselves, in Pillow's order, gives
@@ -128,6 +166,8 @@ def resize_center_crop(img, size=RESIZE_SIZE, crop=CROP_SIZE):
     centre crop throws away (a tenth less time on 500x375 images), with no
     approximation: a resize with box= would be one, Pillow takes the box in float32.
     """
+    size = geometry().resize if size is None else size
+    crop = geometry().crop if crop is None else crop
     width, height = img.size
     new_w, new_h, top, left = resize_geometry(width, height, size, crop)
     if (new_w, new_h) == (width, height):  # torchvision returns the image itself then
@@ -184,11 +224,11 @@ def decode_rgb(path):
 
 
 def load_crop(path):
-    """Decode ``path`` and return its resized centre crop as uint8 (3, 224, 224)."""
+    """Decode ``path`` and return its resized centre crop as uint8 (3, S, S), S = geometry().crop."""
     crop = resize_center_crop(decode_rgb(path))
     return np.ascontiguousarray(crop.transpose(2, 0, 1))
 
 
 def preprocess_image(path):
-    """One image file -> float32 (3, 224, 224), equal to reference_transform() on img.convert("RGB")."""
+    """One image file -> float32 (3, S, S), equal to reference_transform() on img.convert("RGB")."""
     return to_float(load_crop(path))

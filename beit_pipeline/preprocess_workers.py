@@ -21,7 +21,7 @@ from PIL import Image
 from beit_pipeline import batches
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineError
-from beit_pipeline.preprocess_transform import CROP_SIZE, BadImageError, decode_rgb, load_crop, resize_center_crop
+from beit_pipeline.preprocess_transform import BadImageError, decode_rgb, geometry, load_crop, resize_center_crop
 
 WRITER_DEPTH = 2  # batches queued for the writer thread
 
@@ -115,8 +115,9 @@ class ParallelLoader:
     def __init__(self, paths, workers, max_pixels, chunk=8):
         self.paths, self.chunk = paths, chunk
         self.in_flight = 2 * workers + 2
-        memory = mmap.mmap(-1, self.in_flight * chunk * 3 * CROP_SIZE * CROP_SIZE)  # shared with forked children
-        self.slots = np.frombuffer(memory, np.uint8).reshape(-1, 3, CROP_SIZE, CROP_SIZE)
+        crop = geometry().crop  # the model's input size (use_image_size), set before the fork
+        memory = mmap.mmap(-1, self.in_flight * chunk * 3 * crop * crop)  # shared with forked children
+        self.slots = np.frombuffer(memory, np.uint8).reshape(-1, 3, crop, crop)
         context = multiprocessing.get_context("fork")
         self.pool = context.Pool(workers, initializer=_worker_init, initargs=(max_pixels, self.slots, os.getpid()))
 
@@ -180,7 +181,8 @@ class BatchWriter:
 
     def __init__(self, batch_size, depth=WRITER_DEPTH):
         self.queue = queue.Queue(maxsize=depth)
-        self.buffers = [np.zeros(batches.batch_shape(batch_size), np.float32) for _ in range(depth + 2)]
+        shape = batches.batch_shape(batch_size, geometry().crop)
+        self.buffers = [np.zeros(shape, np.float32) for _ in range(depth + 2)]
         self.written = 0
         self.error = None
         self.thread = threading.Thread(target=self._run, name="batch-writer", daemon=True)

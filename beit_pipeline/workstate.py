@@ -27,7 +27,7 @@ import sys
 from beit_pipeline import cli, files, fingerprint
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineError, PipelineFileError, UsageError
-from beit_pipeline.variants import KNOWN_VARIANTS
+from beit_pipeline.variants import KNOWN_VARIANTS, image_size as variant_image_size, token_count
 
 STATE_NAME = "run_all_state.json"
 RUN_NAME = ".run_all_run.json"  # the parameters of the run in progress, written by `begin`
@@ -36,7 +36,7 @@ LEGACY_RECORD = "run_all_inputs.txt"  # run_all.sh before content-aware reruns
 STATE_FORMAT = 1
 EXIT_SKIP = 10
 DEFAULT_MODEL = "beit_base_patch16_224"
-PIPELINE_SIZE = 224
+DEFAULT_SIZE = 224
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _VERSIONS = {
@@ -46,9 +46,10 @@ _VERSIONS = {
     "onnxsim": ("onnxsim", "onnx", "onnxruntime"),
     "graph_modify": ("onnx", "onnxruntime"),
     "atc": (),
-    "beit_infer": ("onnxruntime", "numpy"),
+    "beit_infer": ("onnxruntime", "openvino", "numpy"),
     "ais_bench": ("ais_bench", "aclruntime"),
     "eval": ("numpy",),
+    "fidelity": ("torch", "timm", "onnx", "onnxruntime", "numpy"),
 }
 
 
@@ -67,6 +68,9 @@ class RunParams:
     skip_bad: bool = False
     soc_version: str = ""
     force: bool = False
+    precision: str = "fp32"  # beit_infer.py's --precision (the ort backend)
+    fidelity: bool = True  # run beit_fidelity.py as the last step
+    image_size: int = DEFAULT_SIZE  # the model's input size: preprocessing, onnxsim and atc take it
 
     def path(self, relative):
         return os.path.join(self.workdir, relative)
@@ -81,6 +85,7 @@ class StepSpec:
     inputs: dict = dataclasses.field(default_factory=dict)  # role ("the label file") -> absolute path
     params: dict = dataclasses.field(default_factory=dict)
     promote: list = dataclasses.field(default_factory=list)  # (partial, final): renamed by `finish`
+    aliases: dict = dataclasses.field(default_factory=dict)  # partial -> other names a tool may give it
     keep_on_redo: list = dataclasses.field(default_factory=list)  # owned, but the step itself decides
 
     @property
@@ -98,29 +103,51 @@ def step_specs(run):
     out, partial = f"ais_out/bs{n}", f"ais_out/bs{n}_partial"
     infer_name = "ais_bench" if run.backend == "ascend" else "beit_infer"
     steps = [
-        StepSpec("preprocess", [prep], {"the images": run.image_path}, {"batch_size": n, "skip_bad": run.skip_bad}),
+        StepSpec("preprocess", [prep], {"the images": run.image_path},
+                 {"batch_size": n, "skip_bad": run.skip_bad, "image_size": run.image_size}),
         StepSpec("pth2onnx", [onnx], {"the checkpoint": run.checkpoint}, {"model": run.model}),
         StepSpec("onnxsim", [sim, sim[:-5] + ".partial.onnx"], {"the exported model": run.path(onnx)},
                  {"batch_size": n}, promote=[(sim[:-5] + ".partial.onnx", sim)]),
         StepSpec("graph_modify", [mg], {"the simplified model": run.path(sim)}, {"batch_size": n}),
         StepSpec(infer_name, [out, f"{out}_summary.json", partial, f"{partial}_summary.json"],
                  {"the batches": run.path(prep), "the model": run.path(om if run.backend == "ascend" else mg)},
-                 {"batch_size": n, "backend": run.backend},
+                 {"batch_size": n, "backend": run.backend, "precision": run.precision},
                  promote=[(partial, out), (f"{partial}_summary.json", f"{out}_summary.json")],
                  keep_on_redo=[partial] if run.backend == "ort" else []),
         StepSpec("eval", [f"acc_bs{n}.json"], {"the outputs": run.path(out), "the label file": run.label_file,
                                                 "the batches": run.path(prep)}, {"batch_size": n}),
     ]
     if run.backend == "ascend":
-        steps.insert(4, StepSpec("atc", [om, f"beit_mg_bs{n}_partial.om", "fusion_result.json"],
-                                 {"the padded model": run.path(mg)},
-                                 {"batch_size": n, "soc_version": run.soc_version},
-                                 promote=[(f"beit_mg_bs{n}_partial.om", om)]))
+        steps.insert(4, atc_spec(run, mg, om))
     if run.demo:
         steps.insert(0, StepSpec("demo", ["demo"], {}, {"model": run.model}))
+    if run.fidelity:
+        steps.append(fidelity_spec(run, {"the batches": prep, "the exported model": onnx,
+                                         "the simplified model": sim, "the padded model": mg}))
     for step in steps:
         step.params["versions"] = fingerprint.package_versions(_VERSIONS[step.name])
     return {step.name: step for step in steps}
+
+
+def fidelity_spec(run, made):
+    """beit_fidelity.py: every stage scored on the same images; it makes the guide's and the emulated OM's graphs."""
+    n = run.batch_size
+    inputs = {role: run.path(name) for role, name in made.items()}
+    inputs.update({"the checkpoint": run.checkpoint, "the label file": run.label_file})
+    if run.backend == "ascend":
+        inputs["the OM's outputs"] = run.path(f"ais_out/bs{n}")
+    outputs = [f"fidelity_bs{n}.json", f"fidelity_bs{n}.md", f"beit_guide_bs{n}.onnx", f"beit_om_emulation_bs{n}.onnx",
+               f"beit_guide_om_emulation_bs{n}.onnx", ".fidelity_derived.json"]
+    return StepSpec("fidelity", outputs, inputs, {"batch_size": n, "model": run.model})
+
+
+def atc_spec(run, mg, om):
+    """atc writes beit_mg_bs{N}_partial.om, or (CANN >= 7.0) ..._partial_linux_<arch>.om: either is promoted."""
+    from beit_pipeline.ascend import om_candidates
+    partial, *suffixed = om_candidates(om[:-3] + "_partial")
+    return StepSpec("atc", [om, partial, "fusion_result.json"] + suffixed, {"the padded model": run.path(mg)},
+                    {"batch_size": run.batch_size, "soc_version": run.soc_version}, promote=[(partial, om)],
+                    aliases={partial: suffixed})
 
 
 def code_digest():
@@ -221,15 +248,64 @@ def now():
 
 # ---------------------------------------------------------------- begin: check the work folder
 
+PROTOBUF_LIMIT = 2 ** 31  # bytes: one ONNX ModelProto, as onnxsim 0.4.36 serialises it (no external data)
+
+
+def onnx_bytes(name):
+    """About what the simplified and padded ONNX of a variant holds: its fp32 weights (12 D^2 per block)
+    and the relative-position bias that the export folds into one (H, P, P) constant per block."""
+    dim, depth, heads, size = KNOWN_VARIANTS[name]
+    padded = -(-token_count(size) // 16) * 16
+    return 4 * depth * (12 * dim * dim + heads * padded * padded)
+
+
 def check_model(name):
-    """UsageError unless ``name`` is a known variant the pipeline can run (224x224 input)."""
+    """UsageError unless ``name`` is a known variant whose ONNX fits a protobuf (every size but large-512).
+
+    beit_large_patch16_512's graph holds 1.2 GB of weights and 24 x 16 x 1040^2 floats (1.7 GB) of folded
+    relative-position bias: over protobuf's 2 GB, which onnxsim 0.4.36 cannot write (it fails with
+    'EncodeError: Failed to serialize proto' after the export's minutes; onnxsim/onnxsim#262).
+    """
     if name not in KNOWN_VARIANTS:
         raise UsageError(f"--model {name}: unknown BEiT variant; known: {', '.join(sorted(KNOWN_VARIANTS))}")
-    size = KNOWN_VARIANTS[name][3]
-    if size != PIPELINE_SIZE:
-        fits = ", ".join(sorted(n for n, v in KNOWN_VARIANTS.items() if v[3] == PIPELINE_SIZE))
-        raise UsageError(f"--model {name}: takes {size}x{size} images, but this pipeline is fixed at 224x224 "
-                         f"(preprocessing, onnxsim and atc input shapes); use one of: {fits}")
+    if onnx_bytes(name) > PROTOBUF_LIMIT:
+        raise UsageError(f"--model {name}: its simplified ONNX would hold about {onnx_bytes(name) / 2**30:.1f} GiB "
+                         "(fp32 weights and the relative-position bias folded per block), over protobuf's 2 GiB "
+                         "that onnxsim 0.4.36 can write (onnxsim/onnxsim#262); every other published variant runs")
+
+
+def checkpoint_shape(path):
+    """(variant name or None, input size or None) read off a checkpoint's tensor shapes.
+
+    The size from the relative-position tables ((2W-1)^2 + 3 rows, W = size / 16); torch's mmap
+    reads a 1.2 GB large-512 checkpoint as fast as a tiny one.  (None, None) when the file cannot
+    tell: pth2onnx then says what is wrong with it.
+    """
+    import torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any unreadable file: pth2onnx reports it with its own message
+        return None, None
+    state = next((obj[k] for k in ("model", "module", "state_dict") if isinstance(obj, dict) and k in obj), obj)
+    try:
+        table, proj = state["blocks.0.attn.relative_position_bias_table"], state["patch_embed.proj.weight"]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None, None
+    size = int(round(((table.shape[0] - 3) ** 0.5 + 1) / 2)) * int(proj.shape[-1])
+    shape = (int(proj.shape[0]), depth, int(table.shape[1]), size)
+    return next((name for name, known in KNOWN_VARIANTS.items() if known == shape), None), size
+
+
+def run_model(model, checkpoint, demo):
+    """(model name, input size): --model's; else the checkpoint's variant (the file name beit_base_patch16_224
+    when it is none we know) and size; the demo's default model at 224."""
+    if model:
+        return model, variant_image_size(model)
+    if demo:
+        return DEFAULT_MODEL, DEFAULT_SIZE
+    name, size = checkpoint_shape(checkpoint)
+    return name or DEFAULT_MODEL, size or DEFAULT_SIZE
 
 
 def run_params(args):
@@ -242,10 +318,10 @@ def run_params(args):
     else:
         image_path, label_file, checkpoint = (os.path.abspath(p) for p in
                                               (args.image_path, args.label_file, args.checkpoint))
-    return RunParams(workdir=workdir, batch_size=args.batch_size, backend=args.backend,
-                     model=args.model or DEFAULT_MODEL, image_path=image_path, label_file=label_file,
-                     checkpoint=checkpoint, demo=demo, skip_bad=args.skip_bad, soc_version=args.soc_version,
-                     force=args.force)
+    model, size = run_model(args.model, checkpoint, demo)
+    return RunParams(workdir=workdir, batch_size=args.batch_size, backend=args.backend, model=model,
+                     image_path=image_path, label_file=label_file, checkpoint=checkpoint, demo=demo,
+                     skip_bad=args.skip_bad, soc_version=args.soc_version, force=args.force, precision=args.precision, fidelity=not args.no_fidelity, image_size=size)
 
 
 def unowned_outputs(run, state):
@@ -262,6 +338,8 @@ def begin(args):
     if args.model:
         check_model(args.model)
     run = run_params(args)
+    if run.model in KNOWN_VARIANTS:
+        check_model(run.model)  # the variant read from the checkpoint, before any step
     state = load_state(run.workdir)
     foreign = unowned_outputs(run, state)
     if foreign:
@@ -339,6 +417,7 @@ def finish(args):
     if entry is None or entry.get("status") != "running":
         raise PipelineError(f"step {spec.name}: 'finish' without 'start' in {run.workdir}")
     for partial, final in spec.promote:
+        take_alias(run, partial, spec.aliases.get(partial, []))
         if os.path.lexists(run.path(partial)):
             remove(run.path(final))
             os.replace(run.path(partial), run.path(final))
@@ -348,6 +427,17 @@ def finish(args):
     entry.update(status="complete", finished=now(),
                  outputs={p: output_digest(run.path(p)) for p in spec.outputs if os.path.lexists(run.path(p))})
     save_state(run.workdir, state)
+
+
+def take_alias(run, partial, aliases):
+    """Rename the one alias a tool wrote (atc's _linux_<arch>.om) to ``partial``; refuse several."""
+    found = [a for a in aliases if os.path.lexists(run.path(a))]
+    if len(found) > 1:
+        raise PipelineFileError(f"{run.workdir} holds {' and '.join(found)}: which one the tool just wrote is "
+                                "unknown; delete both and rerun")
+    if found and not os.path.lexists(run.path(partial)):
+        log.info(f"{found[0]} is {partial} (atc's name for it since CANN 7.0)")
+        os.replace(run.path(found[0]), run.path(partial))
 
 
 # ---------------------------------------------------------------- the steps' output contracts
@@ -389,8 +479,14 @@ def verify_eval(run, spec):
         raise PipelineFileError(f"{run.path(spec.product)}: the result JSON lacks numeric top1, top5 or num_images")
 
 
+def verify_fidelity(run, spec):
+    report = files.read_json(run.path(spec.product)) or {}
+    if not isinstance(report.get("stages"), list) or not report["stages"]:
+        raise PipelineFileError(f"{run.path(spec.product)}: the fidelity report lists no stages")
+
+
 VERIFY = {"demo": verify_demo, "preprocess": verify_preprocess, "beit_infer": verify_inference,
-          "ais_bench": verify_inference, "eval": verify_eval}
+          "ais_bench": verify_inference, "eval": verify_eval, "fidelity": verify_fidelity}
 
 
 # ---------------------------------------------------------------- summary
@@ -405,15 +501,33 @@ def summary(args):
     timing = files.read_json(run.path(f"ais_out/bs{run.batch_size}_summary.json")) or {}
     tput = timing.get("throughput")
     tput = f"{float(tput):.2f}" if isinstance(tput, (int, float)) else "n/a"
-    backend = "ort (ONNX Runtime)" if run.backend == "ort" else run.backend
-    row = "| {:<20} | {:>5} | {:>6} | {:>9} | {:>9} | {:>18} |"
+    backend = run.backend
+    if run.backend == "ort":  # the engine and precision beit_infer.py really ran, from its summary
+        backend = f"cpu: {timing.get('engine', 'onnxruntime')} {timing.get('precision', 'fp32')}"
+    row = "| {:<22} | {:>5} | {:>6} | {:>9} | {:>9} | {:>18} |"
     print()
     print(row.format("backend", "batch", "images", "Top-1 (%)", "Top-5 (%)", "throughput (img/s)"))
-    print("|" + "|".join("-" * w for w in (22, 7, 8, 11, 11, 20)) + "|")
+    print("|" + "|".join("-" * w for w in (24, 7, 8, 11, 11, 20)) + "|")
     print(row.format(backend, run.batch_size, int(acc["num_images"]), f"{acc['top1']:.2f}", f"{acc['top5']:.2f}",
                      tput))
+    print_prediction(run, acc)
     print_notes(run, acc, acc_path)
     log.info(f"results: {acc_path}")
+
+
+def print_prediction(run, acc):
+    """The OM's Top-1 as the fidelity report predicts it (fp16 emulated on the CPU), beside the measured one."""
+    report_path = run.path(f"fidelity_bs{run.batch_size}.json")
+    if not run.fidelity or not os.path.isfile(report_path):
+        return
+    from beit_pipeline.fidelity import predicted_om_top1
+    predicted = predicted_om_top1(report_path)
+    images = next((s.get("num_images") for s in (files.read_json(report_path) or {}).get("stages", [])
+                   if isinstance(s, dict) and s.get("name") == "om_emulation"), None)
+    if predicted is not None:
+        print(f"\npredicted OM Top-1 (fp16 emulated on the CPU, beit_fidelity.py, first {images} images): "
+              f"{predicted:.2f}%; measured here ({run.backend}): {acc['top1']:.2f}% on {int(acc['num_images'])} "
+              f"images; see {report_path[:-5]}.md")
 
 
 def print_notes(run, acc, acc_path):
@@ -422,8 +536,9 @@ def print_notes(run, acc, acc_path):
         print(f"\nnote: {len(skipped)} images could not be read and were skipped (--skip_bad), so they are not "
               f"counted; they are listed under 'skipped' in {acc_path}")
     if run.demo:
-        print("\nnote: this was the built-in demo: its labels are the PyTorch model's own predictions, so "
-              "Top-1/Top-5\nmeasure fidelity to PyTorch (100% expected), not ImageNet accuracy.  fp16 on an NPU "
+        print("\nnote: this was the built-in demo: real photographs, but a randomly initialised model with no "
+              "ImageNet\naccuracy, so its labels are the PyTorch model's own predictions and Top-1/Top-5\n"
+              "measure fidelity to PyTorch (100% expected), not ImageNet accuracy.  fp16 on an NPU "
               "may flip an image\nwhose two highest PyTorch logits are nearly tied (see min_top1_margin in "
               "demo/demo.json).")
 
@@ -437,6 +552,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-model", help="refuse a --model the pipeline cannot run (exit 2)")
     check.add_argument("model", help="BEiT variant name")
+    sub.add_parser("model-info", help="print the model (the ONNX file's name) and input size of the run in "
+                                      "progress (after begin)")
     begin_p = sub.add_parser("begin", help="check the work folder and remember this run's parameters")
     begin_p.add_argument("--batch_size", type=int, required=True, help="the run's batch size")
     begin_p.add_argument("--backend", choices=("ascend", "ort"), required=True, help="the backend chosen")
@@ -446,6 +563,9 @@ def build_parser():
     begin_p.add_argument("--soc_version", default="", help="atc's --soc_version (Ascend backend)")
     begin_p.add_argument("--skip_bad", action="store_true", help="preprocessing skips unreadable images")
     begin_p.add_argument("--force", action="store_true", help="redo every step (deleting only recorded outputs)")
+    begin_p.add_argument("--no_fidelity", action="store_true", help="the run has no fidelity step")
+    begin_p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "int8"),
+                         help="beit_infer.py's --precision (ort backend; part of the inference step's key)")
     for name, text in (("start", "0: run STEP now (old outputs removed); 10: skip, it is complete"),
                        ("finish", "check STEP's outputs and record them as complete")):
         sub.add_parser(name, help=text).add_argument("step", help="step name as run_all.sh logs it")
@@ -454,7 +574,8 @@ def build_parser():
 
 
 COMMANDS = {"begin": begin, "start": start, "finish": finish, "summary": summary,
-            "check-model": lambda args: check_model(args.model)}
+            "check-model": lambda args: check_model(args.model),
+            "model-info": lambda args: print(load_run(args.workdir).model, load_run(args.workdir).image_size)}
 
 
 def run(args):

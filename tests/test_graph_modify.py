@@ -396,3 +396,118 @@ def test_other_image_size_is_padded_and_verified(tmp_path):
     assert err <= REL_TOL and same == rows == 2
     errors = ort_models.compare_models(sim, out, ort_models.random_batch((2, 3, 384, 384), 7))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
+
+
+# ---------------------------------------------------------------- --guide: the guide's own graph
+
+def guide_reproduction(model, batch_size):
+    """The guide's graph_modify.py (MagicONNX) re-done by hand on this export, edit for edit, in its order.
+
+    Written from the guide's script, not from graph_padding: it finds things the
+    guide's way (every Reshape, the FIRST Concat, every Add with a constant second input,
+    every Gather of index 1 for the key; where onnxsim left timm's unbind as a Split, the
+    key is the Squeeze of the Split's second output).
+    """
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def put(name, array):
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    for node in model.graph.node:  # reshape_axis: 197 -> 208 in every Reshape shape
+        if node.op_type == "Reshape" and node.input[1] in inits:
+            shape = numpy_helper.to_array(inits[node.input[1]]).copy()
+            put(node.input[1], np.where(shape == TOKENS, PADDED, shape))
+    concat = next(n for n in model.graph.node if n.op_type == "Concat")  # add_concat_tensor
+    dim = numpy_helper.to_array(inits[concat.input[0]]).shape[-1]
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((batch_size, PADDED - TOKENS, dim), np.float32),
+                                                           "1234"))
+    concat.input.append("1234")
+    for node in model.graph.node:  # add_add_tensor: zero-pad the Add constant holding 197
+        if node.op_type == "Add" and node.input[1] in inits:
+            value = numpy_helper.to_array(inits[node.input[1]])
+            if TOKENS in value.shape:
+                grown = np.zeros([PADDED if d == TOKENS else d for d in value.shape], np.float32)
+                grown[tuple(slice(0, d) for d in value.shape)] = value
+                put(node.input[1], grown)
+    refill_zero_keys(model, shapes, batch_size)
+    del model.graph.value_info[:]  # the shapes inferred before the edits no longer hold
+    return model
+
+
+def refill_zero_keys(model, shapes, batch_size):
+    """refill_zero_gather: after each key, Slice [0:197] on axis 2, then Concat zeros (B, H, 11, hd) on axis 2."""
+    idx = 6000
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    keys = [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] in inits
+            and inits[n.input[1]].size == 1 and int(inits[n.input[1]]) == 1]
+    keys += [n for s in model.graph.node if s.op_type == "Split" and len(s.output) == 3
+             for n in model.graph.node if n.op_type == "Squeeze" and n.input[0] == s.output[1]]
+    for key in keys:
+        k, (_, heads, _, hd) = key.output[0], shapes[key.output[0]]
+        consts = {idx + 2: np.zeros((batch_size, heads, PADDED - TOKENS, hd), np.float32)}
+        consts.update({idx + 4: np.array([0]), idx + 5: np.array([TOKENS]), idx + 6: np.array([2]),
+                       idx + 7: np.array([1])})
+        model.graph.initializer.extend(numpy_helper.from_array(v, str(i)) for i, v in consts.items())
+        sl = onnx.helper.make_node("Slice", [k] + [str(idx + i) for i in (4, 5, 6, 7)], [f"Slice_{idx + 3}"])
+        cat = onnx.helper.make_node("Concat", [f"Slice_{idx + 3}", str(idx + 2)], [f"Concat_{idx + 1}"], axis=2)
+        for node in model.graph.node:
+            node.input[:] = [f"Concat_{idx + 1}" if i == k else i for i in node.input]
+        position = list(model.graph.node).index(key) + 1
+        model.graph.node.insert(position, cat)
+        model.graph.node.insert(position, sl)
+        idx += 8
+
+
+def graph_signature(model):
+    """(one digest per graph output, node count): equal for the same computation, whatever the names and order.
+
+    Each tensor's digest covers how it is made: an initializer by its value, a node output by
+    the node's op type, attributes, output index and the digests of its inputs.
+    """
+    import hashlib
+
+    digest = {t.name: hashlib.sha256(numpy_helper.to_array(t).tobytes() + repr((t.data_type, list(t.dims))).encode())
+              .hexdigest() for t in model.graph.initializer}
+    digest.update({i.name: i.name for i in model.graph.input if i.name not in digest})
+    for node in model.graph.node:  # both graphs are topologically sorted
+        attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in node.attribute)
+        made = repr((node.op_type, attrs, [digest[i] if i else "" for i in node.input]))
+        for k, out in enumerate(node.output):
+            digest[out] = hashlib.sha256(f"{made}:{k}".encode()).hexdigest()
+    return [digest[o.name] for o in model.graph.output], len(model.graph.node)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_guide_flag_writes_exactly_the_guides_graph(models, tmp_path, capsys, opset):
+    src = models.simplified("tiny", opset, 8)
+    out = tmp_path / "guide.onnx"
+    rc, text, err = modify(src, out, 8, "--guide", capsys=capsys)
+    assert rc == 0, err  # written although it differs from the input model, as the guide's graph does
+    counts = printed_counts(text)
+    assert counts["guide: zero tokens appended to the cls-token Concat"] == 1
+    assert counts["attention bias padded (zeros)"] == TINY_DEPTH
+    assert counts["guide: padded keys zeroed (Slice 0:197 + Concat zeros)"] == TINY_DEPTH
+    assert counts["qkv Reshape 197->208"] == TINY_DEPTH
+    assert "--guide output differs from the input model" in text
+    written, expected = onnx.load(str(out)), guide_reproduction(onnx.load(src), 8)
+    assert graph_signature(written) == graph_signature(expected)
+    batch = ort_models.random_batch((8, 3, 224, 224), 21)
+    expected_path = tmp_path / "expected.onnx"
+    onnx.save(expected, str(expected_path))
+    guide_out = logits(out, batch)
+    np.testing.assert_array_equal(guide_out, logits(expected_path, batch))
+    # not the input model, and not --no_mask either: the zeroed keys change the result again
+    ref = logits(src, batch)
+    assert ort_models.output_errors(guide_out, ref)["max_rel"] > 1e-2
+    no_mask = tmp_path / "no_mask.onnx"
+    assert modify(src, no_mask, 8, "--no_mask", "--no_verify", capsys=capsys)[0] == 0
+    assert ort_models.output_errors(logits(no_mask, batch), guide_out)["max_rel"] > 1e-3
+
+
+def test_guide_and_no_mask_together_are_refused(models, tmp_path, capsys):
+    rc, _, err = modify(models.simplified("tiny", 11, 8), tmp_path / "o.onnx", 8, "--guide", "--no_mask",
+                        capsys=capsys)
+    assert rc == 2 and "--guide and --no_mask" in err
+    assert os.listdir(tmp_path) == []

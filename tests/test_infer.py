@@ -54,7 +54,10 @@ def txt_rounded(arr):
 
 
 def infer(argv, capsys):
-    rc = beit_infer.main(list(argv) + ["--no_progress", "--threads", THREADS])
+    # These tests compare with a direct ONNX Runtime run bit for bit, so they pin ONNX Runtime's CPU provider
+    # (the default engine is OpenVINO where installed, issue 13); test_engines.py covers the engines.
+    argv = list(argv) + ([] if "--providers" in argv else ["--providers", "cpu"])
+    rc = beit_infer.main(argv + ["--no_progress", "--threads", THREADS])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -113,7 +116,9 @@ def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, mo
     assert summary["throughput"] == pytest.approx(B * len(times) / sum(times) * 1000, rel=1e-9)
     assert summary["provider"] == "CPUExecutionProvider"
     assert summary["batchsize"] == B
-    assert summary["args"]["loop"] == 2 and summary["args"]["model"] == tiny_onnx
+    # ais_bench writes sys.argv as ``args`` (summary.py add_args); the parsed options are under ``options``.
+    assert summary["args"][:3] == ["beit_infer.py", "--model", tiny_onnx] and "--loop" in summary["args"]
+    assert summary["options"]["loop"] == 2 and summary["options"]["model"] == tiny_onnx
     assert summary["filesinfo"]["1"]["infiles"] == [str(tmp_path / "prep" / "input_00001.bin")]
     assert summary["filesinfo"]["1"]["outfiles"] == [str(tmp_path / "out" / dirname / "input_00001_0.bin")]
 
@@ -124,11 +129,17 @@ def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, mo
     assert "NPU_compute_time (ms): min = " in out and "percentile(99%) = " in out
 
 
-def test_performance_mode_writes_summary_only(tiny_onnx, tmp_path, capsys):
+def test_performance_mode_writes_summary_and_pure_output(tiny_onnx, tmp_path, capsys):
+    """ais_bench's pure inference (benchmark_process.py main/infer_loop_array_run, io_oprations.py
+    get_pure_infer_data): zero input by default, and with --output the output is saved as pure_infer_data_0.<fmt>.
+    (Before issue 11 this run wrote the summary only.)"""
     rc, out, err = infer(["--model", tiny_onnx, "--output", str(tmp_path / "out"), "--output_dirname", "perf",
                           "--loop", "5"], capsys)
     assert rc == 0, err
-    assert os.listdir(tmp_path / "out") == ["perf_summary.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["perf", "perf_summary.json"]
+    assert os.listdir(tmp_path / "out" / "perf") == ["pure_infer_data_0.bin"]
+    got = beit_outputs.read_output(tmp_path / "out" / "perf" / "pure_infer_data_0.bin")
+    assert np.max(np.abs(got - direct_run(tiny_onnx, np.zeros((B, 3, 224, 224), np.float32)))) == 0
     summary = json.loads((tmp_path / "out" / "perf_summary.json").read_text())
     assert summary["mode"] == "pure" and summary["NPU_compute_time"]["count"] == 5
     assert summary["batchsize"] == B and summary["filesinfo"] == {}
@@ -341,8 +352,8 @@ def test_run_inference_takes_the_parsed_arguments(tiny_onnx, tmp_path):
                                                "--output", str(tmp_path / "out"), "--output_dirname", "a",
                                                "--threads", THREADS, "--no_progress"])
     summary = inference.run_inference(args)
-    assert summary["args"] == vars(args) and summary["outputs_written"] == 1
-    assert json.loads((tmp_path / "out" / "a_summary.json").read_text())["args"]["input"] == str(tmp_path / "prep")
+    assert summary["options"] == vars(args) and summary["outputs_written"] == 1
+    assert json.loads((tmp_path / "out" / "a_summary.json").read_text())["options"]["input"] == str(tmp_path / "prep")
 
 
 def test_timing_stats_and_throughput():

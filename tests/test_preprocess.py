@@ -473,7 +473,7 @@ def test_help_explains_every_flag(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     flags = {"--image_path", "--prep_image", "--batch_size", "--batchsize", "--workers", "--skip_bad", "--max_pixels",
-             "--force_workers", "--wait_lock"}
+             "--force_workers", "--wait_lock", "--image_size"}  # --image_size: issue 11
     for flag in flags:
         assert flag in text
     assert text.count("(default") >= 2
@@ -770,7 +770,7 @@ def test_synthetic_image_sets_of_any_count(tmp_path):
 def test_make_demo_data_with_35_images(tmp_path):
     out = tmp_path / "demo"
     proc = run_script(["make_demo_data.py", "--out", str(out), "--model", "beit_tiny_test_patch16_224",
-                       "--count", "35"])
+                       "--images", "synthetic", "--count", "35"])
     assert proc.returncode == 0, proc.stderr
     assert len(os.listdir(out / "images")) == 35
     labels = (out / "val_label.txt").read_text().splitlines()
@@ -782,7 +782,7 @@ def test_make_demo_data_ctrl_c(tmp_path):
     out = tmp_path / "demo"
     # fsync 1 is val_label.txt's (torch.save does not fsync): the run sleeps there until the signal comes.
     victim, _ = start_slow(tmp_path, ["make_demo_data.py", "--out", out, "--model", "beit_tiny_test_patch16_224",
-                                      "--count", "3"], delay=60)
+                                      "--images", "synthetic", "--count", "3"], delay=60)
     try:
         os.killpg(victim.pid, signal.SIGINT)
         stdout, stderr = victim.communicate(timeout=60)
@@ -796,6 +796,66 @@ def test_make_demo_data_ctrl_c(tmp_path):
     # The labels' temporary file was removed and no demo.json says the folder is done, so a rerun remakes it.
     assert sorted(os.listdir(out)) == ["images", "random_checkpoint.pth"]
     proc = run_script(["make_demo_data.py", "--out", str(out), "--model", "beit_tiny_test_patch16_224",
-                       "--count", "3"])
+                       "--images", "synthetic", "--count", "3"])
     assert proc.returncode == 0 and "wrote 3 images" in proc.stdout, proc.stderr
     assert sorted(os.listdir(out)) == ["demo.json", "images", "random_checkpoint.pth", "val_label.txt"]
+
+
+# ---------------------------------------------------------------- the model's size, real photographs (issue 11)
+
+@pytest.mark.parametrize("size, resize", [(224, 256), (256, 292), (288, 329), (384, 384), (512, 512)])
+def test_unilm_rule_for_the_resize(size, resize):
+    """unilm beit/datasets.py build_transform: below 384, Resize(int(size / crop_pct)) with crop_pct
+    224/256; from 384 up, crop_pct is 1.0 (the published 384/512 models' eval): Resize(size)."""
+    assert pt.Geometry.for_size(size) == pt.Geometry(resize, size)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    from beit_pipeline import photos
+    folder = tmp_path_factory.mktemp("photos")
+    names = photos.write_photo_set(str(folder))
+    return folder, names
+
+
+def test_photo_set_is_imagenet_style_and_made_from_the_installed_package(photo_folder):
+    """ILSVRC2012_val_%08d.JPEG names, the guide's val_label.txt lines, and the odd files the real val set
+    has: greyscale JPEGs, a CMYK JPEG and a PNG under a .JPEG name."""
+    from beit_pipeline import photos
+    folder, names = photo_folder
+    assert names == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, len(photos.PHOTOS) + 1)]
+    assert len(names) == 20
+    kinds = [image_info(folder / n)[1::-1] for n in names]  # (format, mode)
+    assert ("PNG", "RGB") in kinds and ("JPEG", "CMYK") in kinds and kinds.count(("JPEG", "L")) >= 5
+    lines = (folder / "val_label.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == names and all(0 <= int(l.split()[1]) < 1000 for l in lines)
+    assert lines[names.index("ILSVRC2012_val_00000007.JPEG")].endswith(" 967")  # coffee.png: espresso
+
+
+@pytest.mark.parametrize("size", [224, 384, 512])
+def test_photos_at_every_model_size_equal_torchvision(photo_folder, tmp_path, size):
+    """beit_preprocess.py --image_size S on real photographs is bit-equal to torchvision's unilm transform
+    for S, with 2 workers (forked after the size is set); the manifest records the size and transform."""
+    folder, names = photo_folder
+    out = tmp_path / "prep"
+    proc = prep(folder, out, "--image_size", str(size), batch_size=8, workers=2)
+    assert proc.returncode == 0, proc.stderr
+    manifest = batches.load_manifest(str(out))
+    geo = pt.Geometry.for_size(size)
+    assert (manifest["image_size"], manifest["resize_size"], manifest["transform"]) == (size, geo.resize,
+                                                                                       geo.description)
+    transform = pt.reference_transform(size)
+    got = np.concatenate([batches.read_batch(p, image_size=size) for p in batches.list_batch_files(str(out))])
+    for row, name in enumerate(names):
+        with Image.open(folder / name) as img:
+            assert np.array_equal(got[row], transform(img.convert("RGB")).numpy()), (size, name)
+
+
+def test_a_folder_made_at_another_size_is_refused(photo_folder, tmp_path):
+    folder, _ = photo_folder
+    out = tmp_path / "prep"
+    assert prep(folder, out, batch_size=8).returncode == 0
+    proc = prep(folder, out, "--image_size", "384", batch_size=8)
+    assert proc.returncode == 2 and "image size 224" in proc.stderr and "image size 384" in proc.stderr
+    proc = prep(folder, tmp_path / "other", "--image_size", "300", batch_size=8)
+    assert proc.returncode == 2 and "--image_size must be a multiple of 16" in proc.stderr

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -386,3 +387,58 @@ def test_base_checkpoint_to_onnxsim_bs8(base_checkpoint, tmp_path):
     assert "seeded batch (8, 3, 224, 224)" in proc.stdout and "top-1 agrees on 8/8 rows" in proc.stdout
     assert float(re.search(r"max rel error ([0-9.e+-]+)", proc.stdout).group(1)) <= REL_TOL
     assert sorted(os.listdir(tmp_path)) == sorted([exported.name, simplified.name])
+
+
+# ---------------------------------------------------------------- q/k/v as unilm indexes them (issue 11)
+
+def guide_selected_gathers(model):
+    """The Gathers the guide's graph_modify.py edits: refill_zero_gather takes every Gather whose
+    indices input holds the value 1 (Ascend/ModelZoo-PyTorch ACL_PyTorch/contrib/cv/classfication/Beit/
+    graph_modify.py: ``if graph[node.inputs[1]].value == 1``), meant to be k = qkv[1] of each block."""
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] in consts
+            and consts[n.input[1]].size == 1 and int(consts[n.input[1]]) == 1]
+
+
+def test_export_indexes_qkv_with_gather_so_the_guides_edit_applies(onnx_models, tiny_model, tmp_path):
+    """unilm's Attention.forward takes ``q, k, v = qkv[0], qkv[1], qkv[2]`` (beit/modeling_finetune.py),
+    which exports as Gathers; timm's ``qkv.unbind(0)`` exports as Split + Squeeze, where the guide's
+    refill_zero_gather finds no Gather of index 1 and silently skips its edit.  Our export now gives the
+    guide's selection exactly the key tensors that our graph_modify's reproduction (--guide) edits."""
+    from beit_pipeline import export as beit_export, graph_patterns
+    sim = onnx.load(onnx_models.simplified("tiny", 11, 2))
+    assert op_counts_of(sim)["Split"] == 0 and op_counts_of(sim)["Squeeze"] == 0
+    _, plan = graph_patterns.plan_padding(sim, 2, 16, keys=True)
+    keys = {k.tensor for k in plan.key_branches}
+    assert len(keys) == TINY_DEPTH
+    assert {g.output[0] for g in guide_selected_gathers(sim)} == keys
+    # timm's own forward (what the export wrote before) leaves the guide's edit nothing to select.
+    timm_path = str(tmp_path / "timm_unbind.onnx")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_model, (torch.zeros(1, 3, 224, 224),), timm_path, dynamo=False, opset_version=11)
+    assert guide_selected_gathers(onnx.load(timm_path)) == []
+    # The same numbers either way: the indexing changes the graph, not the arithmetic.
+    batch = onnx_models_random(2)
+    with beit_export.unilm_qkv_indexing(tiny_model), torch.no_grad():
+        unilm = tiny_model(torch.from_numpy(batch)).numpy()
+    assert np.array_equal(unilm, torch_logits(tiny_model, batch))
+
+
+def op_counts_of(model):
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def onnx_models_random(n):
+    return onnx_models.random_batch((n, 3, 224, 224), 0)
+
+
+def test_guide_graph_modify_reproduction_edits_every_block(onnx_models, tmp_path):
+    """graph_modify.py --guide (the guide's four edits) on our export zeroes the padded keys of every block."""
+    out = tmp_path / "guide.onnx"
+    proc = run_script(["graph_modify.py", onnx_models.simplified("tiny", 11, 2), str(out), "2", "--guide"])
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"padded keys zeroed \(Slice 0:197 \+ Concat zeros\)\D+{TINY_DEPTH}\b", proc.stdout), proc.stdout

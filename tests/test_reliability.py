@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -599,19 +600,29 @@ def test_graph_modify_refuses_what_is_not_beit(pipe, tmp_path, kind):
     assert os.listdir(folder) == ["beit_mg_bs8.onnx"] and out.read_bytes() == b"an earlier graph_modify output"
 
 
-def test_batch_size_8_files_into_a_batch_16_model(pipe, tmp_path):
+def test_batch_files_that_do_not_fit_the_model(pipe, tmp_path):
+    """Batches of 8 into a batch-16 model are joined two by two and split back per file, as ais_bench does
+    (Ascend/tools ais_bench, infer_loop_files_run's merge of small files): the rows keep their images, so the
+    score is the pipeline's.  Batches of 8 into a batch-2 model cannot be split: refused before anything is
+    written, naming the file and both sizes."""
     prep8 = tmp_path / "prep_bs8"
     assert beit_preprocess.main(["--image_path", str(pipe["images"]), "--prep_image", str(prep8),
                                  "--batch_size", "8", "--workers", "1"]) == 0
     model16 = export_tiny(pipe["checkpoint"], tmp_path / "tiny_bs16.onnx", 16)
+    ok(run_script(["beit_infer.py"] + infer_args(model16, prep8, tmp_path / "o16", "run")))
+    ok(run_script(["beit_eval_acc.py"] + eval_args(tmp_path / "o16" / "run", pipe["labels"], tmp_path / "res16",
+                                                   prep8)))
+    result = json.loads((tmp_path / "res16" / "acc.json").read_text())
+    assert (result["num_images"], result["top1_correct"], result["top5_correct"]) == (12, 7, 10)
+
     # An earlier run's output folder of the same name must come through untouched.
     out = tmp_path / "ais_out"
     shutil.copytree(pipe["outputs"], out / "run")
     before = tree_bytes(out)
-    proc = no_traceback(run_script(["beit_infer.py"] + infer_args(model16, prep8, out, "run")))
+    proc = no_traceback(run_script(["beit_infer.py"] + infer_args(pipe["model"], prep8, out, "run")))
     assert proc.returncode == 1
-    assert f"{prep8 / 'input_00000.bin'}: holds a batch of 8 images but the model tiny_bs16.onnx takes batches " \
-           "of 16" in proc.stderr and "preprocess with --batch_size 16" in proc.stderr
+    assert f"{prep8 / 'input_00000.bin'}: holds a batch of 8 images but the model tiny_bs2.onnx takes batches " \
+           "of 2" in proc.stderr and "preprocess with --batch_size 2" in proc.stderr
     assert tree_bytes(out) == before
 
     # Evaluation told the wrong batch size refuses too, naming the manifest and both sizes.
@@ -711,7 +722,7 @@ def test_run_all_with_hostile_paths_runs_nothing_it_should_not(pipe, tmp_path):
                           "--checkpoint", str(checkpoint)], cwd=str(tmp_path)))
     result = json.loads((workdir / "acc_bs4.json").read_text())
     assert (result["num_images"], result["top1_correct"], result["top5_correct"]) == (5, 4, 5)
-    assert "| ort (ONNX Runtime)   |     4 |      5 |     80.00 |    100.00 |" in proc.stdout
+    assert "| cpu: openvino fp32     |     4 |      5 |     80.00 |    100.00 |" in proc.stdout
     manifest = batches.load_manifest(workdir / "prep_image_bs4")
     assert [n for b in manifest["batches"] for n in b["images"]] == listed
     assert {p: sha256(p) for p in inputs_before} == inputs_before
@@ -719,3 +730,33 @@ def test_run_all_with_hostile_paths_runs_nothing_it_should_not(pipe, tmp_path):
     assert pwned == []
     for folder in (REPO, os.environ.get("HOME", "/nonexistent"), os.getcwd()):
         assert not os.path.exists(os.path.join(folder, "pwned"))
+
+
+# ---------------------------------------------------------------- issue 10: errors that were tracebacks
+
+@pytest.mark.parametrize("field, value", [("batch_size", "2"), ("batches", {"file": "input_00000.bin"}),
+                                          ("batches", [{"file": "input_00000.bin", "images": "a.JPEG", "real": 1}])])
+def test_a_manifest_with_wrong_types_is_one_error_line(pipe, tmp_path, field, value):
+    """The reported bug: a manifest whose values have the wrong types gave a traceback in inference and eval."""
+    prep = tmp_path / "prep"
+    shutil.copytree(pipe["prep"], prep)
+    manifest = json.loads((prep / "manifest.json").read_text())
+    manifest[field] = value
+    (prep / "manifest.json").write_text(json.dumps(manifest))
+    for script, args in (("beit_infer.py", infer_args(pipe["model"], prep, tmp_path / "o", "r")),
+                         ("beit_eval_acc.py", eval_args(pipe["outputs"], pipe["labels"], tmp_path / "res", prep))):
+        proc = no_traceback(run_script([script] + args))
+        assert proc.returncode == 1, (script, proc.stderr)
+        assert proc.stderr.startswith(f"error: {prep / 'manifest.json'}: ") and proc.stderr.count("\n") == 1, \
+            (script, proc.stderr)
+    assert not (tmp_path / "o" / "r").exists() and not (tmp_path / "res").exists()
+
+
+def test_graph_modify_into_an_unwritable_folder_is_one_error_line(onnx_models):
+    """The reported bug: a read-only output folder gave graph_modify a traceback. /sys refuses file creation
+    even to root, so it stands in for a read-only folder whoever runs the tests."""
+    src = onnx_models.simplified("tiny", 11, BS)
+    proc = no_traceback(run_script(["graph_modify.py", src, "/sys/beit_mg.onnx", str(BS)]))
+    assert proc.returncode == 1
+    assert re.search(r"^error: /sys/\.beit_mg\.onnx\.\w+\.tmp: (Permission denied|Operation not permitted|"
+                     r"No such file or directory)$", proc.stderr, re.M), proc.stderr

@@ -90,8 +90,11 @@ def finished_bs8_copy(ort_workdir, tmp_path):
     return workdir
 
 
-def run_all(workdir, image_set, batch_size, *extra, env=None, cwd=None):
+def run_all(workdir, image_set, batch_size, *extra, env=None, cwd=None, fidelity=False):
+    """run_all.sh on the tiny model; without its fidelity step unless asked (test_fidelity_is_the_last_step)."""
     args = ["run_all.sh", "--batch_size", str(batch_size), "--workdir", str(workdir), "--model", TINY]
+    if not fidelity:
+        args.append("--no_fidelity")
     if image_set is not None:
         args += ["--image_path", image_set["images"], "--label_file", image_set["labels"],
                  "--checkpoint", image_set["checkpoint"]]
@@ -105,9 +108,10 @@ def ok(proc):
 
 def table_row(stdout):
     """The values of run_all.sh's closing table: backend, batch, images, Top-1, Top-5, throughput."""
-    rows = [line for line in stdout.splitlines() if line.startswith("|") and not line.startswith("|-")]
-    assert len(rows) == 2, stdout
-    return [cell.strip() for cell in rows[1].strip("|").split("|")]
+    lines = stdout.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("| backend ")]
+    assert len(headers) == 1 and lines[headers[0] + 1].startswith("|-"), stdout
+    return [cell.strip() for cell in lines[headers[0] + 2].strip("|").split("|")]
 
 
 def mtimes(folder):
@@ -174,13 +178,13 @@ def test_ort_pipeline_scores_what_pytorch_scores(ort_workdir, image_set, batch_s
     proc = ok(ort_workdir(batch_size))
     workdir = ort_workdir.workdir
     if shutil.which("atc") is None:
-        assert "backend: ort (ONNX Runtime), because 'atc' is not on PATH" in proc.stdout
+        assert "backend: ort (beit_infer.py on the CPU), because 'atc' is not on PATH" in proc.stdout
     acc = json.loads((workdir / f"acc_bs{batch_size}.json").read_text())
     assert acc["num_images"] == N_IMAGES
     assert acc["top1"] == pytest.approx(image_set["top1"], abs=1e-9)
     assert acc["top5"] == pytest.approx(image_set["top5"], abs=1e-9)
     backend, batch, images, top1, top5, throughput = table_row(proc.stdout)
-    assert (backend, batch, images) == ("ort (ONNX Runtime)", str(batch_size), str(N_IMAGES))
+    assert (backend, batch, images) == ("cpu: openvino fp32", str(batch_size), str(N_IMAGES))
     assert (top1, top5) == (f"{image_set['top1']:.2f}", f"{image_set['top5']:.2f}")
     summary = json.loads((workdir / "ais_out" / f"bs{batch_size}_summary.json").read_text())
     assert float(throughput) == pytest.approx(summary["throughput"], abs=0.006) and float(throughput) > 0
@@ -360,9 +364,13 @@ def test_ascend_path_with_stand_in_tools(ort_workdir, image_set, fake_ascend, tm
     assert (acc["num_images"], acc["top1"], acc["top5"]) == (N_IMAGES, pytest.approx(image_set["top1"]),
                                                             pytest.approx(image_set["top5"]))
 
-    # Older CANN: ais_infer.py through AIS_INFER, no ais_bench package; only inference and eval are redone.
+    # Older CANN: ais_infer.py through AIS_INFER, no ais_bench package (aclruntime still needed: issue 11);
+    # only inference and eval are redone.
     shutil.rmtree(workdir / "ais_out" / "bs8")
-    env_old = dict(env, PYTHONPATH="", AIS_INFER=os.path.join(FAKE_ASCEND, "python", "ais_bench", "__main__.py"))
+    only_aclruntime = tmp_path / "old_cann_site"
+    shutil.copytree(os.path.join(FAKE_ASCEND, "python", "aclruntime"), only_aclruntime / "aclruntime")
+    env_old = dict(env, PYTHONPATH=str(only_aclruntime),
+                   AIS_INFER=os.path.join(FAKE_ASCEND, "python", "ais_bench", "__main__.py"))
     old = ok(run_all(workdir, image_set, 8, "--backend", "ascend", "--device", "3", env=env_old))
     assert f"[run_all] step ais_bench: python3 {env_old['AIS_INFER']} --model" in old.stdout
     assert "[run_all] skip atc: " in old.stdout and len(fake_ascend.calls("atc")) == 1
@@ -404,7 +412,7 @@ def test_a_new_checkpoint_that_fails_leaves_no_old_result(ort_workdir, image_set
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "error: step 'pth2onnx' failed (exit 1); see above" in proc.stderr
         assert "step onnxsim" not in proc.stdout
-        assert not [line for line in proc.stdout.splitlines() if line.startswith("|")]  # no result table
+        assert "| backend " not in proc.stdout  # no result table
         assert not (workdir / f"{TINY}.onnx").exists()  # the old model's export went before the new one ran
     assert f"[run_all] redo pth2onnx: {TINY}.onnx: an earlier run stopped before it finished" in proc.stdout
     back = ok(run_all(workdir, image_set, 8))
@@ -534,14 +542,16 @@ def test_demo_in_a_hostile_path_runs_nothing_it_should_not(tmp_path):
     proc = ok(run_script(["run_all.sh", "--batch_size", "16", "--workdir", str(workdir), "--model", TINY,
                           "--backend", "ort"], cwd=str(tmp_path)))
     record = json.loads((workdir / "demo" / make_demo_data.RECORD_NAME).read_text())
-    assert (record["model"], record["count"]) == (TINY, make_demo_data.DEFAULT_COUNT)
+    # The demo's images are the real photographs now (issue 11): all of them by default.
+    n_photos = make_demo_data.default_count("photos")
+    assert (record["model"], record["count"], record["images_from"]) == (TINY, n_photos, "photos")
     manifest = json.loads((workdir / "prep_image_bs16" / "manifest.json").read_text())
     assert 0 < manifest["batches"][-1]["real"] < 16  # the demo exercises a padded last batch
     backend, batch, images, top1, top5, _ = table_row(proc.stdout)
-    assert (backend, batch, images, top1, top5) == ("ort (ONNX Runtime)", "16", str(make_demo_data.DEFAULT_COUNT),
-                                                    "100.00", "100.00")
+    assert (backend, batch, images, top1, top5) == ("cpu: openvino fp32", "16", str(n_photos), "100.00", "100.00")
     # The closing note (step_demo's log line says "fidelity to PyTorch" too).
-    assert "note: this was the built-in demo: its labels are the PyTorch model's own predictions" in proc.stdout
+    assert "note: this was the built-in demo: real photographs, but a randomly initialised model" in proc.stdout
+    assert "its labels are the PyTorch model's own predictions" in proc.stdout
     pwned = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f == "pwned"]
     assert pwned == [] and not os.path.exists(os.path.join(REPO, "pwned"))
     assert not os.path.exists(os.path.join(os.environ.get("HOME", "/nonexistent"), "pwned"))
@@ -560,10 +570,8 @@ def test_help_and_usage_errors(tmp_path):
                           (["--batch_size", "8", "--image_path", str(tmp_path)], "give --image_path, --label_file and --checkpoint together"),
                           (["--batch_size", "8", "--bogus"], "unknown option '--bogus'"),
                           (["--batch_size", "8", "--model", "beit_huge"],
-                           "--model beit_huge: unknown BEiT variant; known: beit_base_patch16_224, "),
-                          (["--batch_size", "8", "--model", "beit_base_patch16_384"],
-                           "--model beit_base_patch16_384: takes 384x384 images, but this pipeline is fixed at "
-                           "224x224")]:
+                           "--model beit_huge: unknown BEiT variant; known: beit_base_patch16_224, ")]:
+        # (--model beit_base_patch16_384 was refused here; issue 11 made every published size run.)
         proc = run_script(["run_all.sh", "--workdir", str(tmp_path / "w")] + args)
         assert proc.returncode == 2 and f"error: {message}" in proc.stderr, (args, proc.stderr)
     assert not (tmp_path / "w").exists()
@@ -584,3 +592,110 @@ def test_soc_version_comes_from_npu_smi(fake_ascend, tmp_path):
     proc = run_script([sys.executable, "-m", "beit_pipeline.ascend", "soc-version"],
                       env={"PATH": "/nonexistent", "PYTHONPATH": REPO})
     assert proc.returncode == 2 and "'npu-smi' is not on PATH; pass --soc_version" in proc.stderr
+
+
+# ---------------------------------------------------------------- issue 11: real tools' behaviour, every size
+
+def test_atc_output_with_the_arch_suffix_is_taken(ort_workdir, image_set, fake_ascend, tmp_path):
+    """atc from CANN 7.0 on may write ``<output>_linux_<arch>.om`` for ``--output=<output>`` (users' scripts
+    remove both ``NAME.om`` and ``NAME_linux_aarch64.om`` after ``atc --output=NAME``); the stand-in does so
+    with FAKE_ATC_ARCH.  run_all.sh takes either name as the step's .om."""
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    env = dict(fake_ascend.env, FAKE_ATC_ARCH="aarch64")
+    proc = ok(run_all(workdir, image_set, 8, "--backend", "ascend", env=env))
+    assert "beit_mg_bs8_partial_linux_aarch64.om is beit_mg_bs8_partial.om (atc's name for it" in proc.stdout
+    assert (workdir / "beit_mg_bs8.om").read_bytes() == (workdir / "beit_mg_bs8.onnx").read_bytes()
+    assert not [n for n in os.listdir(workdir) if "_linux_" in n]
+    assert table_row(proc.stdout)[3:5] == [f"{image_set['top1']:.2f}", f"{image_set['top5']:.2f}"]
+    again = ok(run_all(workdir, image_set, 8, "--backend", "ascend", env=env))
+    assert "[run_all] skip atc: " in again.stdout and len(fake_ascend.calls("atc")) == 1
+
+
+@pytest.mark.parametrize("problem", ["space", "group_writable"])
+def test_ascend_path_refuses_what_ais_bench_refuses_before_any_step(image_set, fake_ascend, tmp_path, problem):
+    """ais_bench (2024) takes only [_A-Za-z0-9/.-] in paths and refuses group/other-writable inputs
+    (ait/msit components/utils/file_open_check.py: PATH_WHITE_LIST_REGEX, READ_FILE_NOT_PERMITTED_STAT):
+    run_all.sh says so, and how to fix it, before atc spends minutes on the model."""
+    workdir = tmp_path / ("my work" if problem == "space" else "work")
+    workdir.mkdir()
+    os.chmod(workdir, 0o775 if problem == "group_writable" else 0o755)
+    proc = run_all(workdir, image_set, 8, "--backend", "ascend", env=fake_ascend.env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "would break ais_bench's path rules" in proc.stderr
+    assert ("holds ' '" if problem == "space" else f"chmod -R go-w {workdir}") in proc.stderr
+    assert "[run_all] step " not in proc.stdout and fake_ascend.calls("atc") == []
+
+
+TINY_384 = "beit_tiny_test_patch16_384"
+
+
+def test_a_384_checkpoint_runs_through_with_pytorchs_agreement(tmp_path):
+    """A 384-px BEiT in the unilm format, with no --model: its size is read from the checkpoint, and every
+    step takes it: unilm's preprocessing for 384 (beit/datasets.py build_transform: crop_pct 1.0 from 384
+    up, Resize(384) + CenterCrop(384)), onnxsim's and graph_modify's shapes (577 -> 592 tokens).  Top-1 is
+    PyTorch's agreement with the labels, on real photographs preprocessed by torchvision itself."""
+    from PIL import Image
+
+    from beit_pipeline import photos
+    from beit_pipeline.preprocess_transform import reference_transform
+    images, checkpoint = tmp_path / "val", tmp_path / "beit_384.pth"
+    names = photos.write_photo_set(images, 9, labels=False)
+    beit_model.save_random_checkpoint(checkpoint, TINY_384, seed=3)
+    model, _, _ = beit_model.build_model(beit_model.load_state_dict(checkpoint), TINY_384)
+    transform = reference_transform(384)
+    with torch.inference_mode():
+        batch = torch.stack([transform(Image.open(images / n).convert("RGB")) for n in names])
+        order = np.argsort(-model(batch).numpy(), axis=1, kind="stable")
+    labels = order[:, 0].copy()
+    labels[[1, 6]] = order[[1, 6], 1]  # two labels PyTorch does not predict: Top-1 7/9, Top-5 9/9
+    label_file = tmp_path / "val_label.txt"
+    label_file.write_text("".join(f"{n} {int(c)}\n" for n, c in zip(names, labels)))
+    workdir = tmp_path / "work"
+    proc = ok(run_script(["run_all.sh", "--batch_size", "4", "--workdir", str(workdir), "--backend", "ort",
+                          "--image_path", str(images), "--label_file", str(label_file),
+                          "--checkpoint", str(checkpoint)]))
+    assert table_row(proc.stdout)[2:5] == ["9", f"{100 * 7 / 9:.2f}", "100.00"]
+    manifest = json.loads((workdir / "prep_image_bs4" / "manifest.json").read_text())
+    assert (manifest["image_size"], manifest["resize_size"]) == (384, 384)
+    assert manifest["transform"].startswith("PIL convert('RGB') -> Resize(384, bicubic, short side) -> "
+                                            "CenterCrop(384)")
+    assert r"--overwrite-input-shape 4\,3\,384\,384" in proc.stdout  # step lines are shell-quoted (%q)
+    assert (workdir / f"{TINY_384}.onnx").is_file()  # named after the variant read from the checkpoint
+    assert "tokens 577 -> 592" in proc.stdout
+
+
+def test_precision_passes_through_to_the_inference_step(ort_workdir, image_set, tmp_path):
+    """--precision bf16 redoes only inference and eval, and the table names the engine and precision that ran;
+    on a CPU without bf16 instructions (simulated through $BEIT_CPUINFO) the inference step refuses, naming them."""
+    ok(ort_workdir(8))
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    cpuinfo = open("/proc/cpuinfo").read()
+    if "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo:
+        proc = ok(run_all(workdir, image_set, 8, "--precision", "bf16"))
+        assert "[run_all] redo beit_infer: ais_out/bs8: precision changed ('fp32' -> 'bf16')" in proc.stdout
+        assert [step for step in ORT_STEPS if f"[run_all] step {step}: " in proc.stdout] == ["beit_infer", "eval"]
+        assert re.search(r"^\[run_all\] step beit_infer: .* --precision bf16 ", proc.stdout, re.M)
+        assert table_row(proc.stdout)[0] == "cpu: openvino bf16"
+    no_bf16 = tmp_path / "cpuinfo"
+    no_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    refused = run_all(workdir, image_set, 8, "--precision", "bf16", "--force", env={"BEIT_CPUINFO": str(no_bf16)})
+    assert refused.returncode == 1 and "error: step 'beit_infer' failed (exit 2); see above" in refused.stderr
+    assert "--precision bf16: this CPU has no bf16 instructions (amx_bf16 or avx512_bf16 is not in" in refused.stderr
+    assert "| backend " not in refused.stdout  # no (old) result table
+
+
+def test_fidelity_is_the_last_step_and_prints_the_predicted_om_top1(ort_workdir, image_set, tmp_path):
+    ok(ort_workdir(8))
+    workdir = finished_bs8_copy(ort_workdir, tmp_path)
+    proc = ok(run_all(workdir, image_set, 8, fidelity=True))
+    assert [step for step in ORT_STEPS + ("fidelity",) if f"[run_all] step {step}: " in proc.stdout] == ["fidelity"]
+    report = json.loads((workdir / "fidelity_bs8.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert {"pytorch", "onnx", "onnxsim", "graph_modify", "guide_padding", "om_emulation"} <= set(stages)
+    assert stages["graph_modify"]["max_rel_err"] <= 1e-4 and stages["graph_modify"]["agree_top1"] == 100.0
+    predicted = stages["om_emulation"]["top1"]
+    assert (f"predicted OM Top-1 (fp16 emulated on the CPU, beit_fidelity.py, first {N_IMAGES} images): "
+            f"{predicted:.2f}%; measured here (ort): {image_set['top1']:.2f}% on {N_IMAGES} images") in proc.stdout
+    again = ok(run_all(workdir, image_set, 8, fidelity=True))
+    assert "[run_all] skip fidelity: fidelity_bs8.json is complete for these inputs" in again.stdout
+    assert "predicted OM Top-1" in again.stdout

@@ -93,7 +93,8 @@ def make_outputs(work):
     manifest = batches.load_manifest(str(work.path(f"prep_image_bs{BS}")))
     for stem, _ in batches.rows_from_manifest(manifest):
         (out / f"{stem}_0.txt").write_text("0.0 \n" * BS)
-    work.path(f"ais_out/bs{BS}_partial_summary.json").write_text(json.dumps({"throughput": 12.5}))
+    work.path(f"ais_out/bs{BS}_partial_summary.json").write_text(json.dumps({"throughput": 12.5, "engine": "openvino",
+                                                                           "precision": "fp32"}))
 
 
 def make_acc(work):
@@ -283,16 +284,76 @@ def test_summary_table_and_notes(work):
     code, out, _ = work.call("summary")
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [c.strip() for c in rows[1].strip("|").split("|")] == ["ort (ONNX Runtime)", "2", "3", "66.67",
+    assert [c.strip() for c in rows[1].strip("|").split("|")] == ["cpu: openvino fp32", "2", "3", "66.67",
                                                                   "100.00", "12.50"]
     assert "note: 1 images could not be read and were skipped (--skip_bad)" in out
     assert "built-in demo" not in out
 
 
-@pytest.mark.parametrize("name, message", [
-    ("beit_huge", "--model beit_huge: unknown BEiT variant; known: beit_base_patch16_224, "),
-    ("beit_base_patch16_384", "--model beit_base_patch16_384: takes 384x384 images, but this pipeline is fixed"),
-])
-def test_check_model_refuses(name, message, capsys):
-    assert workstate.main(["check-model", name]) == 2
-    assert f"error: {message}" in capsys.readouterr().err
+def test_check_model_refuses_an_unknown_variant(capsys):
+    assert workstate.main(["check-model", "beit_huge"]) == 2
+    assert "error: --model beit_huge: unknown BEiT variant; known: beit_base_patch16_224, " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["beit_base_patch16_384", "beit_large_patch16_384", "beit_large_patch16_224"])
+def test_every_published_variant_is_accepted(name):
+    """Issue 11: the steps take the model's input size, so the unilm classifiers run (was: 224 only)."""
+    assert workstate.main(["check-model", name]) == 0
+
+
+def test_large_512_is_refused_up_front_with_the_reason(capsys):
+    """Measured: run_all.sh on a random beit_large_patch16_512 exported for 267 s, then onnxsim 0.4.36 failed
+    with 'EncodeError: Failed to serialize proto' (protobuf's 2 GB; onnxsim/onnxsim#262).  Now refused first."""
+    assert workstate.onnx_bytes("beit_large_patch16_512") > workstate.PROTOBUF_LIMIT
+    assert max(workstate.onnx_bytes(n) for n in workstate.KNOWN_VARIANTS if n != "beit_large_patch16_512") \
+        < 0.85 * workstate.PROTOBUF_LIMIT
+    assert workstate.main(["check-model", "beit_large_patch16_512"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --model beit_large_patch16_512: its simplified ONNX would hold about 2.7 GiB" in err
+    assert "over protobuf's 2 GiB that onnxsim 0.4.36 can write (onnxsim/onnxsim#262)" in err
+
+
+@pytest.mark.parametrize("variant, size", [("beit_tiny_test_patch16_224", 224), ("beit_tiny_test_patch16_384", 384)])
+def test_the_model_and_its_size_are_read_from_the_checkpoint(tmp_path, variant, size):
+    """Without --model the checkpoint's tensor shapes say the variant and size; --model wins; junk -> default."""
+    from beit_pipeline import model as beit_model
+    path = tmp_path / "ckpt.pth"
+    beit_model.save_random_checkpoint(path, variant)
+    assert workstate.checkpoint_shape(str(path)) == (variant, size)
+    assert workstate.run_model("", str(path), False) == (variant, size)
+    assert workstate.run_model("beit_large_patch16_384", str(path), False) == ("beit_large_patch16_384", 384)
+    assert workstate.run_model("", str(path), True) == ("beit_base_patch16_224", 224)  # the demo's default
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    assert workstate.run_model("", str(tmp_path / "junk.pth"), False) == ("beit_base_patch16_224", 224)
+
+
+def test_atc_output_is_taken_under_either_name_but_never_guessed(tmp_path):
+    """atc (CANN >= 7.0) may write <output>_linux_<arch>.om: that one file becomes the partial .om; two such
+    files (which one this run wrote?) are refused, nothing renamed."""
+    run = workstate.RunParams(workdir=str(tmp_path), batch_size=8, backend="ascend", model="m", image_path="",
+                              label_file="", checkpoint="", soc_version="Ascend310P3")
+    spec = workstate.atc_spec(run, "beit_mg_bs8.onnx", "beit_mg_bs8.om")
+    partial, suffixed = spec.promote[0][0], spec.aliases["beit_mg_bs8_partial.om"]
+    assert (partial, suffixed) == ("beit_mg_bs8_partial.om", ["beit_mg_bs8_partial_linux_x86_64.om",
+                                                              "beit_mg_bs8_partial_linux_aarch64.om"])
+    assert set(suffixed) <= set(spec.outputs)  # owned: a redo or --force removes a stale one
+    (tmp_path / suffixed[1]).write_bytes(b"om")
+    workstate.take_alias(run, partial, suffixed)
+    assert (tmp_path / partial).read_bytes() == b"om" and not (tmp_path / suffixed[1]).exists()
+    (tmp_path / partial).unlink()
+    for name in suffixed:
+        (tmp_path / name).write_bytes(b"om")
+    with pytest.raises(workstate.PipelineFileError, match="_linux_x86_64.om and .*_linux_aarch64.om"):
+        workstate.take_alias(run, partial, suffixed)
+    assert sorted(os.listdir(tmp_path)) == sorted(suffixed)
+
+
+def test_make_demo_takes_a_variant():
+    """`make demo MODEL=NAME` passes --model NAME to run_all.sh; without MODEL, none."""
+    import subprocess
+    made = subprocess.run(["make", "-n", "demo", "MODEL=beit_large_patch16_384"], cwd=workstate.REPO,
+                          capture_output=True, text=True, check=True).stdout
+    assert "run_all.sh --batch_size 8 --workdir work" in made and "--model beit_large_patch16_384" in made
+    plain = subprocess.run(["make", "-n", "demo"], cwd=workstate.REPO, capture_output=True, text=True,
+                           check=True).stdout
+    assert "run_all.sh --batch_size 8" in plain and "--model" not in plain
