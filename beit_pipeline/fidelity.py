@@ -29,8 +29,11 @@ from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError, UsageError
 from beit_pipeline.evaluation import label_ranks, percent
 
-STAGES = ("pytorch", "onnx", "onnxsim", "graph_modify", "guide_padding", "om_emulation", "guide_om_emulation",
-          "om")
+STAGES = ("pytorch", "onnx", "onnxsim", "graph_modify", "cpu_bf16", "guide_padding", "om_emulation",
+          "guide_om_emulation", "om")
+# Reduced CPU precisions, scored on the graph_modify model with the engine beit_infer.py --precision picks, so a
+# user sees the agreement they cost before trusting their Top-1; each only where the CPU has its instructions.
+CPU_PRECISION_STAGES = {"cpu_bf16": "bf16"}
 # BEiT-base runs at about 5 img/s per stage on 2 cores; 7 model stages on 64 images take about 2 minutes.
 DEFAULT_MAX_IMAGES = 64
 STATE_NAME, RUN_NAME = "run_all_state.json", ".run_all_run.json"
@@ -129,6 +132,7 @@ def stage_needs(wf, stage):
     source = {"pytorch": ("checkpoint", "the checkpoint"),
               "guide_padding": ("onnxsim", "run_all.sh's onnxsim step"),
               "om_emulation": ("graph_modify", "run_all.sh's graph_modify step"),
+              "cpu_bf16": ("graph_modify", "run_all.sh's graph_modify step"),
               "guide_om_emulation": ("onnxsim", "run_all.sh's onnxsim step"),
               "om": ("om", "ais_bench's outputs on the device (run_all.sh --backend ascend)")}
     role, what = source.get(stage, (stage, f"run_all.sh's {stage if stage != 'onnx' else 'pth2onnx'} step"))
@@ -138,11 +142,22 @@ def stage_needs(wf, stage):
 
 def stage_available(wf, stage):
     path, _ = stage_needs(wf, stage)
+    if stage in CPU_PRECISION_STAGES and not cpu_runs(CPU_PRECISION_STAGES[stage]):
+        return False
     return om_written_by_ais_bench(path) if stage == "om" else os.path.isfile(path)
+
+
+def cpu_runs(precision):
+    """Whether beit_infer.py --precision PRECISION runs here: an engine that has it and the CPU's instructions."""
+    from beit_pipeline import engines
+    return engines.openvino_available() and bool(engines.native_support(precision, engines.cpu_flags()))
 
 
 def require_stage(wf, stage):
     """PipelineFileError, naming the missing file and the step that makes it, unless ``stage`` can run."""
+    if stage in CPU_PRECISION_STAGES and not cpu_runs(CPU_PRECISION_STAGES[stage]):
+        raise UsageError(f"stage {stage}: this CPU or this install cannot run {CPU_PRECISION_STAGES[stage]} "
+                         "(beit_infer.py --precision says why); nothing written")
     if not stage_available(wf, stage):
         path, what = stage_needs(wf, stage)
         raise PipelineFileError(f"stage {stage} needs {path} ({what}), which is missing; nothing written")
@@ -275,8 +290,8 @@ def pytorch_logits(wf, images):
     return np.concatenate(out)
 
 
-def onnx_logits(path, images):
-    session = onnx_models.open_session(path)
+def onnx_logits(path, images, providers="cpu", precision="fp32"):
+    session = onnx_models.open_session(path, providers, precision=precision)
     out = []
     for batch_path, rows in images.batches:
         out.append(onnx_models.run_session(session, images.read(batch_path), path)[:rows])
@@ -300,6 +315,9 @@ def stage_logits(wf, stage, images, record):
         return pytorch_logits(wf, images), wf.checkpoint
     if stage == "om":
         return om_logits(wf.file("om"), images), wf.file("om")
+    if stage in CPU_PRECISION_STAGES:
+        path = ensure_model(wf, "graph_modify", record)
+        return onnx_logits(path, images, "openvino", CPU_PRECISION_STAGES[stage]), path
     path = ensure_model(wf, stage, record)
     return onnx_logits(path, images), path
 

@@ -23,7 +23,9 @@ from beit_pipeline import onnx_models as ort_models  # the name onnx_models is c
 from beit_pipeline.synthetic import write_image_set
 
 BS = 8
-MODEL_STAGES = ["pytorch", "onnx", "onnxsim", "graph_modify", "guide_padding", "om_emulation", "guide_om_emulation"]
+BF16_HERE = fidelity.cpu_runs("bf16")  # the cpu_bf16 stage is scored only where the CPU has bf16 instructions
+MODEL_STAGES = ["pytorch", "onnx", "onnxsim", "graph_modify"] + (["cpu_bf16"] if BF16_HERE else []) + \
+    ["guide_padding", "om_emulation", "guide_om_emulation"]
 
 
 # ---------------------------------------------------------------- a BEiT-base work folder
@@ -136,6 +138,27 @@ def test_guide_padding_error_dwarfs_graph_modify(base_report):
     assert guide["max_rel_err"] >= 100 * exact["max_rel_err"] and guide["max_rel_err"] > 1e-3, (guide, exact)
     # its fp16 emulation carries the same padding error
     assert stages["guide_om_emulation"]["max_rel_err"] > 1e-3
+
+
+@pytest.mark.skipif(not BF16_HERE, reason="this CPU has no bf16 instructions (or OpenVINO is missing)")
+def test_cpu_bf16_stage_shows_what_bf16_costs(base_report):
+    """Issue 13: the reduced CPU precision gets its own row; it is genuinely reduced and still close."""
+    bf16 = stages_of(base_report[2])["cpu_bf16"]
+    graph_modify = stages_of(base_report[2])["graph_modify"]
+    assert 1e-4 < bf16["max_rel_err"] < 5e-2 and bf16["max_rel_err"] > 100 * graph_modify["max_rel_err"], bf16
+    assert bf16["source"].endswith("beit_mg_bs8.onnx")
+
+
+def test_cpu_bf16_stage_is_refused_on_a_cpu_without_bf16(tiny_workdir, tiny_checkpoint, tmp_path, monkeypatch,
+                                                         capsys):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    monkeypatch.setenv("BEIT_CPUINFO", str(cpuinfo))
+    assert not fidelity.cpu_runs("bf16")
+    rc = beit_fidelity.main(fidelity_args(tiny_workdir, tiny_checkpoint, "--stages", "cpu_bf16"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "stage cpu_bf16: this CPU or this install cannot run bf16" in err
+    assert not (tiny_workdir / "fidelity_bs8.json").exists()
 
 
 def test_emulation_runs_with_beit_infer(tiny_workdir, tmp_path, capsys):
