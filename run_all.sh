@@ -92,6 +92,7 @@ parse_args() {
   fi
   # Absolute paths: the steps run in the work folder, and no path may look like an option.
   WORKDIR="$(realpath -m -- "${WORKDIR}")"
+  [[ -z "${AIS_INFER:-}" ]] || AIS_INFER="$(realpath -m -- "${AIS_INFER}")"
 }
 
 # The package next to this script: run_all.sh's record (workstate) and its questions about CANN (ascend).

@@ -94,7 +94,11 @@ def image_set_digest(folder, names):
     """
     h = hashlib.sha256()
     for name in names:
-        st = os.stat(os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:  # a dangling symlink: preprocessing reports it as a bad image (or skips it)
+            st = os.lstat(path)
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 

@@ -321,7 +321,7 @@ def reuse_decision(args, out_dir, new):
 def prepare_output_folder(args, model, inputs, out_dir, expected):
     """The plan for ``out_dir`` (held under its lock): what to keep, what to run; the record written first."""
     new = records.make_record(model.path, inputs.files, inputs.manifest_print, args.outfmt,
-                              len(model.output_names), expected)
+                              len(model.output_names), expected, model.engine, model.precision)
     decision = reuse_decision(args, out_dir, new)
     plan = InferencePlan(inputs, out_dir, args.outfmt.lower(), len(model.output_names),
                          todo=list(range(len(inputs.files))), kept=[])

@@ -15,7 +15,7 @@ from beit_pipeline import batches as batch_files
 from beit_pipeline import files, fingerprint
 
 RECORD_NAME = ".beit_infer.json"
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 2: the engine and precision are part of what made the outputs
 
 # field -> how a change is told in the log and in --resume's refusal
 _CHANGES = {
@@ -24,6 +24,8 @@ _CHANGES = {
     "outfmt": "the output format changed",
     "outputs_per_batch": "the number of model outputs changed",
     "batch_size": "the batch size changed",
+    "engine": "the engine changed",
+    "precision": "the precision changed",
 }
 
 
@@ -34,6 +36,8 @@ class OutputRecord:
     outfmt: str  # txt / bin / npy
     outputs_per_batch: int  # the model's number of outputs
     batch_size: object  # the model's static batch, --batchsize, or None (each file's own)
+    engine: str = "onnxruntime"  # outputs of two engines or precisions are never mixed in one folder
+    precision: str = "fp32"
     num_batches: int = 0  # for the reader; covered by ``inputs``
 
     def to_json(self):
@@ -56,10 +60,12 @@ def manifest_fingerprint(spec):
     return batch_files.load_manifest(spec).get("fingerprint")
 
 
-def make_record(model_path, input_paths, manifest_print, outfmt, outputs_per_batch, batch_size):
+def make_record(model_path, input_paths, manifest_print, outfmt, outputs_per_batch, batch_size, engine="onnxruntime",
+                precision="fp32"):
     return OutputRecord(model=fingerprint.file_digest(model_path),
                         inputs=inputs_digest(input_paths, manifest_print), outfmt=outfmt.lower(),
-                        outputs_per_batch=outputs_per_batch, batch_size=batch_size, num_batches=len(input_paths))
+                        outputs_per_batch=outputs_per_batch, batch_size=batch_size, engine=engine,
+                        precision=precision, num_batches=len(input_paths))
 
 
 def record_path(out_dir):
@@ -98,6 +104,7 @@ def changes(old, new):
         before, after = getattr(old, field), getattr(new, field)
         if before != after:
             shown = f" ({str(before).upper()} -> {str(after).upper()})" if field == "outfmt" else ""
-            shown = f" ({before} -> {after})" if field in ("batch_size", "outputs_per_batch") else shown
+            shown = f" ({before} -> {after})" if field in ("batch_size", "outputs_per_batch", "engine",
+                                                         "precision") else shown
             found.append(phrase + shown)
     return found

@@ -87,6 +87,7 @@ class StepSpec:
     promote: list = dataclasses.field(default_factory=list)  # (partial, final): renamed by `finish`
     aliases: dict = dataclasses.field(default_factory=dict)  # partial -> other names a tool may give it
     keep_on_redo: list = dataclasses.field(default_factory=list)  # owned, but the step itself decides
+    shared: list = dataclasses.field(default_factory=list)  # owned, one file for every batch size: not digested
 
     @property
     def product(self):
@@ -138,7 +139,8 @@ def fidelity_spec(run, made):
         inputs["the OM's outputs"] = run.path(f"ais_out/bs{n}")
     outputs = [f"fidelity_bs{n}.json", f"fidelity_bs{n}.md", f"beit_guide_bs{n}.onnx", f"beit_om_emulation_bs{n}.onnx",
                f"beit_guide_om_emulation_bs{n}.onnx", ".fidelity_derived.json"]
-    return StepSpec("fidelity", outputs, inputs, {"batch_size": n, "model": run.model})
+    return StepSpec("fidelity", outputs, inputs, {"batch_size": n, "model": run.model},
+                    shared=[".fidelity_derived.json"])
 
 
 def atc_spec(run, mg, om):
@@ -147,7 +149,7 @@ def atc_spec(run, mg, om):
     partial, *suffixed = om_candidates(om[:-3] + "_partial")
     return StepSpec("atc", [om, partial, "fusion_result.json"] + suffixed, {"the padded model": run.path(mg)},
                     {"batch_size": run.batch_size, "soc_version": run.soc_version}, promote=[(partial, om)],
-                    aliases={partial: suffixed})
+                    aliases={partial: suffixed}, shared=["fusion_result.json"])
 
 
 def code_digest():
@@ -281,10 +283,13 @@ def checkpoint_shape(path):
     reads a 1.2 GB large-512 checkpoint as fast as a tiny one.  (None, None) when the file cannot
     tell: pth2onnx then says what is wrong with it.
     """
-    import torch
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # any unreadable file: pth2onnx reports it with its own message
+        import torch
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) torch.save file cannot be mapped: read it whole
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch missing, or an unreadable file: pth2onnx reports it with its own message
         return None, None
     state = next((obj[k] for k in ("model", "module", "state_dict") if isinstance(obj, dict) and k in obj), obj)
     try:
@@ -379,7 +384,7 @@ def start(args):
                                       "owns": owns, "started": now()}
     save_state(run.workdir, state)  # owned before anything is deleted: a kill here leaves nothing orphaned
     for relative in owns:
-        if relative not in spec.keep_on_redo:
+        if relative not in spec.keep_on_redo or run.force:  # --force redoes it all, resumes nothing
             remove(run.path(relative))
     return 0
 
@@ -425,7 +430,8 @@ def finish(args):
     if step_key(made_from(spec, run, code_digest())) != entry["key"]:
         raise PipelineError(f"step {spec.name}: its inputs changed while it ran; run run_all.sh again")
     entry.update(status="complete", finished=now(),
-                 outputs={p: output_digest(run.path(p)) for p in spec.outputs if os.path.lexists(run.path(p))})
+                 outputs={p: output_digest(run.path(p)) for p in spec.outputs
+                          if p not in spec.shared and os.path.lexists(run.path(p))})
     save_state(run.workdir, state)
 
 

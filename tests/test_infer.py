@@ -640,3 +640,22 @@ def test_output_paths_of_the_wrong_kind_are_one_line_errors(tiny_onnx, tmp_path,
     # A folder nobody may write into (sysfs refuses even root): the file it could not create is named.
     rc, out, err = infer(args + ["--output", "/sys", "--output_dirname", "beit_out"], capsys)
     assert rc == 1 and err.count("\n") == 1 and err.startswith("error: /sys/.beit_out.lock: ")
+
+
+def test_outputs_of_another_engine_are_not_mixed_in(onnx_models, tmp_path, capsys):
+    """An interrupted ONNX Runtime run resumed with OpenVINO (or another --precision) would mix two engines'
+    logits in one folder: the record names the engine and precision, so the rerun recomputes every output."""
+    pytest.importorskip("openvino")
+    model = onnx_models.static("tiny", 17, 4)
+    prep = tmp_path / "prep"
+    make_batches(prep, [4, 4])
+    args = ["--model", model, "--input", str(prep), "--output", str(tmp_path / "out"), "--output_dirname", "run",
+            "--outfmt", "BIN", "--no_progress"]
+    assert beit_infer.main(args + ["--providers", "cpu"]) == 0
+    os.unlink(tmp_path / "out" / "run" / "input_00001_0.bin")  # as a kill would leave it
+    capsys.readouterr()
+    assert beit_infer.main(args + ["--providers", "openvino"]) == 0
+    out = capsys.readouterr().out
+    assert "the engine changed (onnxruntime -> openvino)" in out and "resume:" not in out
+    record = json.loads((tmp_path / "out" / "run" / ".beit_infer.json").read_text())
+    assert (record["engine"], record["precision"]) == ("openvino", "fp32")

@@ -357,3 +357,30 @@ def test_make_demo_takes_a_variant():
     plain = subprocess.run(["make", "-n", "demo"], cwd=workstate.REPO, capture_output=True, text=True,
                            check=True).stdout
     assert "run_all.sh --batch_size 8" in plain and "--model" not in plain
+
+
+def make_fidelity(work):
+    work.path(f"fidelity_bs{BS}.json").write_text(json.dumps({"stages": [{"name": "pytorch", "top1": 100.0}]}))
+    work.path(".fidelity_derived.json").write_text("{}")
+
+
+def test_a_file_every_batch_size_shares_does_not_make_a_step_redo(work):
+    """.fidelity_derived.json (and atc's fusion_result.json) have one name for every batch size: another batch
+    size's run rewriting them must not make this batch size's step look changed."""
+    work.run()
+    code, _, _ = work.begin()
+    assert work.call("start", "fidelity")[0] == 0
+    make_fidelity(work)
+    assert work.call("finish", "fidelity")[0] == 0
+    work.path(".fidelity_derived.json").write_text('{"written by": "the bs16 run"}')
+    work.begin()
+    code, out, _ = work.call("start", "fidelity")
+    assert code == workstate.EXIT_SKIP, out
+
+
+def test_a_dangling_symlink_among_the_images_is_left_to_preprocessing(work):
+    """The image set's digest must not stop the run: preprocessing reports the link (or --skip_bad skips it)."""
+    (work.images / "ILSVRC2012_val_00000004.JPEG").symlink_to(work.root / "nowhere.JPEG")
+    work.begin()
+    code, _, err = work.call("start", "preprocess")
+    assert code == 0, err
