@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from beit_pipeline import cli, files
+from beit_pipeline import cli, files, onnx_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import CheckFailed, PipelineError
 from beit_pipeline.export import (DEFAULT_TOLERANCE, MAX_OPSET, MIN_OPSET, ExportError, check_graph,
@@ -93,7 +93,7 @@ def temporary_target(cleanup, target, shown):
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         files.remove_stale_temporaries_of(target)  # what a killed earlier run left (~330 MB)
-        return cleanup.enter_context(files.temporary_beside(target))
+        return cleanup.enter_context(onnx_files.temporary_model(target))
     except OSError as exc:
         raise PipelineError(f"{shown}: cannot write here ({exc.strerror or exc})") from exc
 
@@ -103,6 +103,7 @@ def export_checked(args, model, info, tmp):
     t0 = time.perf_counter()
     try:
         export(model, tmp, args.batch_size, info.img_size, args.opset, not args.static)
+        onnx_files.consolidate(tmp)
         check_graph(tmp, args.batch_size, info.num_classes, not args.static)
     except Exception as exc:  # the exporter and the checker raise many kinds
         raise ExportError(f"{args.source}: ONNX export failed "
@@ -132,7 +133,7 @@ def verify_against_torch(args, model, info, tmp):
 def report(args, info, target, start):
     from beit_pipeline import onnx_models
 
-    size_mb = os.path.getsize(target) / 2 ** 20
+    size_mb = onnx_files.model_bytes(target) / 2 ** 20
     log.info(f"beit_pth2onnx: {args.source} -> {args.target}")
     log.info(f"  model     {info.name or 'BEiT (unpublished configuration)'}: {info.params / 1e6:.2f} M "
              f"parameters, {info.num_classes} classes, input {info.img_size}x{info.img_size}")
@@ -166,7 +167,7 @@ def run(args):
             progress.set_description_str("verify with ONNX Runtime")
             verify_against_torch(args, model, info, tmp)
         progress.update()
-        files.publish_temporary(tmp, target)
+        onnx_files.publish_model(tmp, target)
         progress.update()
     report(args, info, target, start)
 

@@ -65,7 +65,7 @@ import sys
 
 import onnx
 
-from beit_pipeline import cli, files, graph_padding, onnx_models
+from beit_pipeline import cli, graph_padding, onnx_files, onnx_models
 from beit_pipeline.cli import log
 from beit_pipeline.errors import CheckFailed, PipelineError, PipelineFileError
 from beit_pipeline.graph_index import PatternError, opset_version
@@ -147,13 +147,12 @@ def run(args):
     except PatternError as exc:
         raise PipelineError(f"{args.input}: {exc}; nothing written") from exc
     report(args, model, result)
-    data = model.SerializeToString()
-    with files.temporary_beside(args.output) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    # Over protobuf's 2 GiB (large-512: 2.9 GB) the model is written with its weights in OUTPUT.data.
+    with onnx_files.temporary_model(args.output) as tmp:
+        onnx_files.save_model(model, tmp)
         if not args.no_verify:
             verify(args, tmp)
-        files.publish_temporary(tmp, args.output)
+        onnx_files.publish_model(tmp, args.output)
     log.info(f"wrote {args.output}")
 
 

@@ -10,11 +10,12 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
+export PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" # python3 -m beit_pipeline.* from any folder
 readonly EXIT_SKIP=10 EXIT_BUSY=4
 
 # Options, named after their flags (parse_args sets --image_path in IMAGE_PATH).
 BATCH_SIZE="" IMAGE_PATH="" LABEL_FILE="" CHECKPOINT="" WORKDIR="./work" BACKEND="auto"
-SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0 NO_FIDELITY=0 PRECISION="fp32" MODEL_FILE="" SIZE=224
+SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0 NO_FIDELITY=0 PRECISION="fp32" MODEL_FILE="" SIZE=224 SIMPLIFIER=onnxsim
 STEP_PID="" STEP_NAME=""
 
 usage() {
@@ -37,8 +38,7 @@ Options:
   --soc_version NAME    atc --soc_version (default: Ascend + the chip name `npu-smi info` shows)
   --device ID           NPU device id for ais_bench (default: 0)
   --model NAME          BEiT variant, also the ONNX file's name (default: read from the checkpoint);
-                        base/large at 224 and 384 px: the steps take its input size (large-512:
-                        refused, its ONNX is over protobuf's 2 GB that onnxsim can write)
+                        base/large at 224, 384 and 512 px: the steps take its input size
   --skip_bad            leave out images that cannot be decoded (counted in the summary)
   --force               redo every step; deletes only the files a recorded run made
   --wait_lock           wait while another run_all.sh uses the work folder (default: refuse)
@@ -96,7 +96,7 @@ parse_args() {
 }
 
 # The package next to this script: run_all.sh's record (workstate) and its questions about CANN (ascend).
-pkg() { PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" python3 -m "beit_pipeline.$1" "${@:2}"; }
+pkg() { python3 -m "beit_pipeline.$1" "${@:2}"; }
 state() { pkg workstate --workdir "${WORKDIR}" "$@"; }
 
 choose_backend() { # ascend needs atc, aclruntime and an ais_bench (or AIS_INFER) with --output_dirname
@@ -169,7 +169,7 @@ step() {
 
 onnxsim_and_check() {
   local onnx="$1" partial="$2"
-  run_step onnxsim python3 -m onnxsim "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
+  run_step onnxsim python3 -m "${SIMPLIFIER}" "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
   run_step onnx_check python3 "${SCRIPT_DIR}/onnx_check.py" "${onnx}" "${partial}" --batch_size "${BATCH_SIZE}"
 }
 
@@ -216,7 +216,7 @@ run_pipeline() {
 }
 
 main() {
-  local start="${SECONDS}" flags=()
+  local start="${SECONDS}" flags=() info
   parse_args "$@"
   export PYTHONUNBUFFERED=1 # the steps' stdout stays in order with their stderr when piped
   command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
@@ -236,7 +236,7 @@ main() {
   if ((FORCE)); then flags+=(--force); fi
   if ((NO_FIDELITY)); then flags+=(--no_fidelity); fi
   state begin "${flags[@]}"
-  MODEL_FILE="$(state model-info)" && SIZE="${MODEL_FILE##* }" MODEL_FILE="${MODEL_FILE%% *}"
+  info="$(state model-info)" && read -r MODEL_FILE SIZE SIMPLIFIER <<<"${info}"
   if [[ -z "${IMAGE_PATH}" ]]; then run_demo_step; fi
   run_pipeline
   state summary

@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from beit_pipeline import batches, files, graph_padding, inference_record, labels, om_emulation, onnx_models
+from beit_pipeline import (batches, files, graph_padding, inference_record, labels, om_emulation, onnx_files,
+                           onnx_models)
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError, UsageError
@@ -224,7 +225,7 @@ def make_guide(src, dst, batch_size):
 
     model = onnx.load(src)
     result = graph_padding.modify(model, batch_size, guide=True)
-    files.write_bytes_atomic(dst, model.SerializeToString())
+    onnx_files.write_model(model, dst)
     return dict(result.counts)
 
 
@@ -233,7 +234,7 @@ def make_emulation(src, dst, batch_size):
     import onnx
 
     emulation = om_emulation.emulate(onnx.load(src))
-    files.write_bytes_atomic(dst, emulation.model.SerializeToString())
+    onnx_files.write_model(emulation.model, dst)
     return dict(emulation.counts)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 
 from beit_pipeline.cli import log
@@ -100,8 +101,7 @@ def remove_stale_temporaries_of(path):
         return
     for name in os.listdir(folder):
         if name.startswith(prefix) and name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
+            remove_temporary(os.path.join(folder, name))
 
 
 def remove_stale_temporaries(folder):
@@ -111,8 +111,30 @@ def remove_stale_temporaries(folder):
     """
     for name in os.listdir(folder):
         if name.startswith(".") and name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
+            remove_temporary(os.path.join(folder, name))
+
+
+def remove_temporary(path):
+    """A temporary file, or a temporary folder (a model written with its data file, onnx_files)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def fsync_folder(folder):
+    """Make renames in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- locks

@@ -147,6 +147,13 @@ def weightless_copy(model):
     return light
 
 
+def check_graph(model):
+    """onnx.checker on ``model``; past protobuf's 2 GiB (large-512), which the checker cannot serialise,
+    on the graph with its weights as typed inputs."""
+    from beit_pipeline import onnx_files
+    onnx.checker.check_model(model if onnx_files.fits_one_file(model) else weightless_copy(model))
+
+
 def infer_shapes(model, strict=False):
     return onnx.shape_inference.infer_shapes(weightless_copy(model), check_type=strict, strict_mode=strict)
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 
 from beit_pipeline import batches as batch_files
-from beit_pipeline import files, fingerprint
+from beit_pipeline import files, fingerprint, onnx_files
 
 RECORD_NAME = ".beit_infer.json"
 RECORD_FORMAT = 2  # 2: the engine and precision are part of what made the outputs
@@ -31,7 +31,7 @@ _CHANGES = {
 
 @dataclasses.dataclass
 class OutputRecord:
-    model: str  # content digest of the model file
+    model: str  # content digest of the model file (and of its .data file, where its weights are past 2 GiB)
     inputs: str  # digest of each batch file's name, size and mtime, and of the manifest's fingerprint
     outfmt: str  # txt / bin / npy
     outputs_per_batch: int  # the model's number of outputs
@@ -62,7 +62,8 @@ def manifest_fingerprint(spec):
 
 def make_record(model_path, input_paths, manifest_print, outfmt, outputs_per_batch, batch_size, engine="onnxruntime",
                 precision="fp32"):
-    return OutputRecord(model=fingerprint.file_digest(model_path),
+    model = "+".join(fingerprint.file_digest(p) for p in onnx_files.model_files(model_path))
+    return OutputRecord(model=model,
                         inputs=inputs_digest(input_paths, manifest_print), outfmt=outfmt.lower(),
                         outputs_per_batch=outputs_per_batch, batch_size=batch_size, engine=engine,
                         precision=precision, num_batches=len(input_paths))

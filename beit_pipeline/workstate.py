@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 
-from beit_pipeline import cli, files, fingerprint
+from beit_pipeline import cli, files, fingerprint, onnx_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineError, PipelineFileError, UsageError
 from beit_pipeline.variants import KNOWN_VARIANTS, image_size as variant_image_size, token_count
@@ -106,10 +106,10 @@ def step_specs(run):
     steps = [
         StepSpec("preprocess", [prep], {"the images": run.image_path},
                  {"batch_size": n, "skip_bad": run.skip_bad, "image_size": run.image_size}),
-        StepSpec("pth2onnx", [onnx], {"the checkpoint": run.checkpoint}, {"model": run.model}),
-        StepSpec("onnxsim", [sim, sim[:-5] + ".partial.onnx"], {"the exported model": run.path(onnx)},
-                 {"batch_size": n}, promote=[(sim[:-5] + ".partial.onnx", sim)]),
-        StepSpec("graph_modify", [mg], {"the simplified model": run.path(sim)}, {"batch_size": n}),
+        StepSpec("pth2onnx", with_data([onnx]), {"the checkpoint": run.checkpoint}, {"model": run.model}),
+        StepSpec("onnxsim", with_data([sim, sim[:-5] + ".partial.onnx"]), {"the exported model": run.path(onnx)},
+                 {"batch_size": n, "simplifier": simplifier(run.model)}, promote=[(sim[:-5] + ".partial.onnx", sim)]),
+        StepSpec("graph_modify", with_data([mg]), {"the simplified model": run.path(sim)}, {"batch_size": n}),
         StepSpec(infer_name, [out, f"{out}_summary.json", partial, f"{partial}_summary.json"],
                  {"the batches": run.path(prep), "the model": run.path(om if run.backend == "ascend" else mg)},
                  {"batch_size": n, "backend": run.backend, "precision": run.precision},
@@ -130,6 +130,11 @@ def step_specs(run):
     return {step.name: step for step in steps}
 
 
+def with_data(names):
+    """ONNX files and the ``.data`` files that hold their weights past protobuf's 2 GiB (onnx_files)."""
+    return names + [n + ".data" for n in names if n.endswith(".onnx")]
+
+
 def fidelity_spec(run, made):
     """beit_fidelity.py: every stage scored on the same images; it makes the guide's and the emulated OM's graphs."""
     n = run.batch_size
@@ -137,8 +142,8 @@ def fidelity_spec(run, made):
     inputs.update({"the checkpoint": run.checkpoint, "the label file": run.label_file})
     if run.backend == "ascend":
         inputs["the OM's outputs"] = run.path(f"ais_out/bs{n}")
-    outputs = [f"fidelity_bs{n}.json", f"fidelity_bs{n}.md", f"beit_guide_bs{n}.onnx", f"beit_om_emulation_bs{n}.onnx",
-               f"beit_guide_om_emulation_bs{n}.onnx", ".fidelity_derived.json"]
+    outputs = with_data([f"fidelity_bs{n}.json", f"fidelity_bs{n}.md", f"beit_guide_bs{n}.onnx",
+                         f"beit_om_emulation_bs{n}.onnx", f"beit_guide_om_emulation_bs{n}.onnx", ".fidelity_derived.json"])
     return StepSpec("fidelity", outputs, inputs, {"batch_size": n, "model": run.model},
                     shared=[".fidelity_derived.json"])
 
@@ -165,7 +170,8 @@ def input_digest(path, cache):
     if os.path.isdir(path):
         return "tree:" + tree_digest(path)
     if os.path.isfile(path):
-        return "sha256:" + fingerprint.file_digest(path, cache)
+        # A model's weights past 2 GiB are in <model>.onnx.data: equal graphs with other weights differ.
+        return "+".join("sha256:" + fingerprint.file_digest(p, cache) for p in onnx_files.model_files(path))
     return None
 
 
@@ -183,8 +189,8 @@ def output_digest(path):
     if os.path.isdir(path):
         return "tree:" + tree_digest(path)
     if os.path.isfile(path):
-        st = os.stat(path)
-        return f"stat:{st.st_size}:{st.st_mtime_ns}"
+        stats = [os.stat(p) for p in onnx_files.model_files(path)]
+        return "+".join(f"stat:{st.st_size}:{st.st_mtime_ns}" for st in stats)
     return None
 
 
@@ -250,7 +256,7 @@ def now():
 
 # ---------------------------------------------------------------- begin: check the work folder
 
-PROTOBUF_LIMIT = 2 ** 31  # bytes: one ONNX ModelProto, as onnxsim 0.4.36 serialises it (no external data)
+ONNXSIM_UP_TO = 2 ** 30  # bytes of simplified ONNX; beyond, beit_pipeline.simplify (the large variants)
 
 
 def onnx_bytes(name):
@@ -261,19 +267,17 @@ def onnx_bytes(name):
     return 4 * depth * (12 * dim * dim + heads * padded * padded)
 
 
-def check_model(name):
-    """UsageError unless ``name`` is a known variant whose ONNX fits a protobuf (every size but large-512).
+def simplifier(name):
+    """The module run_all.sh simplifies with: onnxsim itself, as the guide does, for the base variants;
+    beit_pipeline.simplify (the same graph, the weights held out) for the large ones, where onnxsim needs
+    about ten times the model in memory (killed at 24 GB on large-512) and cannot write past 2 GiB."""
+    return "onnxsim" if name not in KNOWN_VARIANTS or onnx_bytes(name) <= ONNXSIM_UP_TO else "beit_pipeline.simplify"
 
-    beit_large_patch16_512's graph holds 1.2 GB of weights and 24 x 16 x 1040^2 floats (1.7 GB) of folded
-    relative-position bias: over protobuf's 2 GB, which onnxsim 0.4.36 cannot write (it fails with
-    'EncodeError: Failed to serialize proto' after the export's minutes; onnxsim/onnxsim#262).
-    """
+
+def check_model(name):
+    """UsageError unless ``name`` is a known variant."""
     if name not in KNOWN_VARIANTS:
         raise UsageError(f"--model {name}: unknown BEiT variant; known: {', '.join(sorted(KNOWN_VARIANTS))}")
-    if onnx_bytes(name) > PROTOBUF_LIMIT:
-        raise UsageError(f"--model {name}: its simplified ONNX would hold about {onnx_bytes(name) / 2**30:.1f} GiB "
-                         "(fp32 weights and the relative-position bias folded per block), over protobuf's 2 GiB "
-                         "that onnxsim 0.4.36 can write (onnxsim/onnxsim#262); every other published variant runs")
 
 
 def checkpoint_shape(path):
@@ -425,7 +429,7 @@ def finish(args):
         take_alias(run, partial, spec.aliases.get(partial, []))
         if os.path.lexists(run.path(partial)):
             remove(run.path(final))
-            os.replace(run.path(partial), run.path(final))
+            onnx_files.move_model(run.path(partial), run.path(final))  # a plain rename unless it has .data
     VERIFY.get(spec.name, verify_product)(run, spec)
     if step_key(made_from(spec, run, code_digest())) != entry["key"]:
         raise PipelineError(f"step {spec.name}: its inputs changed while it ran; run run_all.sh again")
@@ -558,8 +562,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-model", help="refuse a --model the pipeline cannot run (exit 2)")
     check.add_argument("model", help="BEiT variant name")
-    sub.add_parser("model-info", help="print the model (the ONNX file's name) and input size of the run in "
-                                      "progress (after begin)")
+    sub.add_parser("model-info", help="print the model (the ONNX file's name), input size and simplifier module "
+                                      "of the run in progress (after begin)")
     begin_p = sub.add_parser("begin", help="check the work folder and remember this run's parameters")
     begin_p.add_argument("--batch_size", type=int, required=True, help="the run's batch size")
     begin_p.add_argument("--backend", choices=("ascend", "ort"), required=True, help="the backend chosen")
@@ -581,7 +585,12 @@ def build_parser():
 
 COMMANDS = {"begin": begin, "start": start, "finish": finish, "summary": summary,
             "check-model": lambda args: check_model(args.model),
-            "model-info": lambda args: print(load_run(args.workdir).model, load_run(args.workdir).image_size)}
+            "model-info": lambda args: model_info(load_run(args.workdir))}
+
+
+def model_info(run):
+    """run_all.sh's line: the ONNX file's name, the input size and the simplifier module."""
+    print(run.model, run.image_size, simplifier(run.model))
 
 
 def run(args):

@@ -699,3 +699,29 @@ def test_fidelity_is_the_last_step_and_prints_the_predicted_om_top1(ort_workdir,
     again = ok(run_all(workdir, image_set, 8, fidelity=True))
     assert "[run_all] skip fidelity: fidelity_bs8.json is complete for these inputs" in again.stdout
     assert "predicted OM Top-1" in again.stdout
+
+
+def test_models_with_external_data_run_through_and_new_weights_give_the_fresh_number(image_set, tmp_path):
+    """Issue 11's large-512 path on the tiny model: every model file a script writes past the (lowered)
+    2 GiB limit is <model>.onnx + <model>.onnx.data.  A new checkpoint of the same shapes: every step
+    after preprocessing is redone and the number is the new model's.  (On a large model the graph file can
+    stay byte-identical with new weights; test_onnx_files.py checks that the digests read the .data file.)"""
+    from beit_pipeline.onnx_files import EXTERNAL_ABOVE_ENV
+    env, workdir = {EXTERNAL_ABOVE_ENV: "4096"}, tmp_path / "work"
+    checkpoint = tmp_path / "beit.pth"
+    shutil.copy2(image_set["checkpoint"], checkpoint)
+    inputs = dict(image_set, checkpoint=str(checkpoint))
+    proc = ok(run_all(workdir, inputs, 8, env=env, fidelity=True))
+    assert table_row(proc.stdout)[3] == f"{image_set['top1']:.2f}"
+    for name in ("beit_mg_bs8.onnx", "beit_guide_bs8.onnx", "beit_om_emulation_bs8.onnx"):
+        assert (workdir / (name + ".data")).stat().st_size > 10 * (workdir / name).stat().st_size, name
+    report = json.loads((workdir / "fidelity_bs8.json").read_text())
+    assert {s["name"]: s["agree_top1"] for s in report["stages"]}["graph_modify"] == 100.0
+    beit_model.save_random_checkpoint(checkpoint, TINY, seed=7)
+    again = ok(run_all(workdir, inputs, 8, env=env))
+    for step in ORT_STEPS[1:]:
+        assert f"[run_all] step {step}: " in again.stdout, step
+    _, logits = pytorch_logits(str(checkpoint), image_set["images"])
+    truth = [int(line.split()[1]) for line in open(image_set["labels"]).read().splitlines()]
+    fresh_top1 = 100.0 * np.mean(np.argmax(logits, axis=1) == np.array(truth))
+    assert table_row(again.stdout)[3] == f"{fresh_top1:.2f}" and fresh_top1 != image_set["top1"]

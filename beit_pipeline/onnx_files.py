@@ -1,0 +1,169 @@
+"""ONNX files over protobuf's 2 GiB: one ``<model>.onnx`` plus its weights in ``<model>.onnx.data``.
+
+A ModelProto cannot be serialised past 2 GiB, and beit_large_patch16_512's padded graph holds 2.9 GB
+(1.2 GB of weights, 24 x 16 x 1040^2 floats of relative-position bias).  Such a model is written as
+ONNX external data, in the convention onnxsim uses: every tensor in one file named after the model
+plus ``.data``, found relative to the model's folder.  A model that fits is written as one file,
+byte for byte what ``onnx.save`` writes.
+
+Writes are atomic for the pair: both files are made in a hidden folder beside the target under
+their final names (so the location recorded in the graph is already right), and published with the
+old model file removed first: a model file never points into another model's data file.
+"""
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+
+from beit_pipeline import files
+
+PROTOBUF_LIMIT = 2 ** 31 - 1  # bytes: the largest message protobuf serialises
+EXTERNAL_ABOVE = PROTOBUF_LIMIT - 64 * 2 ** 20  # a model over this is written with external data
+# Tests set it low so that a tiny model takes the large models' path through every script.
+EXTERNAL_ABOVE_ENV = "BEIT_EXTERNAL_DATA_ABOVE"
+
+
+def external_above():
+    return int(os.environ.get(EXTERNAL_ABOVE_ENV) or EXTERNAL_ABOVE)
+
+
+def data_path(path):
+    """Where a model's external data lives, when it has any: ``<model>.onnx.data``."""
+    return os.fspath(path) + ".data"
+
+
+def model_files(path):
+    """The files a model consists of: ``[path]``, plus its data file when there is one."""
+    path = os.fspath(path)
+    return [path] + ([data_path(path)] if os.path.exists(data_path(path)) else [])
+
+
+def model_bytes(path):
+    return sum(os.path.getsize(p) for p in model_files(path))
+
+
+def has_external_data(model):
+    import onnx  # here: workstate imports this module for every step, onnx takes 0.2 s
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def fits_one_file(model):
+    """Whether ``model`` serialises as one protobuf message (ByteSize itself fails past 2 GiB)."""
+    if has_external_data(model):
+        return False
+    try:
+        return model.ByteSize() <= external_above()
+    except Exception:  # google.protobuf.message.EncodeError and the like
+        return False
+
+
+def save_model(model, path):
+    """Write ``model`` to ``path``: one file when it fits protobuf, else ``path`` + ``path``.data."""
+    import onnx
+    path = os.fspath(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(data_path(path))  # onnx appends to an existing data file
+    if fits_one_file(model):
+        onnx.save_model(model, path)
+        return
+    # onnx moves the tensors out of the proto it saves: a copy keeps the caller's model whole.
+    onnx.save_model(copy.deepcopy(model), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(data_path(path)), size_threshold=1024)
+
+
+def consolidate(path):
+    """Gather the weights of a model written with a file per tensor (torch's exporter past 2 GiB) into
+    ``path``.data; ``path`` must be alone in a folder of its own (temporary_model's)."""
+    import onnx
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    extra = [n for n in os.listdir(folder) if n != name]
+    if not extra:
+        return
+    model = onnx.load(path)  # reads every tensor file
+    save_model(model, path)
+    for n in extra:
+        if n != os.path.basename(data_path(path)):
+            os.unlink(os.path.join(folder, n))
+
+
+def fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def temporary_model(target):
+    """Yield a path named like ``target`` in a new hidden folder beside it; the folder is removed on exit.
+
+    Write the model there (save_model, an exporter, onnxsim) and publish_model() it inside the block.
+    """
+    target = os.path.abspath(os.fspath(target))
+    folder = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
+                              dir=os.path.dirname(target))
+    try:
+        yield os.path.join(folder, os.path.basename(target))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish_model(tmp, target):
+    """Move a model written by temporary_model() (and its data file) to ``target``, durably.
+
+    The old ``target`` goes first, then the data file, then the model file: killed in between, the
+    step's product is missing (and is redone), never a model file reading another model's weights.
+    """
+    target = os.fspath(target)
+    if os.path.basename(tmp) != os.path.basename(target):
+        raise ValueError(f"{tmp}: a temporary model must carry its target's name ({target})")
+    for path in model_files(tmp):
+        fsync_file(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(target)
+    if os.path.exists(data_path(tmp)):
+        files.publish_temporary(data_path(tmp), data_path(target))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(data_path(target))
+    files.publish_temporary(tmp, target)
+    files.fsync_folder(os.path.dirname(os.path.abspath(target)))
+
+
+def write_model(model, path):
+    """save_model() and publish_model() in one: ``path`` (and its data) complete or absent."""
+    with temporary_model(path) as tmp:
+        save_model(model, tmp)
+        publish_model(tmp, path)
+
+
+def move_model(src, dst):
+    """Rename a model file and its data file; the graph's record of where its data lives follows.
+
+    onnxsim names the data file after the file it wrote (``X.partial.onnx.data``), and the run's
+    partial outputs are renamed once complete.
+    """
+    import onnx
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.exists(data_path(src)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(data_path(dst))
+        os.replace(src, dst)
+        return
+    model = onnx.load(src, load_external_data=False)
+    new_location = os.path.basename(data_path(dst))
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = new_location
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dst)
+    os.replace(data_path(src), data_path(dst))
+    with files.temporary_beside(dst) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        files.publish_temporary(tmp, dst)
+    os.unlink(src)
