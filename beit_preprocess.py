@@ -22,7 +22,7 @@ Usage::
 The output is byte-identical whatever ``--workers`` is, and a run that was
 killed finishes where it stopped when started again with the same arguments.
 The work is in beit_pipeline/preprocess.py (the folder run),
-preprocess_transform.py (the transform) and preprocess_workers.py (pool, writer).
+preprocess_transform.py (the transform) and preprocess_workers.py (decoding workers, batch ring, O_DIRECT writer).
 """
 
 import argparse
@@ -75,5 +75,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # before the pool forks: the workers inherit it
+    keep_freed_memory()  # before the workers fork: the workers inherit it
     sys.exit(main())

@@ -4,8 +4,9 @@ The run holds the output folder's lock throughout, and is planned before any
 work: which images there are, what an earlier run in the folder already wrote
 (a killed run resumes), which images it skipped as bad (tried again: one that
 now decodes makes the folder start from scratch).  Then the images are decoded
-by a pool, batched in order and written by a background thread; the manifest
-is written first (``complete: false``) and last (``complete: true``).
+by worker processes straight into shared batch buffers, batched in order and
+written by a background thread; the manifest is written first (``complete:
+false``) and last (``complete: true``).
 """
 
 import collections
@@ -15,16 +16,14 @@ import os
 import sys
 import time
 
-import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from beit_pipeline import batches, cli, files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import EXIT_USAGE, PipelineFileError, UsageError
-from beit_pipeline.preprocess_transform import BadImageError, geometry, load_crop, shown, to_float, use_image_size
-from beit_pipeline.preprocess_workers import (WRITER_DEPTH, BatchWriter, decoded, fork_workers, usable_cpus,
-                                              write_error)
+from beit_pipeline.preprocess_transform import BadImageError, geometry, load_crop, shown, use_image_size
+from beit_pipeline.preprocess_workers import (BatchRing, BatchWriter, Placement, decoded, fork_workers, ring_batches,
+                                              usable_cpus, write_error)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 INTERRUPTED_HINT = "the batches written so far are kept; rerun the same command to resume"
@@ -124,18 +123,17 @@ def available_memory():
         return None
 
 
-def buffer_bytes(batch_size):
-    """Memory the batch buffers take: the writer's float32 buffers and the uint8 crops being batched."""
-    crop = geometry().crop
-    return (WRITER_DEPTH + 2) * batches.batch_nbytes(batch_size, crop) + batch_size * 3 * crop ** 2
+def buffer_bytes(batch_size, workers=1):
+    """Memory the batch buffers take: the ring of float32 batches that the images are decoded into."""
+    return ring_batches(batch_size, workers) * batches.batch_nbytes(batch_size, geometry().crop)
 
 
-def check_memory(batch_size):
+def check_memory(batch_size, workers):
     """Refuse a batch size whose buffers cannot fit in memory (it used to end in a MemoryError traceback)."""
-    need, have = buffer_bytes(batch_size), available_memory()
+    need, have = buffer_bytes(batch_size, workers), available_memory()
     if have is not None and need > have:
         raise UsageError(f"--batch_size {batch_size} needs {need / 2**30:.1f} GiB for its batch buffers "
-                         f"({WRITER_DEPTH + 2} float32 batches of {batch_size} images and the crops) but only "
+                         f"({ring_batches(batch_size, workers)} float32 batches of {batch_size} images) but only "
                          f"{have / 2**30:.1f} GiB of memory is available; use a smaller --batch_size")
 
 
@@ -157,9 +155,9 @@ def check_args(args):
     image_size = getattr(args, "image_size", batches.IMAGE_SIZE)
     cli.check(16 <= image_size <= 4096 and image_size % 16 == 0,
               f"--image_size must be a multiple of 16 (BEiT's patch) in [16, 4096], got {image_size}")
-    use_image_size(image_size)  # before the pool forks: the workers inherit it
-    check_memory(args.batch_size)
+    use_image_size(image_size)  # before the workers fork: they inherit it
     args.workers = cap_workers(args.workers, args.force_workers)
+    check_memory(args.batch_size, args.workers)
 
 
 # ---------------------------------------------------------------- the output folder
@@ -268,6 +266,7 @@ class RunPlan:
     batches: list            # manifest entries of the batches already written, in order
     todo: list               # the images still to decode, in order
     already_complete: bool = False
+    resumed: int = 0         # batches an earlier run wrote (this run's batch k is file resumed + k)
 
     @property
     def out(self):
@@ -337,18 +336,13 @@ def plan_run(args, listing):
 
 # ---------------------------------------------------------------- the run
 
-def fill_float_batch(batch, crops, real):
-    """Rows [0, real) of ``batch`` from the uint8 crops, the other rows (the last batch's padding) zero."""
-    to_float(crops[:real], out=batch[:real])
-    batch[real:] = 0
-    return batch
-
-
-def put_batch(plan, writer, crops, rows):
-    index = len(plan.batches)
-    writer.put(os.path.join(plan.out, batches.batch_file_name(index)),
-               fill_float_batch(writer.next_buffer(), crops, len(rows)))
-    plan.batches.append(batch_entry(index, rows))
+def put_batch(plan, writer, ring, rows):
+    """Hand this run's next batch to ``writer``; its rows [len(rows), bs) (the last batch's padding) zeroed."""
+    index = len(plan.batches) - plan.resumed
+    batch = ring.batch(index)
+    batch[len(rows):] = 0
+    writer.put(os.path.join(plan.out, batches.batch_file_name(len(plan.batches))), batch)
+    plan.batches.append(batch_entry(len(plan.batches), rows))
 
 
 def record_bad(plan, name, problem):
@@ -359,24 +353,31 @@ def record_bad(plan, name, problem):
     plan.save(False)  # recorded before any later batch, which a resume relies on
 
 
-def batch_images(plan, results, writer):
-    """Consume (crop, problem) in the order of ``plan.todo``; hand every full batch, then the rest, to ``writer``."""
-    crop = geometry().crop
-    crops = np.zeros((plan.args.batch_size, 3, crop, crop), np.uint8)
-    rows = []
-    with tqdm(total=len(plan.todo), unit="img", desc="preprocess", file=sys.stderr, disable=not plan.todo) as bar:
-        for name, (crop, problem) in zip(plan.todo, results):
+def batch_images(plan, decoder, writer, ring):
+    """Take the decoded images in the order of ``plan.todo``; hand every full batch, then the rest, to ``writer``.
+
+    An image sits at the row where the decoder put it; after a skipped image the
+    later ones may have to move back to their row (position > placement.filled).
+    """
+    from tqdm import tqdm  # here, not at the top: its 25 ms import runs while the workers start decoding
+    placement, rows = Placement(), []
+    with tqdm(total=len(plan.todo), unit="img", desc="preprocess", file=sys.stderr,
+              disable=not plan.todo) as bar:
+        for index, position, problem in decoder.images(placement, writer):
             bar.update(1)
+            placement.consumed += 1
             if problem is not None:
-                record_bad(plan, name, problem)
+                record_bad(plan, plan.todo[index], problem)
                 continue
-            crops[len(rows)] = crop
-            rows.append(name)
+            if position != placement.filled:
+                ring.row(placement.filled)[...] = ring.row(position)
+            placement.filled += 1
+            rows.append(plan.todo[index])
             if len(rows) == plan.args.batch_size:
-                put_batch(plan, writer, crops, rows)
+                put_batch(plan, writer, ring, rows)
                 rows = []
     if rows:
-        put_batch(plan, writer, crops, rows)
+        put_batch(plan, writer, ring, rows)
 
 
 def process(plan):
@@ -384,9 +385,11 @@ def process(plan):
     args = plan.args
     workers = fork_workers(max(1, min(args.workers, len(plan.todo))))
     paths = [os.path.join(args.image_path, n) for n in plan.todo]
-    # The pool forks before the writer thread exists: forking a threaded process is fragile.
-    with decoded(paths, workers, args.max_pixels) as results, BatchWriter(args.batch_size) as writer:
-        batch_images(plan, results, writer)
+    ring = BatchRing(args.batch_size, ring_batches(args.batch_size, workers))
+    plan.resumed = len(plan.batches)
+    # The workers fork before the writer thread exists: forking a threaded process is fragile.
+    with decoded(paths, ring, workers, args.max_pixels) as decoder, BatchWriter() as writer:
+        batch_images(plan, decoder, writer, ring)
     return workers
 
 

@@ -1,15 +1,20 @@
-"""The two helpers of a preprocessing run: a pool that decodes images, a thread that writes batches.
+"""The helpers of a preprocessing run: a ring of batch buffers, workers that decode into it, a writer thread.
 
-Decoding and resizing (about 3 ms an image) run in forked processes; the crops
-come back through shared memory.  Batch files (600 KB an image, fsynced) are
-written by one background thread while the next images decode.
+Decoding, resizing and the float conversion (about 3 ms an image) run in forked
+processes, each straight into its row of a batch buffer in shared memory, so the
+parent copies no pixels: it only hands out chunks of images and hands full
+buffers to one background thread, which writes them (600 KB an image, fsynced)
+with O_DIRECT where the file system allows it.
 """
 
 import collections
 import contextlib
 import ctypes
+import dataclasses
+import errno
 import mmap
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import signal
@@ -18,12 +23,15 @@ import threading
 import numpy as np
 from PIL import Image
 
-from beit_pipeline import batches
+from beit_pipeline import batches, files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineError
-from beit_pipeline.preprocess_transform import BadImageError, decode_rgb, geometry, load_crop, resize_center_crop
+from beit_pipeline.preprocess_transform import BadImageError, decode_rgb, geometry, resize_center_crop, shown, to_float
 
 WRITER_DEPTH = 2  # batches queued for the writer thread
+CHUNK = 8  # images per worker task
+TASKS_PER_WORKER = 2  # one decoding, one queued: a worker never waits for the parent to hand out the next
+DIRECT_ALIGN = 4096  # O_DIRECT's alignment of memory, offset and length: a page covers every common disk
 
 
 class WriteError(PipelineError):
@@ -59,28 +67,59 @@ def keep_freed_memory():
     mallopt(m_trim_threshold, 256 << 20)
 
 
+# ---------------------------------------------------------------- the ring of batch buffers
+
+def ring_batches(batch_size, workers):
+    """Batch buffers a run needs: queued + being written + being filled, and room for the images that workers
+    decode ahead (one process decodes into the batch being filled)."""
+    ahead = workers * TASKS_PER_WORKER * CHUNK if workers > 1 else 0
+    return WRITER_DEPTH + 2 + -(-ahead // batch_size)
+
+
+class BatchRing:
+    """``count`` float32 batch buffers in shared memory, page-aligned; row ``p`` is where image position p goes.
+
+    Position p (the p-th image written by this run) is row p % bs of batch
+    p // bs, which lives in buffer (p // bs) % count: a buffer is reused once
+    its batch is written, and the decoder never runs ``count`` batches ahead.
+    """
+
+    def __init__(self, batch_size, count):
+        crop = geometry().crop
+        self.batch_size, self.count = batch_size, count
+        nbytes = batches.batch_nbytes(batch_size, crop)
+        stride = -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
+        memory = mmap.mmap(-1, stride * count)  # MAP_SHARED: the forked workers write into it
+        shape = batches.batch_shape(batch_size, crop)
+        self.buffers = [np.frombuffer(memory, np.float32, nbytes // 4, k * stride).reshape(shape)
+                        for k in range(count)]
+
+    def batch(self, index):
+        return self.buffers[index % self.count]
+
+    def row(self, position):
+        return self.batch(position // self.batch_size)[position % self.batch_size]
+
+
 # ---------------------------------------------------------------- decoding
 
-def load_serial(path):
-    """(uint8 crop, None) or (None, error message): a bad image must not stop the others."""
+def decode_into(row, path):
+    """Decode ``path`` into ``row`` (float32 (3, S, S)); None, or the message of a bad image (row untouched)."""
     try:
-        return load_crop(path), None
+        crop = resize_center_crop(decode_rgb(path))
     except BadImageError as exc:
-        return None, str(exc)
+        return str(exc)
+    to_float(np.ascontiguousarray(crop.transpose(2, 0, 1)), out=row)  # converting a strided view is slower
+    return None
 
 
-_SLOTS = None  # in a pool worker: the shared (slots, 3, 224, 224) uint8 array crops are written to
-
-
-def _worker_init(max_pixels, slots, parent):
-    global _SLOTS
+def _worker_init(max_pixels, parent):
     Image.MAX_IMAGE_PIXELS = max_pixels
-    _SLOTS = slots
-    # Ctrl-C reaches the whole process group: the parent alone reacts and terminates the pool.
-    # SIGTERM (which Pool.terminate sends) must kill a worker, not run the parent's inherited handler.
+    # Ctrl-C reaches the whole process group: the parent alone reacts and terminates the workers.
+    # SIGTERM (which terminate() sends) must kill a worker, not run the parent's inherited handler.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    # If the parent is killed (SIGKILL, OOM), a pool worker would wait for tasks forever: ask
+    # If the parent is killed (SIGKILL, OOM), a worker would wait for tasks forever: ask
     # Linux to kill it with its parent (prctl PR_SET_PDEATHSIG = 1).  Elsewhere a no-op.
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
@@ -90,61 +129,146 @@ def _worker_init(max_pixels, slots, parent):
         os._exit(1)
 
 
-def _load_chunk(first_slot, paths):
-    """Pool task: decode ``paths`` into consecutive shared slots; return their errors (None when good)."""
-    problems = []
-    for slot, path in enumerate(paths, first_slot):
+def _worker_main(conn, paths, ring, max_pixels, parent):
+    """A worker: decode each task's images (first image, first position, count) into the ring; reply with
+    their problems, or with the exception that stopped it."""
+    _worker_init(max_pixels, parent)
+    while True:
         try:
-            _SLOTS[slot] = resize_center_crop(decode_rgb(path)).transpose(2, 0, 1)
-            problems.append(None)
-        except BadImageError as exc:
-            problems.append(str(exc))
-    return problems
+            task = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if task is None:
+            return
+        first, position, count = task
+        try:
+            reply = [decode_into(ring.row(position + i), paths[first + i]) for i in range(count)]
+        except Exception as exc:  # a bug or MemoryError: the parent raises it
+            reply = exc
+        conn.send(reply)
 
 
-class ParallelLoader:
-    """Decode and crop images in a pool of forked processes; iterate (crop, problem) in input order.
+@dataclasses.dataclass
+class Placement:
+    """The consumer's progress, which decides where new images are decoded: images consumed, rows filled."""
 
-    The crops come back through shared memory rather than the pool's pipe:
-    pickling 150 KB per image through a 64 KB pipe cost the parent about
-    0.5 ms of CPU per image, against about 3 ms of decoding and resizing.
-    At most ``2 * workers + 2`` chunks are in flight, one slot region each,
-    and a region is handed out again only after its crops were consumed.
-    """
+    consumed: int = 0
+    filled: int = 0
 
-    def __init__(self, paths, workers, max_pixels, chunk=8):
-        self.paths, self.chunk = paths, chunk
-        self.in_flight = 2 * workers + 2
-        crop = geometry().crop  # the model's input size (use_image_size), set before the fork
-        memory = mmap.mmap(-1, self.in_flight * chunk * 3 * crop * crop)  # shared with forked children
-        self.slots = np.frombuffer(memory, np.uint8).reshape(-1, 3, crop, crop)
-        context = multiprocessing.get_context("fork")
-        self.pool = context.Pool(workers, initializer=_worker_init, initargs=(max_pixels, self.slots, os.getpid()))
 
-    def __iter__(self):
-        pending = collections.deque()
-        starts = range(0, len(self.paths), self.chunk)
-        for n, start in enumerate(starts):
-            if len(pending) == self.in_flight:
-                yield from self._collect(*pending.popleft())
-            first_slot = (n % self.in_flight) * self.chunk
-            part = self.paths[start:start + self.chunk]
-            pending.append((self.pool.apply_async(_load_chunk, (first_slot, part)), first_slot))
-        while pending:
-            yield from self._collect(*pending.popleft())
+class SerialDecoder:
+    """Decode in this process, each image straight into its final row."""
 
-    def _collect(self, result, first_slot):
-        # The consumer copies each crop before asking for the next one, so the region is free afterwards.
-        for slot, problem in enumerate(result.get(), first_slot):
-            yield (None if problem else self.slots[slot]), problem
+    def __init__(self, paths, ring):
+        self.paths, self.ring = paths, ring
+
+    def images(self, placement, writer):
+        """Yield (index, position, problem) for every path in order; the row at ``position`` holds the image."""
+        for index, path in enumerate(self.paths):
+            position = placement.filled
+            writer.wait_done(position // self.ring.batch_size - self.ring.count + 1)
+            yield index, position, decode_into(self.ring.row(position), path)
 
     def close(self):
-        self.pool.terminate()
-        self.pool.join()
+        pass
+
+
+class _Chunk:
+    def __init__(self, first, position, count):
+        self.first, self.position, self.count, self.problems = first, position, count, None
+
+
+class ParallelDecoder:
+    """Decode in forked worker processes, each image into a ring row chosen when its chunk is handed out.
+
+    A chunk goes to rows from (its first image) - (bad images seen so far), the
+    row its first image gets if no image still in flight is bad; when one is, the
+    consumer moves the later images back (``position`` > its row).  Rows are never
+    handed out twice while in use, and never beyond the batches the writer has freed.
+    """
+
+    def __init__(self, paths, ring, workers, max_pixels):
+        self.paths, self.ring = paths, ring
+        context = multiprocessing.get_context("fork")
+        self.workers = []
+        for _ in range(workers):
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_worker_main, args=(theirs, paths, ring, max_pixels, os.getpid()),
+                                      daemon=True, name="decoder")
+            process.start()
+            theirs.close()
+            self.workers.append((process, mine, collections.deque()))
+        self.pending, self.next_first = collections.deque(), 0  # chunks handed out, in order; the next image
+        # At once: the workers decode while the parent starts the writer and imports tqdm (25 ms).
+        self._hand_out(Placement(), 0)
+
+    def images(self, placement, writer):
+        """Yield (index, position, problem) for every path in order; the row at ``position`` holds the image."""
+        pending = self.pending
+        while self.next_first < len(self.paths) or pending:
+            self._hand_out(placement, writer.done)
+            if not pending:  # the ring is full: only the writer can free a batch
+                writer.wait_done(writer.done + 1)
+                continue
+            while pending[0].problems is None:
+                self._receive()
+                self._hand_out(placement, writer.done)
+            chunk = pending.popleft()
+            for i, problem in enumerate(chunk.problems):
+                yield chunk.first + i, chunk.position + i, problem
+
+    def _hand_out(self, placement, written):
+        """Give chunks to the workers with room, as far as the ring allows (``written`` batches are free)."""
+        ring, pending = self.ring, self.pending
+        while self.next_first < len(self.paths):
+            process, conn, tasks = min(self.workers, key=lambda w: len(w[2]))
+            position = self.next_first - (placement.consumed - placement.filled)
+            if pending:  # after the rows of the chunks still in flight
+                position = max(position, pending[-1].position + pending[-1].count)
+            count = min(CHUNK, len(self.paths) - self.next_first)
+            if len(tasks) >= TASKS_PER_WORKER or (position + count - 1) // ring.batch_size >= written + ring.count:
+                return
+            chunk = _Chunk(self.next_first, position, count)
+            try:
+                conn.send((chunk.first, chunk.position, chunk.count))
+            except OSError:  # the worker is gone (killed, or crashed in a decoder)
+                raise self._died(process, chunk) from None
+            tasks.append(chunk)
+            pending.append(chunk)
+            self.next_first += count
+
+    def _receive(self):
+        """Wait for replies and record them; raise what a worker raised, or its death."""
+        busy = [worker for worker in self.workers if worker[2]]
+        ready = set(multiprocessing.connection.wait([w[1] for w in busy] + [w[0].sentinel for w in busy]))
+        for process, conn, tasks in busy:
+            if conn in ready or process.sentinel in ready:
+                try:
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    raise self._died(process, tasks[0]) from None
+                if isinstance(reply, BaseException):
+                    raise reply
+                tasks.popleft().problems = reply
+
+    def _died(self, process, chunk):
+        process.join(1)
+        code = process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited ({code})"
+        return PipelineError(f"a decoding worker {how} with {shown(self.paths[chunk.first])} or one of the "
+                             f"{chunk.count - 1} images after it to decode")
+
+    def close(self):
+        for process, conn, _ in self.workers:
+            if process.is_alive():
+                process.terminate()
+        for process, conn, _ in self.workers:
+            process.join()
+            conn.close()
 
 
 def fork_workers(requested):
-    """``requested``, or 1 where this platform cannot fork (the pool relies on it)."""
+    """``requested``, or 1 where this platform cannot fork (the workers rely on it)."""
     if requested > 1 and "fork" not in multiprocessing.get_all_start_methods():
         log.warning("no fork() on this platform; decoding with 1 worker")
         return 1
@@ -152,38 +276,61 @@ def fork_workers(requested):
 
 
 @contextlib.contextmanager
-def decoded(paths, workers, max_pixels):
-    """Yield an iterator of (uint8 crop, problem) for ``paths`` in order; the pool is gone afterwards."""
-    if workers <= 1:
-        yield map(load_serial, paths)
-        return
-    loader = ParallelLoader(paths, workers, max_pixels)
+def decoded(paths, ring, workers, max_pixels):
+    """A decoder of ``paths`` into ``ring`` (see images()); its workers are gone afterwards."""
+    decoder = ParallelDecoder(paths, ring, workers, max_pixels) if workers > 1 else SerialDecoder(paths, ring)
     try:
-        yield loader
+        yield decoder
     finally:
-        loader.close()
+        decoder.close()
 
 
 # ---------------------------------------------------------------- writing
 
+def direct_writable(array):
+    """Whether ``array`` (float32, C order) may be written with O_DIRECT: aligned address and length."""
+    return (getattr(os, "O_DIRECT", 0) != 0 and array.flags.c_contiguous and array.dtype == np.float32
+            and array.ctypes.data % DIRECT_ALIGN == 0 and array.nbytes % DIRECT_ALIGN == 0)
+
+
+def write_batch_direct(path, array):
+    """batches.write_batch()'s atomic, fsynced write with O_DIRECT; False (nothing written) where refused.
+
+    The disk reads the batch straight from ``array``: the buffered write's copy
+    into the page cache cost the writer thread 2 to 10 ms of CPU per 4.8 MB batch
+    here (fresh page-cache pages are slow to touch in a VM), as much as decoding 3 images.
+    """
+    with files.temporary_beside(path) as tmp:
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_DIRECT), "wb", buffering=0) as f:
+                data, done = memoryview(array).cast("B"), 0
+                while done < len(data):
+                    done += f.write(data[done:])
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # this file system (or an odd block size) does not take O_DIRECT
+                return False
+            raise
+        files.publish_temporary(tmp, path)
+    return True
+
+
 class BatchWriter:
     """Writes batch files, in order, on a background thread; a context manager.
 
-    A batch is 600 KB per image and the atomic write fsyncs it: about 1 ms per
-    image here, mostly in the kernel.  File writes and Pillow both release the
-    GIL, so the disk works while the next images decode.  The batch buffers are
-    reused (a fresh 600 KB per image costs page faults): ``depth`` queued + one
-    being written + one being filled, so a buffer comes round again only once
-    its file is written.  Leaving the block waits for every queued batch (those
-    before a bad image or a Ctrl-C are kept for a rerun) and then raises the
-    first write error, unless another exception is already on its way.
+    A batch is 600 KB per image and the atomic write fsyncs it.  File writes
+    release the GIL, so the disk works while the next images decode.  ``done``
+    counts the batches finished (written, or dropped after an error): the ring
+    reuses a buffer only then.  Leaving the block waits for every queued batch
+    (those before a bad image or a Ctrl-C are kept for a rerun) and then raises
+    the first write error, unless another exception is already on its way.
     """
 
-    def __init__(self, batch_size, depth=WRITER_DEPTH):
+    def __init__(self, depth=WRITER_DEPTH):
         self.queue = queue.Queue(maxsize=depth)
-        shape = batches.batch_shape(batch_size, geometry().crop)
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(depth + 2)]
-        self.written = 0
+        self.direct = True  # until the file system refuses O_DIRECT
+        self.done = 0
+        self.finished = threading.Condition()
         self.error = None
         self.thread = threading.Thread(target=self._run, name="batch-writer", daemon=True)
         self.thread.start()
@@ -196,20 +343,29 @@ class BatchWriter:
             path, batch = item
             if self.error is None:  # after a failure, write nothing more: batches stay a prefix
                 try:
-                    batches.write_batch(path, batch)
+                    self._write(path, batch)
                 except Exception as exc:  # the thread must live on, or put() would block forever
                     self.error = write_error(path, exc)
+            with self.finished:
+                self.done += 1
+                self.finished.notify_all()
 
-    def next_buffer(self):
-        """The float32 buffer to fill for the next put()."""
-        return self.buffers[self.written % len(self.buffers)]
+    def _write(self, path, batch):
+        if self.direct and direct_writable(batch):
+            if write_batch_direct(path, batch):
+                return
+            self.direct = False  # refused once, refused for the rest of the run
+        batches.write_batch(path, batch)
+
+    def wait_done(self, count):
+        """Wait until ``count`` batches are finished."""
+        with self.finished:
+            self.finished.wait_for(lambda: self.done >= count)
 
     def put(self, path, batch):
+        """Queue ``batch`` (a ring buffer, left untouched until ``done`` counts it) to be written to ``path``."""
         if self.error is not None:
             raise self.error
-        if batch is not self.next_buffer():
-            raise ValueError("put() takes the buffer next_buffer() returned")
-        self.written += 1
         self.queue.put((path, batch))
 
     def __enter__(self):

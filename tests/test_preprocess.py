@@ -2,6 +2,7 @@
 
 import argparse
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -187,6 +188,52 @@ def test_two_workers_byte_identical(image_set, prepared, tmp_path):
     assert batches.load_manifest(out2) == batches.load_manifest(out1)
 
 
+@pytest.mark.parametrize("refusal", ["open", "write"])
+def test_file_system_without_o_direct_gives_the_same_bytes(image_set, prepared, tmp_path, monkeypatch, refusal):
+    """Batches go to disk with O_DIRECT; where the file system refuses it (EINVAL), the buffered write takes over."""
+    folder, _ = image_set
+    real_open, real_fdopen, direct = os.open, os.fdopen, []
+    o_direct = getattr(os, "O_DIRECT", 0)
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & o_direct and o_direct:
+            direct.append(path)
+            if refusal == "open":
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    class RefusingFile:  # an O_DIRECT file whose writes fail as on a file system without it
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def refusing_fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        return RefusingFile(f) if refusal == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & o_direct else f
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "fdopen", refusing_fdopen)
+    out = tmp_path / "out"
+    assert beit_preprocess.main(["--image_path", folder, "--prep_image", str(out), "--batch_size", "5",
+                                 "--workers", "1"]) == 0
+    monkeypatch.undo()
+    assert batch_bytes(out) == batch_bytes(prepared[0])
+    assert sorted(os.listdir(out)) == sorted(os.listdir(prepared[0]))  # no .tmp left behind
+    if o_direct and sys.platform.startswith("linux"):
+        assert len(direct) == 1  # refused once, then every batch is written buffered
+
+
 @pytest.fixture(scope="module")
 def big_set(tmp_path_factory):
     """120 images (copies of 4 distinct 1200x900 JPEGs in a shuffled order): slow enough to kill mid-way."""
@@ -297,6 +344,36 @@ def make_bad(path, kind, good_jpeg):
 
 
 BAD_KINDS = {"zero_bytes": "empty file", "random_bytes": "not a readable image", "truncated_jpeg": "truncated"}
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_skip_bad_with_workers_is_byte_identical(image_set, tmp_path, batch_size):
+    """Bad images found while later chunks are already decoding (their rows then move back), alone, in runs
+    longer than the images in flight, and at the very end: the same bytes as one process."""
+    folder, names = image_set
+    src = tmp_path / "src"
+    src.mkdir()
+    jpegs = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"]
+    bad = {1, 2, 9} | set(range(20, 62)) | {70, 77, 79}
+    kinds = sorted(BAD_KINDS)
+    for i in range(80):
+        name = synthetic.imagenet_name(i)
+        if i in bad:
+            make_bad(src / name, kinds[i % len(kinds)], os.path.join(folder, jpegs[0]))
+        else:
+            copy_images(folder, [jpegs[i % len(jpegs)]], src, rename={jpegs[i % len(jpegs)]: name})
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    assert prep(src, one, "--skip_bad", batch_size=batch_size).returncode == 0
+    proc = prep(src, two, "--skip_bad", "--force_workers", batch_size=batch_size, workers=2)
+    assert proc.returncode == 0, proc.stderr
+    assert batch_bytes(two) == batch_bytes(one) and len(batch_bytes(one)) == -(-(80 - len(bad)) // batch_size)
+    manifest = batches.load_manifest(two)
+    assert manifest == batches.load_manifest(one) and len(manifest["skipped"]) == len(bad)
+    reference = reference_rows(src, [n for b in manifest["batches"] for n in b["images"]])
+    for batch in manifest["batches"]:
+        arr = batches.read_batch(os.path.join(two, batch["file"]), batch_size=batch_size)
+        assert all(np.array_equal(arr[row], reference[name]) for row, name in enumerate(batch["images"]))
+        assert not arr[batch["real"]:].any()
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_KINDS))
@@ -708,14 +785,15 @@ def test_batch_size_too_big_for_memory_is_a_usage_error(image_set, tmp_path, cap
     out = tmp_path / "out"
     proc = prep(folder, out, batch_size=2_000_000)  # 4.7 TiB of buffers: more than any machine here has
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert error_lines(proc.stderr)[0].startswith("error: --batch_size 2000000 needs 4766.5 GiB for its batch "
-                                                  "buffers (4 float32 batches of 2000000 images and the crops) "
-                                                  "but only ")
+    assert error_lines(proc.stderr)[0].startswith("error: --batch_size 2000000 needs 4486.1 GiB for its batch "
+                                                  "buffers (4 float32 batches of 2000000 images) but only ")
     assert not out.exists()
 
     from beit_pipeline import preprocess
     need = preprocess.buffer_bytes(6)
-    assert need == 6 * (4 * BATCH_BYTES_PER_IMAGE + 3 * 224 * 224)
+    assert need == 6 * 4 * BATCH_BYTES_PER_IMAGE
+    # With workers, the ring also holds the images they decode ahead: 2 workers x 2 chunks of 8.
+    assert preprocess.buffer_bytes(6, workers=2) == 6 * (4 + 6) * BATCH_BYTES_PER_IMAGE
     args = ["--image_path", folder, "--prep_image", str(out), "--batch_size", "6", "--workers", "1"]
     monkeypatch.setattr(preprocess, "available_memory", lambda: need - 1)
     assert beit_preprocess.main(args) == 2
