@@ -251,8 +251,8 @@ def read_derived_record(wf):
 
 
 def _stat(path):
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    """Size and mtime of a model's files (its .data file too: new weights can leave the graph file as it was)."""
+    return [[st.st_size, st.st_mtime_ns] for st in map(os.stat, onnx_files.model_files(path))]
 
 
 def ensure_model(wf, stage, record):

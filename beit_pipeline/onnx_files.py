@@ -34,10 +34,30 @@ def data_path(path):
     return os.fspath(path) + ".data"
 
 
+GRAPH_READ_UP_TO = 64 * 2 ** 20  # bytes: a graph file this small is read for the data files it names
+
+
 def model_files(path):
-    """The files a model consists of: ``[path]``, plus its data file when there is one."""
+    """The files a model consists of: ``[path]``, its ``.data`` file when there is one, and every other
+    external-data file its graph names (another tool's layout, a renamed copy that still reads the old
+    name's data).  A graph file over GRAPH_READ_UP_TO holds its weights itself and is not parsed."""
     path = os.fspath(path)
-    return [path] + ([data_path(path)] if os.path.exists(data_path(path)) else [])
+    found = [path] + ([data_path(path)] if os.path.exists(data_path(path)) else [])
+    if path.endswith(".onnx") and os.path.getsize(path) <= GRAPH_READ_UP_TO:
+        folder = os.path.dirname(os.path.abspath(path))
+        found += sorted({os.path.join(folder, name) for name in external_locations(path)} - set(found))
+    return found
+
+
+def external_locations(path):
+    """The data file names a graph file records (relative to its folder); none for an unreadable file."""
+    import onnx  # imported late: workstate imports this module for every step, onnx takes 0.2 s
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not ONNX: the step that reads it says so
+        return set()
+    return {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for entry in t.external_data if entry.key == "location"}
 
 
 def model_bytes(path):
@@ -45,7 +65,7 @@ def model_bytes(path):
 
 
 def has_external_data(model):
-    import onnx  # here: workstate imports this module for every step, onnx takes 0.2 s
+    import onnx
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
@@ -101,6 +121,8 @@ def temporary_model(target):
     Write the model there (save_model, an exporter, onnxsim) and publish_model() it inside the block.
     """
     target = os.path.abspath(os.fspath(target))
+    # An earlier run killed here (the OOM killer, at large-512's 13 GB) left its GBs behind.
+    files.remove_stale_temporaries_of(target)
     folder = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
                               dir=os.path.dirname(target))
     try:
@@ -167,3 +189,4 @@ def move_model(src, dst):
             os.fsync(f.fileno())
         files.publish_temporary(tmp, dst)
     os.unlink(src)
+    files.fsync_folder(os.path.dirname(os.path.abspath(dst)))
