@@ -28,6 +28,22 @@ def pretraining_state_dict(seed=5):
     return state
 
 
+class FileProxy:
+    """A file object standing in for ``f`` in a test that fails its writes; a context manager that closes ``f``."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 def run_script(args, cwd=None, env=None, timeout=600, check=False):
     """Run a repo script (``['beit_preprocess.py', '--flag', ...]``) with this Python.
 

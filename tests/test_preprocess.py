@@ -19,7 +19,7 @@ from PIL import Image
 import beit_preprocess
 from beit_pipeline import batches, synthetic
 from beit_pipeline import preprocess_transform as pt
-from helpers import REPO, run_script
+from helpers import REPO, FileProxy, run_script
 
 BATCH_BYTES_PER_IMAGE = 3 * 224 * 224 * 4
 
@@ -202,21 +202,9 @@ def test_file_system_without_o_direct_gives_the_same_bytes(image_set, prepared, 
                 raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         return real_open(path, flags, *args, **kwargs)
 
-    class RefusingFile:  # an O_DIRECT file whose writes fail as on a file system without it
-        def __init__(self, f):
-            self.f = f
-
+    class RefusingFile(FileProxy):  # an O_DIRECT file whose writes fail as on a file system without it
         def write(self, data):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
 
     def refusing_fdopen(fd, *args, **kwargs):
         f = real_fdopen(fd, *args, **kwargs)

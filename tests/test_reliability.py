@@ -38,7 +38,7 @@ from beit_pipeline import batches, preprocess_transform, synthetic
 from beit_pipeline import outputs as ais_outputs
 from beit_pipeline import export as beit_export
 from beit_pipeline import model as beit_model
-from helpers import REPO, TINY, pretraining_state_dict, run_script
+from helpers import REPO, TINY, FileProxy, pretraining_state_dict, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
@@ -304,9 +304,10 @@ class FillingDisk:
         return _LimitedFile(self, self.real_fdopen(fd, *args, **kwargs), os.readlink(f"/proc/self/fd/{fd}"))
 
 
-class _LimitedFile:
+class _LimitedFile(FileProxy):
     def __init__(self, disk, f, path):
-        self.disk, self.f, self.path = disk, f, path
+        super().__init__(f)
+        self.disk, self.path = disk, path
 
     def write(self, data):
         data = memoryview(data).cast("B")
@@ -319,15 +320,6 @@ class _LimitedFile:
         self.disk.free = 0
         self.disk.partial.append((self.path, os.path.getsize(self.path)))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 @pytest.fixture
