@@ -182,11 +182,6 @@ def move_model(src, dst):
     with contextlib.suppress(FileNotFoundError):
         os.unlink(dst)
     os.replace(data_path(src), data_path(dst))
-    with files.temporary_beside(dst) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        files.publish_temporary(tmp, dst)
+    files.write_bytes_atomic(dst, model.SerializeToString())
     os.unlink(src)
     files.fsync_folder(os.path.dirname(os.path.abspath(dst)))
