@@ -15,11 +15,12 @@ import dataclasses
 import os
 import re
 import sys
+import time
 
 import numpy as np
 
 from beit_pipeline import batches as batch_files
-from beit_pipeline import files
+from beit_pipeline import files, inference_record
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError
@@ -253,12 +254,30 @@ class Evaluation:
     skipped: list  # images beit_preprocess.py skipped (from the manifest)
 
 
+_DATED_RE = re.compile(r"^\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}$")  # ais_bench's time.strftime("%Y_%m_%d-%H_%M_%S")
+
+
+def output_subfolders(folder):
+    """The subfolders of ``folder`` that hold outputs, newest first: dated names by their date, others by mtime."""
+    found = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
+             and output_files.find_outputs(os.path.join(folder, d))]
+
+    def made(name):
+        if _DATED_RE.match(name):
+            return time.mktime(time.strptime(name, "%Y_%m_%d-%H_%M_%S"))
+        return os.stat(os.path.join(folder, name)).st_mtime
+
+    return sorted(found, key=lambda d: (made(d), d), reverse=True)
+
+
 def find_outputs_in(folder):
-    """output_files.find_outputs(), refusing a folder without any (with a hint at ais_bench's subfolder)."""
+    """output_files.find_outputs(), refusing a folder without any (naming ais_bench's newest dated subfolder)."""
     found = output_files.find_outputs(folder)
     if not found:
-        subdirs = [d for d in sorted(os.listdir(folder)) if os.path.isdir(os.path.join(folder, d))]
-        hint = f" (ais_bench writes into a dated subfolder: {os.path.join(folder, subdirs[0])}?)" if subdirs else ""
+        subdirs = output_subfolders(folder)
+        others = f"; the others: {', '.join(subdirs[1:6])}{' ...' if len(subdirs) > 6 else ''}" if subdirs[1:] else ""
+        hint = (f" (ais_bench writes into a dated subfolder of --output: the newest with outputs is "
+                f"{os.path.join(folder, subdirs[0])}{others})") if subdirs else ""
         raise PipelineFileError(f"{folder}: no inference outputs (<input_stem>_0.txt/.bin/.npy) here{hint}")
     return found
 
@@ -273,6 +292,7 @@ def summary_output_dtype(folder):
 def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, num_classes):
     manifest_file = batch_files.manifest_path(prep_image)
     manifest = batch_files.require_complete_manifest(manifest_file)
+    inference_record.check_manifest_matches(folder, prep_image)  # outputs of another image set or row order
     plan, extra = plan_from_manifest(manifest, outputs, batch_size, manifest_file)
     if extra:
         log.warning(f"{folder}: {len(extra)} output files are not in the manifest and are ignored "
@@ -284,6 +304,7 @@ def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, 
 
 
 def evaluate_with_guide_rule(folder, outputs, label_file, batch_size, num_classes):
+    inference_record.check_guide_rule_fits(folder, batch_size)  # images not 1, 2, 3 ... in row order
     plan = plan_from_guide_rule(outputs, folder)
     labels = guide_labels(label_file)
     uncounted = [0]

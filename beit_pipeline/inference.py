@@ -1,9 +1,9 @@
-"""Running an ONNX image model over batch files the way ais_bench runs the .om, with ONNX Runtime.
+"""Running an ONNX image model over batch files the way ais_bench runs the .om, on the CPU.
 
 The steps of beit_infer.py, each one function: open the model and check that it is
 an image model (ModelInfo), list and check the input batches (InputSet), plan the
-output folder against its record (InferencePlan, inference_record.py), warm up,
-time and write the outputs (Timings), then the summary (inference_summary.py).
+output folder against its record (inference_folder.py, inference_record.py), warm up,
+time and write the outputs (Timings), then the summaries (inference_summary.py).
 
 Input files and model batches follow ais_bench (io_oprations.py): a file holds one
 model batch, or, where every file holds the same smaller number of images that divides
@@ -14,7 +14,10 @@ The manifest's row -> image mapping stays exact because each output file still h
 its own input file's rows.  Files of different sizes, which ais_bench would join and
 split wrongly, are refused; every file is checked before anything is written.
 
-The engine (ONNX Runtime or OpenVINO) and the precision come from engines.py.
+``--loop N`` runs each batch N times back to back, every run timed, and writes the
+outputs once, as ais_bench's session loop does (ModelInferenceProcessor.cpp: ``Execute``
+``loop`` times per input).  The engine (ONNX Runtime or OpenVINO) and the precision come
+from engines.py.
 """
 
 import contextlib
@@ -23,20 +26,20 @@ import os
 import re
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
 from beit_pipeline import batches as batch_files
-from beit_pipeline import engines, files, onnx_models
+from beit_pipeline import engines, files, inference_options, onnx_models
+from beit_pipeline import inference_folder as folders
 from beit_pipeline import inference_record as records
 from beit_pipeline import inference_summary as summaries
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import check, log
-from beit_pipeline.errors import PipelineError, PipelineFileError
+from beit_pipeline.errors import PipelineError
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-# Every output file of a run, whichever input stem, output index and format: what a changed record clears.
-_ANY_OUTPUT_RE = re.compile(r"^.+_\d+\.(txt|bin|npy)$", re.IGNORECASE)
 
 
 class InferError(PipelineError):
@@ -119,13 +122,26 @@ def open_model(path, providers="cpu", device=0, threads=0, precision="fp32"):
     return session, model
 
 
-def expected_batch(model, batchsize):
-    """The batch every file must hold: the model's static batch, else --batchsize, else None (each file's)."""
+def expected_batch(model, batchsize, dynamic=None):
+    """The batch every file must hold: the model's static batch, else the one ais_bench's dynamic flags chose
+    (``dynamic``) or --batchsize, else None (each file's)."""
     if model.static_batch is not None and batchsize is not None and batchsize != model.static_batch:
         raise InferError(f"--batchsize {batchsize} does not match the model {model.path}, whose batch is "
                          f"{model.static_batch} (input '{model.input_name}' shape {model.input_shape})",
                          exit_code=2)
-    return model.static_batch or batchsize
+    if dynamic is not None and batchsize is not None and batchsize != dynamic:
+        raise InferError(f"--batchsize {batchsize} and the dynamic batch {dynamic} chosen by --dymBatch / --dymDims "
+                         "/ --dymShape differ: give one", exit_code=2)
+    return model.static_batch or dynamic or batchsize
+
+
+def model_batch(args, model):
+    """(the batch every file must hold or None, whether files run unjoined: ais_bench's auto_set_* modes)."""
+    auto = inference_options.auto_shape_mode(args, model)
+    batch = expected_batch(model, args.batchsize, inference_options.dynamic_batch(args, model))
+    if args.batchsize is None and batch is not None:
+        log.info(f"try get model batchsize:{batch}")  # ais_bench's line (set_session_options)
+    return batch, auto
 
 
 # ---------------------------------------------------------------- the input batches
@@ -137,11 +153,16 @@ class InputSet:
     rows: list  # images in each file
     manifest_print: object  # the manifest's image-set fingerprint, or None
     files_per_batch: int = 1  # files joined into one model batch (ais_bench's filesperbatch)
+    real: Optional[list] = None  # real images in each file, from the manifest (None: no manifest)
 
     def groups(self):
         """Indices of the files of each model batch, in order (the last group may be short: padded when run)."""
         n, k = len(self.files), self.files_per_batch
         return [list(range(start, min(start + k, n))) for start in range(0, n, k)]
+
+    def real_in(self, group):
+        """Real images in a model batch made of ``group`` (the copies that pad a short group never count)."""
+        return sum((self.real or self.rows)[i] for i in group)
 
 
 def output_stem(path):
@@ -149,10 +170,7 @@ def output_stem(path):
     return os.path.basename(path).split(".")[0]
 
 
-def output_name(stem, index, fmt):
-    if index == 0:
-        return output_files.output_file_name(stem, fmt)
-    return f"{stem}_{index}.{fmt.lower()}"
+output_name = folders.output_name
 
 
 def _natural_key(path):
@@ -194,9 +212,8 @@ def finished_manifest_print(spec):
     A folder without a manifest (plain ais_bench input, not ours) is not checked;
     neither is a list of files.
     """
-    if os.path.isdir(spec) and os.path.lexists(os.path.join(spec, batch_files.MANIFEST_NAME)):
-        return batch_files.require_complete_manifest(spec).get("fingerprint")
-    return None
+    manifest = records.manifest_of(spec)
+    return manifest.get("fingerprint") if manifest else None
 
 
 def files_per_batch(rows, expected):
@@ -206,146 +223,50 @@ def files_per_batch(rows, expected):
     return expected // rows[0]
 
 
-def load_inputs(spec, model, expected):
+def real_images(spec, paths, rows):
+    """Real images of each file, from the manifest of the input folder; None without one."""
+    manifest = records.manifest_of(spec)
+    if manifest is None:
+        return None
+    real = {os.path.splitext(b["file"])[0]: b["real"] for b in manifest["batches"]}
+    return [real.get(output_stem(p), n) for p, n in zip(paths, rows)]
+
+
+def log_files_per_batch(paths, rows, model, expected, per_batch):
+    """ais_bench's line (io_oprations.py get_files_count_per_batch): the first file's and the input's bytes."""
+    size0 = rows[0] * batch_files.image_nbytes(model.image_size)
+    tensor0 = (expected or rows[0]) * batch_files.image_nbytes(model.image_size)
+    log.info(f"get filesperbatch files0 size:{size0} tensor0size:{tensor0} filesperbatch:{per_batch} "
+             f"runcount:{-(-len(paths) // per_batch)}")
+
+
+def load_inputs(spec, model, expected, join=True):
     """Check every batch file against the model before anything is written: a mismatch half way
-    through would leave a folder of outputs that looks complete to a later step."""
+    through would leave a folder of outputs that looks complete to a later step.  ``join`` False:
+    each file is its own batch (ais_bench's auto_set_* modes, a dynamic model)."""
     manifest_print = finished_manifest_print(spec)
     paths = list_inputs(spec)
     rows = [batch_files.batch_rows(path, model.image_size) for path in paths]
-    per_batch = files_per_batch(rows, expected)
+    per_batch = files_per_batch(rows, expected) if join else 1
     for path, n in zip(paths, rows):
-        if expected is not None and n * per_batch != expected:
+        if expected is not None and join and n * per_batch != expected:
             joined = (f"; ais_bench joins {per_batch} files of {rows[0]} images into one batch, so every file "
                       f"must hold {rows[0]}") if per_batch > 1 else ""
             raise InferError(f"{path}: holds a batch of {n} images but the model {os.path.basename(model.path)} "
                              f"takes batches of {expected} (input '{model.input_name}' shape {model.input_shape})"
                              f"{joined}; preprocess with --batch_size {expected} or export the model for batch {n}")
-    if per_batch > 1:
-        log.info(f"get filesperbatch files0 rows:{rows[0]} batch:{expected} filesperbatch:{per_batch} "
-                 f"runcount:{-(-len(paths) // per_batch)}")
+    log_files_per_batch(paths, rows, model, expected if join else None, per_batch)
     return InputSet(files=paths, stems=[output_stem(p) for p in paths], rows=rows, manifest_print=manifest_print,
-                    files_per_batch=per_batch)
-
-
-# ---------------------------------------------------------------- the output folder
-
-@dataclasses.dataclass
-class InferencePlan:
-    inputs: InputSet
-    out_dir: object  # the output folder, or None without --output
-    fmt: str
-    num_outputs: int
-    todo: list  # indices of the input files to run
-    kept: list  # indices whose outputs an earlier run left and that are kept
-
-    def output_path(self, i, k=0):
-        return os.path.join(self.out_dir, output_name(self.inputs.stems[i], k, self.fmt))
-
-    def output_paths(self, i):
-        return [self.output_path(i, k) for k in range(self.num_outputs)]
-
-
-def output_dir(args):
-    """``<output>/<--output_dirname or the date>``, or None without --output."""
-    if args.output is None:
-        return None
-    return os.path.join(args.output, args.output_dirname or time.strftime("%Y_%m_%d-%H_%M_%S"))
-
-
-def existing_output_ok(path, rows, num_classes):
-    """Whether an output left by an earlier run is complete and has the right number of rows."""
-    if not os.path.isfile(path):
-        return False
-    if path.endswith(".txt"):
-        # Parsing 50000 images' worth of %f text to resume would take longer than it saves;
-        # atomic writes already rule out a cut-off file, so count its lines.
-        with open(path, "rb") as f:
-            data = f.read()
-        return data.endswith(b"\n") and sum(1 for ln in data.splitlines() if ln.strip()) == rows
-    try:
-        arr = output_files.read_output(path, num_classes) if num_classes else None
-    except PipelineFileError:
-        return False
-    return arr is None or arr.shape[0] == rows
-
-
-def output_files_in(folder):
-    """Names of every output file in ``folder`` (any input stem, output index and format)."""
-    return sorted(n for n in os.listdir(folder)
-                  if _ANY_OUTPUT_RE.match(n) and os.path.isfile(os.path.join(folder, n)))
-
-
-def clear_outputs(folder, names):
-    """Delete the record, then the outputs: a run stopped half way leaves nothing that looks trusted."""
-    records.remove_record(folder)
-    for name in names:
-        os.unlink(os.path.join(folder, name))
-
-
-def kept_outputs(plan, num_classes):
-    """Indices of the inputs whose every output an earlier run (of a matching record) left complete."""
-    return [i for i in range(len(plan.inputs.files))
-            if all(existing_output_ok(plan.output_path(i, k), plan.inputs.rows[i], num_classes if k == 0 else None)
-                   for k in range(plan.num_outputs))]
-
-
-def refuse_resume(out_dir, changed, fmt_was):
-    hint = f"rerun with --outfmt {fmt_was.upper()}, " if fmt_was else ""
-    raise InferError(f"{out_dir}: --resume, but its outputs cannot be kept: {'; '.join(changed)}. Nothing was "
-                     f"deleted; {hint}drop --resume to recompute them all, or choose another --output_dirname")
-
-
-def reuse_decision(args, out_dir, new):
-    """What to do with ``out_dir``: keep (its record matches: resume), clear (recompute all) or fresh (empty).
-
-    With --resume, a record that does not match, or outputs without one, is refused and nothing is deleted.
-    """
-    if not os.path.isdir(out_dir):
-        return "fresh"
-    present = output_files_in(out_dir)
-    if args.overwrite:
-        return "clear"
-    if not present:
-        return "fresh"
-    old = records.read_record(out_dir)
-    changed = records.changes(old, new)
-    if changed and args.resume:
-        refuse_resume(out_dir, changed, old.outfmt if old and old.outfmt != new.outfmt else None)
-    if changed:
-        log.info(f"{out_dir}: recomputing all {len(present)} outputs there: {', '.join(changed)}")
-        return "clear"
-    # A dated folder is a new run's even when one of the same second exists: recompute as before.
-    return "keep" if args.output_dirname is not None else "clear"
-
-
-def prepare_output_folder(args, model, inputs, out_dir, expected):
-    """The plan for ``out_dir`` (held under its lock): what to keep, what to run; the record written first."""
-    new = records.make_record(model.path, inputs.files, inputs.manifest_print, args.outfmt,
-                              len(model.output_names), expected, model.engine, model.precision)
-    decision = reuse_decision(args, out_dir, new)
-    plan = InferencePlan(inputs, out_dir, args.outfmt.lower(), len(model.output_names),
-                         todo=list(range(len(inputs.files))), kept=[])
-    os.makedirs(out_dir, exist_ok=True)
-    files.remove_stale_temporaries(out_dir)
-    if decision == "keep":
-        plan.kept = kept_outputs(plan, model.num_classes)
-        kept = set(plan.kept)
-        plan.todo = [i for i in plan.todo if i not in kept]
-    else:
-        clear_outputs(out_dir, output_files_in(out_dir))
-    if decision != "keep" or records.read_record(out_dir) != new:
-        with files.naming_errors(records.record_path(out_dir)):
-            records.write_record(out_dir, new)
-    return plan
+                    files_per_batch=per_batch, real=real_images(spec, paths, rows))
 
 
 # ---------------------------------------------------------------- running
 
-def timed_run(session, model, batch, timings):
-    """One session.run, timed into ``timings``; returns the outputs."""
+def timed_run(session, model, batch, timings, real=None):
+    """One engine run, timed into ``timings`` (``real``: the real images in it); returns the outputs."""
     start = time.perf_counter()
     outs = session.run(model.output_names, model.feed(batch))
-    timings.add((time.perf_counter() - start) * 1000.0, batch.shape[0])
+    timings.add((time.perf_counter() - start) * 1000.0, batch.shape[0], real)
     log.debug(f"run {len(timings.times_ms)}: batch {batch.shape[0]}, {timings.times_ms[-1]:.3f} ms")
     return outs
 
@@ -370,7 +291,7 @@ def pure_batch(model, batch_size, data_type):
 
 def run_pure(session, model, args, batch_size, out_dir=None):
     """ais_bench without --input: time the pure batch ``--loop`` times; with an output folder, write the
-    outputs of the last run as ``pure_infer_data_<k>.<fmt>``, as ais_bench does."""
+    outputs of the last run as ``pure_infer_data_<k>.<fmt>``, as ais_bench does.  (timings, output paths)."""
     from tqdm import tqdm
 
     batch = pure_batch(model, batch_size, args.pure_data_type)
@@ -378,6 +299,7 @@ def run_pure(session, model, args, batch_size, out_dir=None):
     timings = summaries.Timings()
     for _ in tqdm(range(args.loop), desc="Inference pure", file=sys.stderr, disable=args.no_progress):
         outs = timed_run(session, model, batch, timings)
+    written = []
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         log.info(f"output path:{out_dir}")
@@ -385,7 +307,8 @@ def run_pure(session, model, args, batch_size, out_dir=None):
             path = os.path.join(out_dir, f"{PURE_STEM}_{k}.{args.outfmt.lower()}")
             with files.naming_errors(path):
                 output_files.write_output(path, out, args.outfmt.lower())
-    return timings
+            written.append(path)
+    return timings, written
 
 
 def write_outputs(plan, i, outs):
@@ -422,7 +345,7 @@ def planned_groups(plan):
 
 
 def run_files(session, model, plan, args):
-    """Run the planned batches ``--loop`` times; the first round writes their outputs (when there is a folder)."""
+    """Run each planned batch ``--loop`` times back to back (each run timed) and write its outputs once."""
     from tqdm import tqdm
 
     timings = summaries.Timings()
@@ -432,28 +355,25 @@ def run_files(session, model, plan, args):
     read = lambda i: batch_files.read_batch(plan.inputs.files[i], image_size=model.image_size)  # noqa: E731
     first = join_group(read, groups[0], per_batch)
     warm_up(session, model, first, args.warmup_count)
-    bar = tqdm(total=len(groups) * args.loop, desc="Inference", unit="batch", file=sys.stderr,
-               disable=args.no_progress)
-    with bar:
-        for round_ in range(args.loop):
-            for n, group in enumerate(groups):
-                outs = timed_run(session, model, first if n == 0 else join_group(read, group, per_batch), timings)
-                if round_ == 0 and plan.out_dir is not None:
-                    for i, file_outs in zip(group, split_outputs(outs, per_batch, args.output_batchsize_axis)):
-                        if i in todo:
-                            write_outputs(plan, i, file_outs)
-                            timings.written.append(i)
-                bar.update(1)
+    with tqdm(total=len(groups), desc="Inference", unit="batch", file=sys.stderr, disable=args.no_progress) as bar:
+        for n, group in enumerate(groups):
+            batch = first if n == 0 else join_group(read, group, per_batch)
+            for _ in range(args.loop):
+                outs = timed_run(session, model, batch, timings, plan.inputs.real_in(group))
+            if plan.out_dir is not None:
+                for i, file_outs in zip(group, split_outputs(outs, per_batch, args.output_batchsize_axis)):
+                    if i in todo:
+                        write_outputs(plan, i, file_outs)
+                        timings.written.append(i)
+            bar.update(1)
     return timings
 
 
 # ---------------------------------------------------------------- the whole run
 
 def check_arguments(args):
-    """Flag values and path arguments (exit 2), before the model is opened."""
-    check(args.loop >= 1 and args.warmup_count >= 0 and (args.batchsize is None or args.batchsize >= 1),
-          "--loop and --batchsize must be positive, --warmup_count not negative")
-    check(args.output_batchsize_axis >= 0, "--output_batchsize_axis must not be negative")
+    """Flag values and path arguments (exit 2), before the model is opened; the output folder (or None)."""
+    check(args.batchsize is None or args.batchsize >= 1, "--batchsize must be positive")
     check(args.output is not None or args.output_dirname is None, "--output_dirname needs --output (as in ais_bench)")
     check(not (args.resume and args.overwrite), "--resume keeps outputs and --overwrite recomputes them: give one")
     check(not args.resume or args.output_dirname is not None,
@@ -465,19 +385,25 @@ def check_arguments(args):
     if args.output is not None:
         check(not os.path.exists(args.output) or os.path.isdir(args.output),
               f"--output {args.output}: exists and is not a folder")
+    out_dir = folders.output_dir(args)
     if args.output_dirname is not None:
-        out_dir = output_dir(args)
         check(args.output_dirname not in ("", ".", ".."), f"--output_dirname {args.output_dirname!r}: give a folder name")
         check(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"{out_dir}: exists and is not a folder")
+    if args.input is not None and out_dir is not None:
+        folders.refuse_folder_holding_inputs(out_dir, args.input, list_inputs(args.input))
+    return out_dir
 
 
 def run_with_inputs(session, model, args, inputs, out_dir, expected):
     """Files mode: plan the output folder (under its lock when there is one), run, write."""
     if out_dir is None:
-        plan = InferencePlan(inputs, None, args.outfmt.lower(), len(model.output_names),
-                             todo=list(range(len(inputs.files))), kept=[])
+        plan = folders.InferencePlan(inputs, None, args.outfmt.lower(), len(model.output_names),
+                                     todo=list(range(len(inputs.files))), kept=[])
     else:
-        plan = prepare_output_folder(args, model, inputs, out_dir, expected)
+        new = records.make_record(model.path, inputs.files, inputs.manifest_print, args.outfmt,
+                                  len(model.output_names), expected, model.engine, model.precision,
+                                  input_spec=args.input, outputs=plan_names(inputs, args.outfmt, model))
+        plan = folders.prepare(args, model, inputs, out_dir, new)
         log.info(f"output path:{out_dir}")
     log.info(f"provider:{model.provider}")
     if plan.kept:
@@ -486,25 +412,29 @@ def run_with_inputs(session, model, args, inputs, out_dir, expected):
     return plan, run_files(session, model, plan, args)
 
 
+def plan_names(inputs, outfmt, model):
+    return [output_name(stem, k, outfmt) for stem in inputs.stems for k in range(len(model.output_names))]
+
+
 def parse_devices(text):
-    """``--device 0`` or ``0,1``: the device ids, as ais_bench takes them."""
+    """``--device 0`` or ``0,1``: the device ids, each in [0, 255] (ais_bench's check_device_range_valid)."""
     try:
-        devices = [int(d) for d in str(text).split(",") if d.strip() != ""]
+        devices = [int(d) for d in str(text).split(",")]
     except ValueError:
         devices = []
-    check(devices and all(d >= 0 for d in devices) and len(set(devices)) == len(devices),
-          f"--device {text!r}: give a device id or comma-separated distinct ids (0 or 0,1)")
+    check(devices and all(0 <= d <= 255 for d in devices),
+          f"--device {text!r}: give a device id or comma-separated ids, each in [0, 255] (0 or 0,1)")
     return devices
 
 
 def run_inference(args):
     """Run the model over the batch files (or the pure input) and write ais_bench's outputs.
 
-    ``args`` is the namespace beit_infer.build_parser() parses.  Returns the summary
-    dict (also written to ``<output>/<dirname>_summary.json`` when ``--output`` is
-    given).  Raises PipelineError naming the file or flag, before any folder is made,
-    for a model or input that does not fit.  Several ``--device`` ids run one worker
-    each (inference_devices.py).
+    ``args`` is the namespace beit_infer.build_parser() parses.  Returns the run's
+    summaries (inference_summary.RunSummary; with several ``--device`` ids the devices'
+    results, inference_devices.py), written beside the output folder when ``--output``
+    is given.  Raises PipelineError naming the file or flag, before any folder is made,
+    for a model or input that does not fit.
     """
     devices = parse_devices(args.device)
     if len(devices) > 1:
@@ -516,24 +446,33 @@ def run_inference(args):
 
 def run_one_device(args):
     """run_inference() on one device (``args.device`` an int)."""
-    check_arguments(args)
+    out_dir = check_arguments(args)
     if getattr(args, "debug", False):
         log.setLevel("DEBUG")
-    session, model = open_model(args.model, args.providers, args.device, args.threads, args.precision)
+    session, model = open_model(args.model, args.providers, args.device, args.engine_threads, args.precision)
     log.debug(f"session info: inputs {[(i.name, i.shape, i.type) for i in session.get_inputs()]}, "
               f"outputs {[(o.name, o.shape, o.type) for o in session.get_outputs()]}, provider {model.provider}")
-    expected = expected_batch(model, args.batchsize)
-    inputs = load_inputs(args.input, model, expected) if args.input is not None else None
-    out_dir = output_dir(args)
+    expected, auto = model_batch(args, model)
+    inputs = load_inputs(args.input, model, expected, join=not auto) if args.input is not None else None
     lock = files.FolderLock(out_dir, f"output folder {out_dir}", wait=args.wait_lock) if out_dir else None
     with lock or contextlib.nullcontext():
+        previous = summaries.read_previous(out_dir)
+        plan, pure = None, ()
         if inputs is not None:
             plan, timings = run_with_inputs(session, model, args, inputs, out_dir, expected)
         else:
             log.info(f"provider:{model.provider}")
-            plan, timings = None, run_pure(session, model, args, expected or 1, out_dir)
-        summary = summaries.build_summary(args, model, plan, timings, expected)
+            timings, pure = run_pure(session, model, args, expected or 1, out_dir)
+        result = summaries.RunSummary(summaries.ais_bench_summary(args, plan, timings, pure),
+                                      summaries.our_summary(args, model, plan, timings, previous))
+        result.ours["batchsize"] = report_batch(timings, expected, inputs)
         if out_dir is not None:
-            with files.naming_errors(out_dir + "_summary.json"):
-                summaries.write_summary(summary, out_dir)
-    return summary
+            summaries.write_summaries(result, out_dir)
+    return result
+
+
+def report_batch(timings, expected, inputs):
+    """ais_bench's batchsize of the throughput formula: the timed runs' mean, else the model's batch."""
+    if timings.batch_sizes:
+        return float(np.mean(timings.batch_sizes))
+    return float(expected or (inputs.rows[0] if inputs is not None else 1))

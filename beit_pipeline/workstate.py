@@ -110,11 +110,11 @@ def step_specs(run):
         StepSpec("onnxsim", with_data([sim, sim[:-5] + ".partial.onnx"]), {"the exported model": run.path(onnx)},
                  {"batch_size": n, "simplifier": simplifier(run.model)}, promote=[(sim[:-5] + ".partial.onnx", sim)]),
         StepSpec("graph_modify", with_data([mg]), {"the simplified model": run.path(sim)}, {"batch_size": n}),
-        StepSpec(infer_name, [out, f"{out}_summary.json", partial, f"{partial}_summary.json"],
+        StepSpec(infer_name, [out, partial] + beside(out) + beside(partial),
                  {"the batches": run.path(prep), "the model": run.path(om if run.backend == "ascend" else mg)},
                  {"batch_size": n, "backend": run.backend, "precision": run.precision},
-                 promote=[(partial, out), (f"{partial}_summary.json", f"{out}_summary.json")],
-                 keep_on_redo=[partial] if run.backend == "ort" else []),
+                 promote=[(partial, out)] + list(zip(beside(partial), beside(out))),
+                 keep_on_redo=[partial] + beside(partial)[1:] if run.backend == "ort" else []),
         StepSpec("eval", [f"acc_bs{n}.json"], {"the outputs": run.path(out), "the label file": run.label_file,
                                                 "the batches": run.path(prep)}, {"batch_size": n}),
     ]
@@ -128,6 +128,13 @@ def step_specs(run):
     for step in steps:
         step.params["versions"] = fingerprint.package_versions(_VERSIONS[step.name])
     return {step.name: step for step in steps}
+
+
+def beside(folder):
+    """The files beside an inference output folder that move with it: ais_bench's summary, beit_infer.py's record
+    (inference_record.record_path) and its figures (inference_record.beside)."""
+    from beit_pipeline import inference_record
+    return inference_record.beside(folder)
 
 
 def with_data(names):
@@ -508,18 +515,19 @@ def summary(args):
     acc = files.read_json(acc_path) or {}
     if not all(isinstance(acc.get(k), (int, float)) for k in ("top1", "top5", "num_images")):
         raise PipelineFileError(f"{acc_path}: the result JSON lacks numeric 'top1', 'top5' or 'num_images'")
-    timing = files.read_json(run.path(f"ais_out/bs{run.batch_size}_summary.json")) or {}
-    tput = timing.get("throughput")
-    tput = f"{float(tput):.2f}" if isinstance(tput, (int, float)) else "n/a"
+    from beit_pipeline.inference_summary import run_figures
+    figures = run_figures(run.path(f"ais_out/bs{run.batch_size}"), run.path(f"prep_image_bs{run.batch_size}"))
+    tput = figures.table_value()  # img/s over the real images; ais_bench's formula in figures.describe()
     backend = run.backend
-    if run.backend == "ort":  # the engine and precision beit_infer.py really ran, from its summary
-        backend = f"cpu: {timing.get('engine', 'onnxruntime')} {timing.get('precision', 'fp32')}"
+    if run.backend == "ort":  # the engine and precision beit_infer.py really ran, from its figures
+        backend = f"cpu: {figures.engine or 'onnxruntime'} {figures.precision or 'fp32'}"
     row = "| {:<22} | {:>5} | {:>6} | {:>9} | {:>9} | {:>18} |"
     print()
     print(row.format("backend", "batch", "images", "Top-1 (%)", "Top-5 (%)", "throughput (img/s)"))
     print("|" + "|".join("-" * w for w in (24, 7, 8, 11, 11, 20)) + "|")
     print(row.format(backend, run.batch_size, int(acc["num_images"]), f"{acc['top1']:.2f}", f"{acc['top5']:.2f}",
                      tput))
+    print(figures.describe())
     print_prediction(run, acc)
     print_notes(run, acc, acc_path)
     log.info(f"results: {acc_path}")

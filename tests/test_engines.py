@@ -41,7 +41,7 @@ def write_batches(folder, rows, count, seed=0):
 
 
 def infer(argv, capsys):
-    rc = beit_infer.main([str(a) for a in argv] + ["--no_progress", "--threads", "1"])
+    rc = beit_infer.main([str(a) for a in argv] + ["--no_progress", "--engine_threads", "1"])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -78,16 +78,17 @@ def test_engine_precision_matrix(onnx_models, tiny_static, tmp_path, capsys, pro
     assert f"[INFO] engine:{engine} " in out and f"precision:{precision}" in out
     assert ("on the CPU's avx512_bf16" in out or "amx_bf16" in out) == (precision == "bf16")
     folder = tmp_path / "out" / "run"
-    assert sorted(os.listdir(folder)) == [".beit_infer.json", "input_00000_0.bin", "input_00001_0.bin"]
+    assert sorted(os.listdir(folder)) == ["input_00000_0.bin", "input_00001_0.bin"]
     for i, arr in enumerate(arrays):
         got = beit_outputs.read_output(folder / f"input_{i:05d}_0.bin")
         errors = onnx_models_errors(got, torch_run(onnx_models, arr))
         assert errors["max_rel"] <= TOLERANCE[precision], errors
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
-    assert summary["engine"] == engine and summary["precision"] == precision
-    assert summary["runner"].startswith(engine + " ")
-    assert {"filesinfo", "args", "NPU_compute_time", "H2D_latency", "D2H_latency", "throughput", "batchsize",
-            "npu_compute_time_list", "pid"} <= set(summary)
+    ours = json.loads((tmp_path / "out" / "run_beit_summary.json").read_text())  # ours beside ais_bench's
+    assert ours["engine"] == engine and ours["precision"] == precision
+    assert ours["runner"].startswith(engine + " ")
+    assert list(summary) == ["filesinfo", "args", "NPU_compute_time", "H2D_latency", "D2H_latency",
+                             "npu_compute_time_list", "throughput", "pid"]
     line = [ln for ln in out.splitlines() if ln.startswith("[INFO] throughput ")][-1]
     assert float(line.rsplit(":", 1)[1]) == pytest.approx(summary["throughput"], rel=1e-12)
 
@@ -153,15 +154,16 @@ def test_small_files_are_joined_into_a_batch_and_split_back(tiny_static, tmp_pat
     assert rc == 0, err
     assert "filesperbatch:4 runcount:2" in out
     folder = tmp_path / "out" / "j"
-    assert sorted(os.listdir(folder)) == [".beit_infer.json"] + [f"input_{i:05d}_0.bin" for i in range(5)]
+    assert sorted(os.listdir(folder)) == [f"input_{i:05d}_0.bin" for i in range(5)]
     first = ort_run(tiny_static, np.concatenate(arrays[:4]))
     second = ort_run(tiny_static, np.concatenate([arrays[4]] * 4))  # file 4 padded with itself
     for i in range(5):
         want = first[i:i + 1] if i < 4 else second[:1]
         assert np.array_equal(beit_outputs.read_output(folder / f"input_{i:05d}_0.bin"), want)
     summary = json.loads((tmp_path / "out" / "j_summary.json").read_text())
-    assert summary["files_per_batch"] == 4 and summary["NPU_compute_time"]["count"] == 2
-    assert summary["batchsize"] == B and sorted(summary["filesinfo"]) == ["0", "1", "2", "3", "4"]
+    ours = json.loads((tmp_path / "out" / "j_beit_summary.json").read_text())
+    assert ours["files_per_batch"] == 4 and summary["NPU_compute_time"]["count"] == 2
+    assert ours["batchsize"] == B and sorted(summary["filesinfo"]) == ["0", "1", "2", "3", "4"]
 
 
 def test_files_of_different_sizes_are_refused(tiny_static, tmp_path, capsys):
@@ -191,11 +193,11 @@ def test_summary_keys_args_list_and_display_all_summary(tiny_static, tmp_path, c
     rc, out, err = infer(argv, capsys)
     assert rc == 0, err
     summary = json.loads((tmp_path / "out" / "p_summary.json").read_text())
-    assert summary["args"] == ["beit_infer.py"] + [str(a) for a in argv] + ["--no_progress", "--threads", "1"]
+    assert summary["args"] == ["beit_infer.py"] + [str(a) for a in argv] + ["--no_progress", "--engine_threads", "1"]
     for key in ("H2D_latency", "D2H_latency"):
         assert summary[key] == {"min": 0.0, "max": 0.0, "mean": 0.0, "median": 0.0, "percentile(99%)": 0.0,
                                 "count": 0}
-    assert "no host-device copies" in summary["latency_note"]
+    assert "no host-device copies" in json.loads((tmp_path / "out" / "p_beit_summary.json").read_text())["latency_note"]
     assert "[INFO] H2D_latency (ms): min = 0.0" in out and "[INFO] D2H_latency (ms): min = 0.0" in out
     assert "session info: inputs [('image'" in out  # --debug
     # --pure_data_type random: a seeded normal batch instead of zeros, output written as pure_infer_data_0.bin
@@ -207,17 +209,20 @@ def test_summary_keys_args_list_and_display_all_summary(tiny_static, tmp_path, c
 
 
 def test_several_devices_split_the_input_and_sum_throughput(tiny_static, tmp_path, capsys):
-    """benchmark_process.py multidevice_run / seg_input_data_for_multi_process / main: ceil(files / devices)
-    consecutive files per device, outputs in <dirname>/device<id>_<i>/, each summary beside its folder,
-    'summary throughput:' the sum of the devices' throughputs."""
+    """benchmark_process.py multidevice_run / seg_input_data_for_multi_process / main: with --divide_input True,
+    utils.py list_share's consecutive shares per device, outputs in <dirname>/device<id>_<i>/, each summary beside
+    its folder, 'summary throughput:' the sum of the devices' throughputs.  (Without it every device runs every
+    file: tests/test_infer.py.)"""
     arrays = write_batches(tmp_path / "prep", B, 3)
     rc, out, err = infer(["--model", tiny_static, "--input", tmp_path / "prep", "--output", tmp_path / "out",
-                          "--output_dirname", "m", "--device", "0,1", "--providers", "cpu"], capsys)
+                          "--output_dirname", "m", "--device", "0,1", "--providers", "cpu", "--divide_input", "True"],
+                         capsys)
     assert rc == 0, err
     root = tmp_path / "out" / "m"
-    assert sorted(os.listdir(root)) == ["device0_0", "device0_0_summary.json", "device1_1", "device1_1_summary.json"]
-    assert sorted(os.listdir(root / "device0_0")) == [".beit_infer.json", "input_00000_0.bin", "input_00001_0.bin"]
-    assert sorted(os.listdir(root / "device1_1")) == [".beit_infer.json", "input_00002_0.bin"]
+    assert sorted(n for n in os.listdir(root) if not n.endswith(("_beit_infer.json", "_beit_summary.json"))) == \
+        ["device0_0", "device0_0_summary.json", "device1_1", "device1_1_summary.json"]
+    assert sorted(os.listdir(root / "device0_0")) == ["input_00000_0.bin", "input_00001_0.bin"]
+    assert sorted(os.listdir(root / "device1_1")) == ["input_00002_0.bin"]
     assert np.array_equal(beit_outputs.read_output(root / "device1_1" / "input_00002_0.bin"),
                           ort_run(tiny_static, arrays[2]))
     rates = [json.loads((root / f"device{d}_{d}_summary.json").read_text())["throughput"] for d in (0, 1)]

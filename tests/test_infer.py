@@ -10,14 +10,26 @@ import pytest
 
 import beit_infer
 from beit_pipeline import batches as beit_batches
-from beit_pipeline import inference, inference_summary, onnx_models
+from beit_pipeline import inference, inference_record, inference_summary, onnx_models
 from beit_pipeline import outputs as beit_outputs
 from beit_pipeline.errors import PipelineFileError, UsageError
 from helpers import run_script
 
 B = 4  # static batch of the exported test model
 THREADS = "1"  # the same thread count on both sides keeps ORT's results bit-identical
-RECORD = ".beit_infer.json"  # what made the outputs, inside the output folder
+AIS_KEYS = ["filesinfo", "args", "NPU_compute_time", "H2D_latency", "D2H_latency", "npu_compute_time_list",
+            "throughput", "pid"]  # ais_bench's summary.py Summary.record / report, in its order
+
+
+def record_file(folder):
+    """What made the outputs: beside the folder (inference_record.record_path), never inside it."""
+    return inference_record.record_path(folder)
+
+
+def ours(folder):
+    """Our figures of a run, beside ais_bench's <folder>_summary.json."""
+    with open(str(folder) + "_beit_summary.json", encoding="utf-8") as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +69,7 @@ def infer(argv, capsys):
     # These tests compare with a direct ONNX Runtime run bit for bit, so they pin ONNX Runtime's CPU provider
     # (the default engine is OpenVINO where installed, issue 13); test_engines.py covers the engines.
     argv = list(argv) + ([] if "--providers" in argv else ["--providers", "cpu"])
-    rc = beit_infer.main(argv + ["--no_progress", "--threads", THREADS])
+    rc = beit_infer.main(argv + ["--no_progress", "--engine_threads", THREADS])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -70,7 +82,7 @@ def test_outputs_equal_direct_onnxruntime_run(tiny_onnx, tmp_path, capsys, fmt):
     assert rc == 0, err
     folder = tmp_path / "out" / "run"
     ext = fmt.lower()
-    assert sorted(os.listdir(folder)) == [RECORD] + [f"input_{i:05d}_0.{ext}" for i in range(3)]
+    assert sorted(os.listdir(folder)) == [f"input_{i:05d}_0.{ext}" for i in range(3)]
     for i, arr in enumerate(arrays):
         got = beit_outputs.read_output(folder / f"input_{i:05d}_0.{ext}")
         want = direct_run(tiny_onnx, arr)
@@ -86,26 +98,30 @@ def test_outputs_equal_direct_onnxruntime_run(tiny_onnx, tmp_path, capsys, fmt):
 
 
 def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, monkeypatch):
-    make_batches(tmp_path / "prep", [B, B, B])
-    writes = []
-    real_write = beit_outputs.write_output
+    arrays = make_batches(tmp_path / "prep", [B, B, B])
+    writes, timed = [], []
+    real_write, real_timed = beit_outputs.write_output, inference.timed_run
     monkeypatch.setattr(beit_outputs, "write_output", lambda path, *a, **k: (writes.append(path), real_write(path, *a, **k)))
+    monkeypatch.setattr(inference, "timed_run", lambda s, m, batch, *a: (timed.append(float(batch[0, 0, 0, 0])),
+                                                                         real_timed(s, m, batch, *a))[1])
     rc, out, err = infer(["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
                           "--loop", "2", "--warmup_count", "2"], capsys)
     assert rc == 0, err
     entries = sorted(os.listdir(tmp_path / "out"))
-    assert len(entries) == 2
     dirname = entries[0]
     assert re.fullmatch(r"\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}", dirname)
-    assert entries[1] == dirname + "_summary.json"
-    # --loop 2 times every batch twice but writes each output once
-    assert sorted(os.listdir(tmp_path / "out" / dirname)) == [RECORD] + [f"input_{i:05d}_0.bin" for i in range(3)]
+    assert entries == [dirname] + [dirname + suffix for suffix in ("_beit_infer.json", "_beit_summary.json",
+                                                                  "_summary.json")]
+    # --loop 2 runs each batch twice back to back, as ais_bench's session loop does (ModelInferenceProcessor.cpp
+    # Execute 'loop' times per input; the whole set was cycled before issue 18), and writes each output once
+    assert timed == [float(arrays[i][0, 0, 0, 0]) for i in (0, 0, 1, 1, 2, 2)]
+    assert sorted(os.listdir(tmp_path / "out" / dirname)) == [f"input_{i:05d}_0.bin" for i in range(3)]
     assert len(writes) == 3
 
-    summary = json.loads((tmp_path / "out" / entries[1]).read_text())
-    for key in ("filesinfo", "args", "NPU_compute_time", "throughput", "npu_compute_time_list", "pid",
-                "provider", "batchsize"):
-        assert key in summary
+    text = (tmp_path / "out" / entries[-1]).read_text()
+    summary = json.loads(text)
+    # ais_bench's keys only, in its order, as its json.dump writes them: one line (summary.py Summary.report)
+    assert list(summary) == AIS_KEYS and text == json.dumps(summary)
     times = summary["npu_compute_time_list"]
     assert len(times) == 6 and all(t > 0 for t in times)
     stats = summary["NPU_compute_time"]
@@ -114,11 +130,11 @@ def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, mo
     assert stats["mean"] == pytest.approx(np.mean(times)) and stats["median"] == pytest.approx(np.median(times))
     assert stats["percentile(99%)"] == pytest.approx(np.percentile(times, 99))
     assert summary["throughput"] == pytest.approx(B * len(times) / sum(times) * 1000, rel=1e-9)
-    assert summary["provider"] == "CPUExecutionProvider"
-    assert summary["batchsize"] == B
-    # ais_bench writes sys.argv as ``args`` (summary.py add_args); the parsed options are under ``options``.
+    figures = ours(tmp_path / "out" / dirname)
+    assert figures["provider"] == "CPUExecutionProvider" and figures["batchsize"] == B
+    # ais_bench writes sys.argv as ``args`` (summary.py add_args); the parsed options are in our file.
     assert summary["args"][:3] == ["beit_infer.py", "--model", tiny_onnx] and "--loop" in summary["args"]
-    assert summary["options"]["loop"] == 2 and summary["options"]["model"] == tiny_onnx
+    assert figures["options"]["loop"] == 2 and figures["options"]["model"] == tiny_onnx
     assert summary["filesinfo"]["1"]["infiles"] == [str(tmp_path / "prep" / "input_00001.bin")]
     assert summary["filesinfo"]["1"]["outfiles"] == [str(tmp_path / "out" / dirname / "input_00001_0.bin")]
 
@@ -127,6 +143,9 @@ def test_timestamp_folder_summary_and_throughput(tiny_onnx, tmp_path, capsys, mo
     assert line.startswith(f"[INFO] throughput 1000*batchsize.mean({B})/NPU_compute_time.mean(")
     assert float(line.rsplit(":", 1)[1]) == pytest.approx(summary["throughput"], rel=1e-12)
     assert "NPU_compute_time (ms): min = " in out and "percentile(99%) = " in out
+    # io_oprations.py get_files_count_per_batch's line, in bytes
+    assert f"[INFO] get filesperbatch files0 size:{B * 3 * 224 * 224 * 4} tensor0size:{B * 3 * 224 * 224 * 4} " \
+           "filesperbatch:1 runcount:3" in out.splitlines()
 
 
 def test_performance_mode_writes_summary_and_pure_output(tiny_onnx, tmp_path, capsys):
@@ -136,13 +155,16 @@ def test_performance_mode_writes_summary_and_pure_output(tiny_onnx, tmp_path, ca
     rc, out, err = infer(["--model", tiny_onnx, "--output", str(tmp_path / "out"), "--output_dirname", "perf",
                           "--loop", "5"], capsys)
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path / "out")) == ["perf", "perf_summary.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["perf", "perf_beit_summary.json", "perf_summary.json"]
     assert os.listdir(tmp_path / "out" / "perf") == ["pure_infer_data_0.bin"]
     got = beit_outputs.read_output(tmp_path / "out" / "perf" / "pure_infer_data_0.bin")
     assert np.max(np.abs(got - direct_run(tiny_onnx, np.zeros((B, 3, 224, 224), np.float32)))) == 0
     summary = json.loads((tmp_path / "out" / "perf_summary.json").read_text())
-    assert summary["mode"] == "pure" and summary["NPU_compute_time"]["count"] == 5
-    assert summary["batchsize"] == B and summary["filesinfo"] == {}
+    assert ours(tmp_path / "out" / "perf")["mode"] == "pure" and summary["NPU_compute_time"]["count"] == 5
+    assert ours(tmp_path / "out" / "perf")["batchsize"] == B
+    # save_tensors_to_file records the pure input as ais_bench's fake file name
+    assert summary["filesinfo"] == {"0": {"infiles": ["pure_infer_data"],
+                                          "outfiles": [str(tmp_path / "out" / "perf" / "pure_infer_data_0.bin")]}}
     assert summary["throughput"] == pytest.approx(B * 5 / sum(summary["npu_compute_time_list"]) * 1000)
     assert "throughput 1000*batchsize.mean(4)" in out
 
@@ -157,7 +179,7 @@ def test_dynamic_batch_model_takes_each_files_batch(tiny_onnx_dynamic, tmp_path,
         assert got.shape == (arr.shape[0], 1000)
         assert np.max(np.abs(got - direct_run(tiny_onnx_dynamic, arr))) == 0
     summary = json.loads((tmp_path / "out" / "d_summary.json").read_text())
-    assert summary["batchsize"] == 2.5  # ais_bench's batchsize.mean
+    assert ours(tmp_path / "out" / "d")["batchsize"] == 2.5  # ais_bench's batchsize.mean
     assert summary["throughput"] == pytest.approx(5 / sum(summary["npu_compute_time_list"]) * 1000)
 
 
@@ -169,7 +191,7 @@ def test_comma_separated_files(tiny_onnx, tmp_path, capsys):
     rc, out, err = infer(["--model", tiny_onnx, "--input", ",".join(files), "--output", str(tmp_path / "out"),
                           "--output_dirname", "c"], capsys)
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path / "out" / "c")) == [RECORD, "extra_0.bin", "input_00001_0.bin"]
+    assert sorted(os.listdir(tmp_path / "out" / "c")) == ["extra_0.bin", "input_00001_0.bin"]
     got = beit_outputs.read_output(tmp_path / "out" / "c" / "extra_0.bin")
     assert np.max(np.abs(got - direct_run(tiny_onnx, arrays[0]))) == 0
 
@@ -224,7 +246,7 @@ def test_unavailable_provider_warns_and_runs_on_cpu(tiny_onnx, tmp_path, capsys)
             f"(available: {available}); skipped") in err.splitlines()
     assert "falling back" not in err
     assert "[INFO] provider:CPUExecutionProvider" in out  # the line that says which provider really ran
-    summary = json.loads((tmp_path / "out" / "p_summary.json").read_text())
+    summary = ours(tmp_path / "out" / "p")
     assert summary["provider"] == "CPUExecutionProvider" and summary["providers_requested"] == "cuda"
 
 
@@ -256,7 +278,7 @@ def finished_run(tiny_onnx, tmp_path, capsys, fmt):
 def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys, fmt):
     ext = fmt.lower()
     argv, folder, before, stamps = finished_run(tiny_onnx, tmp_path, capsys, fmt)
-    assert sorted(before) == [RECORD] + [f"input_{i:05d}_0.{ext}" for i in range(3)]
+    assert sorted(before) == [f"input_{i:05d}_0.{ext}" for i in range(3)]
     os.unlink(folder / f"input_00001_0.{ext}")
     (folder / f".input_00002_0.{ext}.abc.tmp").write_text("half")  # an interrupted atomic write
 
@@ -267,7 +289,7 @@ def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys, fmt)
     for name in (f"input_00000_0.{ext}", f"input_00002_0.{ext}"):
         assert os.stat(folder / name).st_mtime_ns == stamps[name]
     summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
-    assert summary["outputs_written"] == 1 and summary["outputs_kept"] == 2
+    assert (ours(folder)["outputs_written"], ours(folder)["outputs_kept"]) == (1, 2)
     assert summary["NPU_compute_time"]["count"] == 1
     assert "resume: 2 of 3 outputs already in" in out
 
@@ -281,7 +303,7 @@ def test_resume_recomputes_only_missing_output(tiny_onnx, tmp_path, capsys, fmt)
     rc, out, err = infer(argv[:-1] + [other], capsys)
     assert rc == 0, err
     assert f"recomputing all 3 outputs there: the output format changed ({fmt} -> {other})" in out
-    assert sorted(os.listdir(folder)) == sorted([RECORD] + [f"input_{i:05d}_0.{other.lower()}" for i in range(3)])
+    assert sorted(os.listdir(folder)) == sorted([f"input_{i:05d}_0.{other.lower()}" for i in range(3)])
 
 
 @pytest.mark.parametrize("fmt", ["TXT", "BIN", "NPY"])
@@ -295,8 +317,7 @@ def test_resume_recomputes_output_with_wrong_row_count(tiny_onnx, tmp_path, caps
 
     rc, out, err = infer(argv, capsys)
     assert rc == 0, err
-    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
-    assert summary["outputs_written"] == 1 and summary["outputs_kept"] == 2
+    assert (ours(folder)["outputs_written"], ours(folder)["outputs_kept"]) == (1, 2)
     assert short.read_bytes() == before[short.name]
     for name in (f"input_00000_0.{ext}", f"input_00002_0.{ext}"):
         assert os.stat(folder / name).st_mtime_ns == stamps[name]
@@ -314,8 +335,8 @@ def test_resume_with_every_output_kept_reads_no_batch(tiny_onnx, tmp_path, capsy
     assert rc == 0, err
     assert reads == []
     summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
-    assert summary["outputs_written"] == 0 and summary["outputs_kept"] == 2
-    assert summary["NPU_compute_time"]["count"] == 0 and summary["throughput"] == 0.0
+    assert (ours(tmp_path / "out" / "r")["outputs_written"], ours(tmp_path / "out" / "r")["outputs_kept"]) == (0, 2)
+    assert summary["NPU_compute_time"]["count"] == 0 and summary["throughput"] == 0  # as ais_bench: nothing ran
 
 
 @pytest.mark.parametrize("case", ["incomplete", "no_complete_key", "corrupt"])
@@ -343,17 +364,18 @@ def test_unfinished_or_corrupt_manifest_is_refused(tiny_onnx, tmp_path, capsys, 
         rc, out, err = infer(["--model", tiny_onnx, "--input", str(prep), "--output", str(tmp_path / "out"),
                               "--output_dirname", "x"], capsys)
         assert rc == 0, err
-        assert sorted(os.listdir(tmp_path / "out" / "x")) == [RECORD, "input_00000_0.bin"]
+        assert sorted(os.listdir(tmp_path / "out" / "x")) == ["input_00000_0.bin"]
 
 
 def test_run_inference_takes_the_parsed_arguments(tiny_onnx, tmp_path):
     make_batches(tmp_path / "prep", [B])
     args = beit_infer.build_parser().parse_args(["--model", tiny_onnx, "--input", str(tmp_path / "prep"),
                                                "--output", str(tmp_path / "out"), "--output_dirname", "a",
-                                               "--threads", THREADS, "--no_progress"])
-    summary = inference.run_inference(args)
-    assert summary["options"] == vars(args) and summary["outputs_written"] == 1
-    assert json.loads((tmp_path / "out" / "a_summary.json").read_text())["options"]["input"] == str(tmp_path / "prep")
+                                               "--engine_threads", THREADS, "--no_progress"])
+    result = inference.run_inference(args)
+    assert result.ours["options"] == inference_summary.options(args) and result.ours["outputs_written"] == 1
+    assert ours(tmp_path / "out" / "a")["options"]["input"] == str(tmp_path / "prep")
+    assert json.loads((tmp_path / "out" / "a_summary.json").read_text()) == result.ais
 
 
 def test_timing_stats_and_throughput():
@@ -451,7 +473,7 @@ def test_rerun_with_another_input_folder_recomputes_and_eval_scores_the_truth(ti
     assert rc == 0, err
     assert f"[INFO] {folder}: recomputing all 3 outputs there: the input batches changed" in out_text
     assert "resume:" not in out_text
-    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    summary = ours(folder)
     assert (summary["outputs_written"], summary["outputs_kept"]) == (3, 0)
     result = eval_guide_rule(folder, truth, tmp_path, capsys)
     assert (result["num_images"], result["top1_correct"], result["top1"]) == (12, 12, 100.0)
@@ -493,16 +515,22 @@ def test_outputs_without_a_record_are_recomputed_or_refused(tiny_onnx, tmp_path,
             "--output_dirname", "r"]
     assert infer(args, capsys)[0] == 0
     folder = tmp_path / "out" / "r"
-    record = json.loads((folder / RECORD).read_text())
+    with open(record_file(folder)) as f:
+        record = json.load(f)
     assert record["outfmt"] == "bin" and record["outputs_per_batch"] == 1 and record["batch_size"] == B
     assert record["num_batches"] == 2 and len(record["model"]) == 16 and len(record["inputs"]) == 16
-    os.unlink(folder / RECORD)  # e.g. outputs that ais_bench or an older beit_infer.py wrote
+    assert record["outputs"] == ["input_00000_0.bin", "input_00001_0.bin"]
+    os.unlink(record_file(folder))  # e.g. outputs that ais_bench or an older beit_infer.py wrote
     rc, out, err = infer(args + ["--resume"], capsys)
     assert rc == 1 and "there is no record of what made them" in err
     assert sorted(os.listdir(folder)) == ["input_00000_0.bin", "input_00001_0.bin"]
     rc, out, err = infer(args, capsys)
     assert rc == 0 and "recomputing all 2 outputs there: there is no record of what made them" in out
-    assert json.loads((folder / RECORD).read_text()) == record  # the same run writes the same record
+    with open(record_file(folder)) as f:
+        again = json.load(f)
+    # the same run writes the same record, but for when it began (an older output is not its own)
+    assert again["written_after_ns"] > record["written_after_ns"]
+    assert {**again, "written_after_ns": 0} == {**record, "written_after_ns": 0}
 
 
 def test_overwrite_recomputes_everything(tiny_onnx, tmp_path, capsys):
@@ -512,7 +540,7 @@ def test_overwrite_recomputes_everything(tiny_onnx, tmp_path, capsys):
     assert infer(args, capsys)[0] == 0
     rc, out, err = infer(args + ["--overwrite"], capsys)
     assert rc == 0, err
-    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    summary = ours(tmp_path / "out" / "r")
     assert (summary["outputs_written"], summary["outputs_kept"]) == (2, 0)
     rc, out, err = infer(args + ["--overwrite", "--resume"], capsys)
     assert rc == 2 and "give one" in err
@@ -543,7 +571,7 @@ def test_second_run_on_the_same_folder_is_refused_or_waits(tiny_onnx, tmp_path):
 
     make_batches(tmp_path / "prep", [B, B])
     args = ["--model", tiny_onnx, "--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"),
-            "--output_dirname", "r", "--threads", THREADS, "--no_progress"]
+            "--output_dirname", "r", "--engine_threads", THREADS, "--no_progress"]
     (tmp_path / "holder.py").write_text(LOCK_HOLDER)
     hold = tmp_path / "hold"
     hold.write_text("")
@@ -576,7 +604,7 @@ def test_second_run_on_the_same_folder_is_refused_or_waits(tiny_onnx, tmp_path):
                 proc.kill()
     said = (tmp_path / "waiter.out").read_text()
     assert f"waiting for PID {holder.pid}" in said and "resume: 2 of 2 outputs already in" in said
-    assert sorted(os.listdir(tmp_path / "out" / "r")) == [RECORD, "input_00000_0.bin", "input_00001_0.bin"]
+    assert sorted(os.listdir(tmp_path / "out" / "r")) == ["input_00000_0.bin", "input_00001_0.bin"]
     assert not (tmp_path / "out" / ".r.lock").exists()
 
 
@@ -597,7 +625,7 @@ def test_disk_full_names_the_output_file_and_a_rerun_resumes(tiny_onnx, tmp_path
     rc, out, err = infer(args, capsys)
     folder = tmp_path / "out" / "r"
     assert rc == 1 and err == f"error: {folder / 'input_00001_0.txt'}: No space left on device\n"
-    assert sorted(os.listdir(folder)) == [RECORD, "input_00000_0.txt"]  # no temporary left behind
+    assert sorted(os.listdir(folder)) == ["input_00000_0.txt"]  # no temporary left behind
     monkeypatch.setattr(os, "fsync", real_fsync)
     rc, out, err = infer(args, capsys)
     assert rc == 0 and "resume: 1 of 3 outputs already in" in out
@@ -657,5 +685,6 @@ def test_outputs_of_another_engine_are_not_mixed_in(onnx_models, tmp_path, capsy
     assert beit_infer.main(args + ["--providers", "openvino"]) == 0
     out = capsys.readouterr().out
     assert "the engine changed (onnxruntime -> openvino)" in out and "resume:" not in out
-    record = json.loads((tmp_path / "out" / "run" / ".beit_infer.json").read_text())
+    with open(record_file(tmp_path / "out" / "run")) as f:
+        record = json.load(f)
     assert (record["engine"], record["precision"]) == ("openvino", "fp32")
