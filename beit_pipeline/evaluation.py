@@ -274,12 +274,21 @@ def find_outputs_in(folder):
     """output_files.find_outputs(), refusing a folder without any (naming ais_bench's newest dated subfolder)."""
     found = output_files.find_outputs(folder)
     if not found:
-        subdirs = output_subfolders(folder)
-        others = f"; the others: {', '.join(subdirs[1:6])}{' ...' if len(subdirs) > 6 else ''}" if subdirs[1:] else ""
-        hint = (f" (ais_bench writes into a dated subfolder of --output: the newest with outputs is "
-                f"{os.path.join(folder, subdirs[0])}{others})") if subdirs else ""
-        raise PipelineFileError(f"{folder}: no inference outputs (<input_stem>_0.txt/.bin/.npy) here{hint}")
+        raise PipelineFileError(f"{folder}: no inference outputs (<input_stem>_0.txt/.bin/.npy) here"
+                                f"{subfolder_hint(folder)}")
     return found
+
+
+def subfolder_hint(folder):
+    """Where the outputs may be: ais_bench's newest (dated) subfolder that holds some, the others listed."""
+    subdirs, which = output_subfolders(folder), "the newest with outputs"
+    if not subdirs:
+        subdirs = [d for d in sorted(os.listdir(folder), reverse=True) if os.path.isdir(os.path.join(folder, d))]
+        which = "none holds outputs; the newest"
+    if not subdirs:
+        return ""
+    others = f"; the others: {', '.join(subdirs[1:6])}{' ...' if len(subdirs) > 6 else ''}" if subdirs[1:] else ""
+    return f" (ais_bench writes into a dated subfolder of --output: {which} is {os.path.join(folder, subdirs[0])}{others})"
 
 
 def summary_output_dtype(folder):

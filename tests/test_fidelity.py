@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import beit_fidelity
 import beit_preprocess
-from beit_pipeline import fidelity, fidelity_locate, graph_padding, om_emulation
+from beit_pipeline import fidelity, fidelity_locate, graph_padding, inference_record, om_emulation
 from beit_pipeline import onnx_models as ort_models  # the name onnx_models is conftest's fixture
 from beit_pipeline.synthetic import write_image_set
 
@@ -199,7 +199,8 @@ def test_om_stage_reads_ais_bench_outputs(base_report, base_workdir, base_checkp
         assert [s["name"] for s in report["stages"]] == ["pytorch", "om_emulation", "om"]
         om = stages_of(report)["om"]
         assert om["agree_top1"] == 87.5 and len(om["flipped"]) == 1 and om["min_cosine"] < -0.99
-        (folder / ".beit_infer.json").write_text("{}")  # beit_infer.py's outputs are not the OM's
+        with open(inference_record.record_path(folder), "w") as f:  # beit_infer.py's outputs are not the OM's
+            f.write("{}")
         assert beit_fidelity.main(fidelity_args(base_workdir, base_checkpoint, "--stages", "om")) == 1
         assert "stage om needs" in capsys.readouterr().err
     finally:

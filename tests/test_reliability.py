@@ -107,7 +107,7 @@ def preprocess(images, out, *extra, batch_size=BS, workers=1):
 
 def infer_args(model, prep, output, dirname):
     return ["--model", str(model), "--input", str(prep), "--output", str(output), "--output_dirname", dirname,
-            "--outfmt", "TXT", "--threads", THREADS, "--no_progress"]
+            "--outfmt", "TXT", "--engine_threads", THREADS, "--no_progress"]
 
 
 def eval_args(outputs, labels, result_dir, prep, *extra, name="acc.json"):
@@ -237,7 +237,7 @@ def test_sigkill_during_inference_then_rerun_is_byte_identical(pipe, tmp_path):
     run = tmp_path / "out" / "run"
     clean = tree_bytes(pipe["outputs"])
     done = sorted(n for n in os.listdir(run) if not n.endswith(".tmp"))
-    assert done == [".beit_infer.json"] + [f"input_{k:05d}_0.txt" for k in range(3)]
+    assert done == [f"input_{k:05d}_0.txt" for k in range(3)]  # the record is beside the folder
     assert all(read_bytes(run / n) == clean[n] for n in done)
     assert len(temporaries(run)) == 1 and temporaries(run)[0].startswith(".input_00003_0.txt.")
     assert not (tmp_path / "out" / "run_summary.json").exists()
@@ -251,7 +251,7 @@ def test_sigkill_during_inference_then_rerun_is_byte_identical(pipe, tmp_path):
     proc = ok(run_script(["beit_infer.py"] + args))
     assert "resume: 3 of 6 outputs already in" in proc.stdout
     assert tree_bytes(run) == clean
-    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "run_beit_summary.json").read_text())
     assert (summary["outputs_kept"], summary["outputs_written"]) == (3, 3)
 
 
