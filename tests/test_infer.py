@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -68,7 +69,7 @@ def txt_rounded(arr):
 def infer(argv, capsys):
     # These tests compare with a direct ONNX Runtime run bit for bit, so they pin ONNX Runtime's CPU provider
     # (the default engine is OpenVINO where installed, issue 13); test_engines.py covers the engines.
-    argv = list(argv) + ([] if "--providers" in argv else ["--providers", "cpu"])
+    argv = [str(a) for a in argv] + ([] if "--providers" in argv else ["--providers", "cpu"])
     rc = beit_infer.main(argv + ["--no_progress", "--engine_threads", THREADS])
     out, err = capsys.readouterr()
     return rc, out, err
@@ -688,3 +689,393 @@ def test_outputs_of_another_engine_are_not_mixed_in(onnx_models, tmp_path, capsy
     with open(record_file(tmp_path / "out" / "run")) as f:
         record = json.load(f)
     assert (record["engine"], record["precision"]) == ("openvino", "fp32")
+
+
+# ---------------------------------------------------------------- issue 18: drop-in for ais_bench and the guide
+# The real tool's behaviour is read from the newer ais_bench (mjlovesz/sync-ait ait/components/benchmark/
+# ais_bench/infer/: __main__.py get_args, benchmark_process.py main / multidevice_run / args_rules, args_check.py,
+# io_oprations.py, summary.py, utils.py list_share) and the guide's scripts (Ascend/ModelZoo-PyTorch
+# ACL_PyTorch/contrib/cv/classfication/Beit); each test names what it matches.
+
+import guide_scripts  # noqa: E402
+from beit_pipeline import evaluation, inference_devices, inference_folder, inference_options  # noqa: E402
+
+
+def stand_in_parser():
+    """The stand-in ais_bench's parser: the real get_args() flag for flag (tests/fake_ascend)."""
+    import importlib.util
+
+    from helpers import REPO
+    spec = importlib.util.spec_from_file_location(
+        "fake_ais_bench_main", os.path.join(REPO, "tests", "fake_ascend", "python", "ais_bench", "__main__.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def write_photos(folder, layout):
+    """Tiny RGB images named as ImageNet val: ``layout`` maps a sub-folder ('' for none) to image numbers."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for sub, numbers in layout.items():
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        for n in numbers:
+            pixels = rng.integers(0, 256, (40 + n, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, sub, f"ILSVRC2012_val_{n:08d}.JPEG"), quality=90)
+
+
+def preprocess(images, prep):
+    import beit_preprocess
+    assert beit_preprocess.main(["--image_path", str(images), "--prep_image", str(prep), "--batch_size", str(B),
+                                 "--workers", "1"]) == 0
+
+
+@pytest.fixture(scope="module")
+def photo_sets(tmp_path_factory):
+    """Six photos preprocessed at batch 4 (4 + 2 real rows, 2 padding) twice: in one flat folder (rows in image
+    number order, as the guide's preprocessing orders them) and in class sub-folders (rows in path order:
+    4, 5, 6, 1, 2, 3)."""
+    root = tmp_path_factory.mktemp("photo_sets")
+    write_photos(root / "flat", {"": range(1, 7)})
+    write_photos(root / "classes", {"a_dogs": (4, 5, 6), "b_cats": (1, 2, 3)})
+    for kind in ("flat", "classes"):
+        preprocess(root / kind, root / f"prep_{kind}")
+    labels = root / "val_label.txt"
+    labels.write_text("".join(f"ILSVRC2012_val_{n:08d}.JPEG {n * 7}\n" for n in range(1, 7)))
+    return root
+
+
+def eval_main(folder, labels, res, *extra):
+    import beit_eval_acc
+    return beit_eval_acc.main(["--folder_davinci_target", str(folder), "--annotation_file_path", str(labels),
+                               "--result_json_path", str(res), "--json_file_name", "acc.json", *map(str, extra)])
+
+
+def test_the_guides_eval_rule_runs_on_beit_infer_outputs(tiny_onnx, photo_sets, tmp_path, capsys):
+    """Fast sibling of test_run_all.py's acceptance test: the guide's beit_eval_acc.py lists every entry of the
+    output folder and parses each name (tests/guide_scripts.py); a file of ours in there made it raise ValueError.
+    On the rows it counts right (no padding: the first batch), it agrees with ours."""
+    rc, out, err = infer(["--model", tiny_onnx, "--input", photo_sets / "prep_flat", "--output", tmp_path / "out",
+                          "--output_dirname", "bs4", "--outfmt", "TXT"], capsys)
+    assert rc == 0, err
+    folder = tmp_path / "out" / "bs4"
+    assert sorted(os.listdir(folder)) == ["input_00000_0.txt", "input_00001_0.txt"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["bs4", "bs4_beit_infer.json", "bs4_beit_summary.json",
+                                                    "bs4_summary.json"]
+    logits = np.concatenate([beit_outputs.read_output(folder / f"input_{k:05d}_0.txt") for k in range(2)])
+    labels = tmp_path / "labels.txt"  # the first four images labelled with their predictions: 100% when mapped right
+    labels.write_text("".join(f"ILSVRC2012_val_{n:08d}.JPEG {int(logits[n - 1].argmax())}\n" for n in range(1, 5)))
+    os.unlink(folder / "input_00001_0.txt")  # the last, padded batch: the guide counts a padding row there
+    guide = guide_scripts.guide_eval(str(folder), str(labels), B)
+    assert (guide["count"], guide["n_labels"], guide["top1"]) == (4, 1000, 100.0)
+
+
+def test_a_legacy_record_inside_the_folder_is_the_only_file_removed(tiny_onnx, tmp_path, capsys):
+    """Item 1: an older beit_infer.py kept .beit_infer.json inside the folder; that one file of ours is removed,
+    its outputs (no trusted record) are recomputed in place, and nothing else there is touched."""
+    make_batches(tmp_path / "prep", [B, B])
+    folder = tmp_path / "out" / "r"
+    folder.mkdir(parents=True)
+    (folder / ".beit_infer.json").write_text(json.dumps({"format": 2, "model": "x" * 16, "inputs": "y" * 16}))
+    (folder / ".notes.json").write_text("mine")
+    rc, out, err = infer(["--model", tiny_onnx, "--input", tmp_path / "prep", "--output", tmp_path / "out",
+                          "--output_dirname", "r"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(folder)) == [".notes.json", "input_00000_0.bin", "input_00001_0.bin"]
+    assert "removed the record an older beit_infer.py kept inside the folder" in out
+    assert os.path.isfile(record_file(folder))
+
+
+def test_an_existing_folder_keeps_every_file_this_run_did_not_write(tiny_onnx, tmp_path, capsys):
+    """Item 2: ais_bench never deletes (benchmark_process.py main: makedirs, then save_tensors_to_file writes its
+    outputs over files of the same name).  Without a record of ours nothing is deleted: the reported bug deleted an
+    unrelated model_1.npy and every *_N.txt|bin|npy of the folder."""
+    arrays = make_batches(tmp_path / "prep", [B, B])
+    folder = tmp_path / "out" / "r"
+    folder.mkdir(parents=True)
+    mine = {"model_1.npy": b"a user's array", "input_00007_0.bin": b"an old output", "notes.txt": b"text",
+            ".cache.x1.tmp": b"a user's temporary", "input_00000_0.bin": b"an output of the same name"}
+    for name, data in mine.items():
+        (folder / name).write_bytes(data)
+    rc, out, err = infer(["--model", tiny_onnx, "--input", tmp_path / "prep", "--output", tmp_path / "out",
+                          "--output_dirname", "r"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(folder)) == sorted(set(mine) | {"input_00001_0.bin"})
+    for name, data in mine.items():
+        if name != "input_00000_0.bin":  # overwritten by this run's output of that name, as ais_bench does
+            assert (folder / name).read_bytes() == data, name
+    assert np.array_equal(beit_outputs.read_output(folder / "input_00000_0.bin"), direct_run(tiny_onnx, arrays[0]))
+    assert f"warning: {folder}: 2 files there were not written by this run and are left as they are " \
+           "(input_00007_0.bin, model_1.npy)" in err
+
+
+def test_a_changed_run_deletes_only_what_its_record_lists(tiny_onnx, tmp_path, capsys):
+    """Item 2: with a record of this folder, a rerun with other inputs deletes exactly the outputs the record
+    lists (here the third batch's, which the new input no longer has), never a file added since."""
+    make_batches(tmp_path / "prep", [B, B, B])
+    args = ["--model", tiny_onnx, "--output", tmp_path / "out", "--output_dirname", "r"]
+    assert infer(["--input", tmp_path / "prep"] + args, capsys)[0] == 0
+    folder = tmp_path / "out" / "r"
+    (folder / "extra_0.bin").write_bytes(b"added by the user")
+    make_batches(tmp_path / "prep2", [B, B], seed=5)
+    rc, out, err = infer(["--input", tmp_path / "prep2"] + args, capsys)
+    assert rc == 0, err
+    assert "recomputing all 3 outputs there: the input batches changed" in out
+    assert "deleted the 3 outputs its record lists as written by an earlier run" in out
+    assert sorted(os.listdir(folder)) == ["extra_0.bin", "input_00000_0.bin", "input_00001_0.bin"]
+    with open(record_file(folder)) as f:
+        assert json.load(f)["outputs"] == ["input_00000_0.bin", "input_00001_0.bin"]
+
+
+def test_a_record_of_a_replaced_folder_deletes_nothing(tiny_onnx, tmp_path, capsys):
+    """Item 2: the record names its folder (device and inode, which a rename keeps); a folder deleted and made
+    again (say by ais_bench) is not the one it describes, so its files are neither deleted nor kept."""
+    make_batches(tmp_path / "prep", [B, B])
+    args = ["--model", tiny_onnx, "--input", tmp_path / "prep", "--output", tmp_path / "out", "--output_dirname", "r"]
+    assert infer(args, capsys)[0] == 0
+    folder = tmp_path / "out" / "r"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "input_00001_0.bin").write_bytes(b"\0" * (B * 1000 * 4))  # a whole output of the right size
+    rc, out, err = infer(args + ["--resume"], capsys)
+    assert rc == 1 and "there is no record of what made them" in err
+    rc, out, err = infer(args, capsys)
+    assert rc == 0 and "resume:" not in out and "deleted the" not in out
+
+
+def test_an_output_folder_that_holds_the_inputs_is_refused(tiny_onnx, tmp_path, capsys):
+    """Item 2: pointed at the input folder, the old runner deleted the input batches; now one line, exit 2,
+    before anything runs, and every file is left as it was."""
+    make_batches(tmp_path / "prep", [B, B])
+    before = {name: (tmp_path / "prep" / name).read_bytes() for name in os.listdir(tmp_path / "prep")}
+    cases = [(["--input", tmp_path / "prep", "--output", tmp_path, "--output_dirname", "prep"], "is the input"),
+             (["--input", f"{tmp_path / 'prep' / 'input_00000.bin'},{tmp_path / 'prep' / 'input_00001.bin'}",
+               "--output", tmp_path, "--output_dirname", "prep"], "holds the input"),
+             (["--input", tmp_path / "prep", "--output", tmp_path.parent, "--output_dirname", tmp_path.name],
+              "holds the input")]
+    for argv, said in cases:
+        rc, out, err = infer(["--model", tiny_onnx] + argv, capsys)
+        assert rc == 2 and err.count("\n") == 1 and said in err and "outputs are never written among" in err, err
+        assert "warm up" not in out
+    assert {name: (tmp_path / "prep" / name).read_bytes() for name in os.listdir(tmp_path / "prep")} == before
+
+
+def test_several_devices_each_run_every_file_unless_divide_input(tiny_onnx, tmp_path, capsys):
+    """Item 3: the newer ais_bench's multidevice_run gives every device every input unless --divide_input True
+    (benchmark_process.py: 'if args.divide_input: cur_args.input = splits[i]'); the old runner always split."""
+    arrays = make_batches(tmp_path / "prep", [B, B, B])
+    rc, out, err = infer(["--model", tiny_onnx, "--input", tmp_path / "prep", "--output", tmp_path / "out",
+                          "--output_dirname", "m", "--device", "0,1"], capsys)
+    assert rc == 0, err
+    root = tmp_path / "out" / "m"
+    for folder in ("device0_0", "device1_1"):
+        assert sorted(os.listdir(root / folder)) == [f"input_{i:05d}_0.bin" for i in range(3)]
+        for i, arr in enumerate(arrays):
+            assert np.array_equal(beit_outputs.read_output(root / folder / f"input_{i:05d}_0.bin"),
+                                  direct_run(tiny_onnx, arr))
+    assert "each device runs every input file" in out and "summary throughput:" in out
+
+
+def test_divide_input_shares_files_as_list_share():
+    """utils.py list_share: len // devices each, one more for the first len % devices (the old runner gave
+    ceil(len / devices) each: 3, 3, 1 for 7 files)."""
+    files = [f"f{i}" for i in range(7)]
+    assert inference_devices.share_files(files, 3) == [["f0", "f1", "f2"], ["f3", "f4"], ["f5", "f6"]]
+    assert inference_devices.share_files(files[:2], 3) == [["f0"], ["f1"], []]
+
+
+def test_every_flag_of_the_newer_ais_bench_is_accepted():
+    """Item 4: every option string of ais_bench's get_args (its stand-in mirrors it flag for flag) is one of
+    beit_infer.py's, with the same destination of meaning (both spellings where ais_bench has two)."""
+    ours = {s for a in beit_infer.build_parser()._actions for s in a.option_strings}
+    theirs = {s for a in stand_in_parser()._actions for s in a.option_strings}
+    assert theirs - ours == set()
+    for dashed in ("--warmup-count", "--dym-shape", "--output-dirname", "--divide-input", "--batch-size"):
+        assert dashed in ours
+
+
+@pytest.mark.parametrize("flag, value, why", [
+    ("--profiler", "True", "profiles the NPU with msprof"), ("--dump", "True", "dumps the NPU's operator data"),
+    ("--energy_consumption", "True", "reads the NPU's power"), ("--npu_id", "3", "--energy_consumption reads"),
+    ("--run_mode", "tensor", "the outputs are the same"), ("--pipeline", "True", "no copies to overlap"),
+    ("--outputSize", "4000", "size their outputs themselves"), ("--backend", "trtexec", "only with --perf True"),
+    ("--dump_npy", "True", "there is no dump here"), ("--profiler_rename", "False", None)])
+def test_flags_without_meaning_on_the_cpu_are_ignored_with_one_line(tiny_onnx, tmp_path, capsys, flag, value, why):
+    """Item 4: accepted, one warning line saying why, and the run is the same."""
+    rc, out, err = infer(["--model", tiny_onnx, "--output", tmp_path / "out", "--output_dirname", "p", "--loop", "1",
+                          flag, value], capsys)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if flag in ln]
+    assert (lines == []) if why is None else (len(lines) == 1 and "ignored on the CPU" in lines[0] and why in lines[0])
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--dymShape_range", "image:1~4,3,224,224"], "runs the model at every shape of a range"),
+    (["--perf", "True"], "runs TensorRT's trtexec"), (["--dymHW", "224,224"], "--dynamic_image_size"),
+    (["--dymBatch", "4"], "has a static batch"), (["--dym-shape", "image:4,3,224,224"], "has a static batch"),
+    (["--auto_set_dymshape_mode", "True"], "has a static shape"),
+    (["--profiler", "True", "--dump", "True"], "cannot be true at the same time"),
+    (["--acl_json_path", "missing.json"], "only an existing .json file")])
+def test_flags_that_would_change_what_runs_are_refused_with_the_reason(tiny_onnx, tmp_path, capsys, argv, said):
+    rc, out, err = infer(["--model", tiny_onnx, "--output", tmp_path / "out", "--output_dirname", "p"] + argv, capsys)
+    assert rc == 2 and err.count("\n") == 1 and said in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dynamic_batch_flags_choose_the_batch_of_a_dynamic_model(tiny_onnx_dynamic, tmp_path, capsys):
+    """Item 4: --dymBatch / --dymShape (set_session_options) are honoured on a dynamic batch axis: files of 2
+    rows are joined two to a batch of 4, as ais_bench joins files to the model's input size."""
+    arrays = make_batches(tmp_path / "prep", [2, 2, 2])
+    for i, argv in enumerate((["--dymBatch", "4"], ["--dymShape", "image:4,3,224,224"])):
+        rc, out, err = infer(["--model", tiny_onnx_dynamic, "--input", tmp_path / "prep", "--output",
+                              tmp_path / "out", "--output_dirname", f"d{i}"] + argv, capsys)
+        assert rc == 0, err
+        assert "filesperbatch:2 runcount:2" in out
+        summary = json.loads((tmp_path / "out" / f"d{i}_summary.json").read_text())
+        assert summary["NPU_compute_time"]["count"] == 2
+        for k, arr in enumerate(arrays):
+            got = beit_outputs.read_output(tmp_path / "out" / f"d{i}" / f"input_{k:05d}_0.bin")
+            assert np.abs(got - direct_run(tiny_onnx_dynamic, arr)).max() <= 1e-5
+    rc, out, err = infer(["--model", tiny_onnx_dynamic, "--input", tmp_path / "prep", "--dymShape",
+                          "image:4,3,384,384"], capsys)
+    assert rc == 2 and "only the batch N can be chosen" in err
+
+
+def test_leniencies_warn_in_one_line_where_ais_bench_would_refuse(tiny_onnx, tmp_path, capsys):
+    """Item 5: each spelling or value taken here but rejected by ais_bench's parser (its stand-in) gets one line."""
+    make_batches(tmp_path / "prep", [B])
+    lenient = [["--outfmt", "txt"], ["--debug"], ["--batch_size", str(B)], ["--output-dirname", "r"]]
+    for extra in lenient:
+        with pytest.raises(SystemExit):
+            stand_in_parser().parse_args(["--model", "m.om", "--output", "o"] + extra)
+    rc, out, err = infer(["--model", tiny_onnx, "--input", tmp_path / "prep", "--output", tmp_path / "out"]
+                         + [a for extra in lenient for a in extra], capsys)
+    assert rc == 0, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert warnings == [
+        "warning: --outfmt txt: ais_bench takes only NPY/BIN/TXT, in capitals",
+        "warning: --debug without a value: ais_bench needs one (--debug True)",
+        "warning: --batch_size: ais_bench takes only --batchsize (--batch_size is kept because the guide's README "
+        "passes it); a script that passes it fails on the device",
+        "warning: --output-dirname: ait benchmark's spelling; python3 -m ais_bench takes only --output_dirname"]
+    assert os.listdir(tmp_path / "out" / "r") == ["input_00000_0.txt"]
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--output_dirname", "/abs/r"], "ais_bench refuses an absolute path"),
+    (["--threads", "0"], "invalid positive int value"), (["--device", "256"], "each in [0, 255]"),
+    (["--loop", "0"], "invalid positive int value"), (["--outfmt", "CSV"], "invalid choice: 'CSV'")])
+def test_what_ais_bench_refuses_is_refused(tiny_onnx, tmp_path, capsys, argv, said):
+    """Item 5: benchmark_process.py args_rules ('--output_dirname do not support abs path!') and args_check.py's
+    types; the old runner wrote an absolute --output_dirname outside --output."""
+    try:
+        rc = beit_infer.main(["--model", tiny_onnx, "--output", str(tmp_path / "out")] + argv)
+    except SystemExit as exc:  # argparse's own refusal
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err, err
+
+
+def test_threads_is_ais_bench_s_and_engine_threads_are_their_own_flag(tiny_onnx, tmp_path, capsys):
+    """Item 6: --threads is the number of sessions of --pipeline mode (args_rules: more than 1 without --pipeline
+    prints its line and uses 1); the engine's threads are --engine_threads."""
+    rc, out, err = infer(["--model", tiny_onnx, "--loop", "1", "--threads", "4"], capsys)
+    assert rc == 0, err
+    assert "[INFO] need to set --pipeline when setting threads number to be more than one." in out.splitlines()
+    assert "--threads 4: ais_bench's pipeline sessions, so 1 is used" in err and "--engine_threads" in err
+    text = beit_infer.build_parser().format_help()
+    assert "ais_bench's --threads: the number of computing sessions of --pipeline mode" in " ".join(text.split())
+    assert "intra-op threads of the CPU engine" in " ".join(text.split())
+
+
+def test_eval_names_the_newest_dated_folder_and_lists_the_others(tmp_path, capsys):
+    """Item 9: ais_bench writes into <output>/<%Y_%m_%d-%H_%M_%S>; pointed at <output>, eval names the newest
+    run (the old hint named the first by name: the oldest)."""
+    out = tmp_path / "ais_out"
+    for name in ("2024_01_01-00_00_00", "2024_03_01-00_00_00", "2024_02_01-00_00_00"):
+        (out / name).mkdir(parents=True)
+        beit_outputs.write_output(out / name / "input_00000_0.txt", np.zeros((B, 1000), np.float32))
+    (out / "2024_04_01-00_00_00").mkdir()  # a run that wrote nothing
+    labels = tmp_path / "labels.txt"
+    labels.write_text("ILSVRC2012_val_00000001.JPEG 1\n")
+    assert eval_main(out, labels, tmp_path / "res", "--batch_size", B) == 1
+    err = capsys.readouterr().err
+    assert f"the newest with outputs is {out / '2024_03_01-00_00_00'}; the others: 2024_02_01-00_00_00, " \
+           "2024_01_01-00_00_00)" in err
+
+
+def test_guide_rule_eval_of_class_sub_folders_is_refused_naming_the_manifest(tiny_onnx, photo_sets, tmp_path,
+                                                                             capsys):
+    """Item 10: the guide's preprocessing orders images by number, ours by path; with class sub-folders the
+    guide's rule (row i of input_k is image k*bs+i+1) names the wrong images.  The outputs' record leads to the
+    manifest, which says so: refused with the reason (it scored the mismatched rows before)."""
+    for kind in ("classes", "flat"):
+        rc, out, err = infer(["--model", tiny_onnx, "--input", photo_sets / f"prep_{kind}", "--output",
+                              tmp_path / "out", "--output_dirname", kind], capsys)
+        assert rc == 0, err
+    rc = eval_main(tmp_path / "out" / "classes", photo_sets / "val_label.txt", tmp_path / "res", "--batch_size", B)
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "the guide's rule names row 0 of input_00000 ILSVRC2012_val_00000001, but the manifest of " \
+           f"{photo_sets / 'prep_classes'}" in err and "puts a_dogs/ILSVRC2012_val_00000004.JPEG there" in err
+    assert "class sub-folders, ordered by path" in err and f"Pass --prep_image {photo_sets / 'prep_classes'}" in err
+    # With --prep_image the same outputs are scored right; a flat folder ordered by number passes the guide rule.
+    assert eval_main(tmp_path / "out" / "classes", photo_sets / "val_label.txt", tmp_path / "res", "--prep_image",
+                     photo_sets / "prep_classes") == 0
+    assert eval_main(tmp_path / "out" / "flat", photo_sets / "val_label.txt", tmp_path / "res2", "--batch_size",
+                     B) == 0
+
+
+def test_eval_refuses_outputs_made_from_another_manifest_naming_both(tiny_onnx, photo_sets, tmp_path, capsys):
+    """Issue 17 item 2: outputs of the class sub-folder preprocessing scored against the flat one's manifest
+    (the same photos, another row order) printed a wrong Top-1; now refused, naming both folders."""
+    rc, out, err = infer(["--model", tiny_onnx, "--input", photo_sets / "prep_classes", "--output", tmp_path / "out",
+                          "--output_dirname", "c"], capsys)
+    assert rc == 0, err
+    rc = eval_main(tmp_path / "out" / "c", photo_sets / "val_label.txt", tmp_path / "res", "--prep_image",
+                   photo_sets / "prep_flat")
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"these outputs were made from the batches in {photo_sets / 'prep_classes'}" in err
+    assert f"--prep_image {photo_sets / 'prep_flat' / 'manifest.json'} maps rows to other images" in err
+    assert not (tmp_path / "res" / "acc.json").exists()
+
+
+def test_throughput_over_real_images_and_a_resumed_run_s_last_full_measurement(tiny_onnx, photo_sets, tmp_path,
+                                                                               capsys):
+    """Issue 17 item 5: 6 images in 8 rows (2 padding): img/s over the real images beside ais_bench's formula; a
+    resumed run that had nothing to run reports the last full measurement with its date (its table said 0.00),
+    and where the earlier run was interrupted it says that no full measurement was made."""
+    args = ["--model", tiny_onnx, "--input", photo_sets / "prep_flat", "--output", tmp_path / "out",
+            "--output_dirname", "r"]
+    assert infer(args, capsys)[0] == 0
+    folder = tmp_path / "out" / "r"
+    summary = json.loads((tmp_path / "out" / "r_summary.json").read_text())
+    first = ours(folder)["last_full_measurement"]
+    seconds = sum(summary["npu_compute_time_list"]) / 1000
+    assert (first["real_images"], first["rows"], first["padding_rows"]) == (6, 8, 2)
+    assert first["throughput_real_images"] == pytest.approx(6 / seconds, rel=1e-9)
+    assert first["throughput_ais_bench"] == pytest.approx(summary["throughput"]) == pytest.approx(8 / seconds)
+    figures = inference_summary.run_figures(str(folder))
+    assert (figures.throughput_real_images, figures.measured_at, figures.resumed) == (
+        first["throughput_real_images"], first["measured_at"], False)
+
+    rc, out, err = infer(args, capsys)  # nothing left to run
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "r_summary.json").read_text())["throughput"] == 0  # ais_bench's: none ran
+    figures = inference_summary.run_figures(str(folder))
+    assert (figures.throughput_real_images, figures.measured_at, figures.resumed) == (
+        first["throughput_real_images"], first["measured_at"], True)
+    assert f"last full measurement of these outputs: {first['throughput_real_images']} img/s over real images" in out
+    assert f"measured {first['measured_at']}" in figures.describe()
+
+    os.unlink(folder / "input_00001_0.bin")  # as a kill leaves it: no summaries written
+    for path in inference_summary.summary_paths(folder):
+        os.unlink(path)
+    rc, out, err = infer(args, capsys)
+    assert rc == 0 and "resume: 1 of 2 outputs already in" in out
+    assert "no full measurement of these outputs was made" in out
+    figures = inference_summary.run_figures(str(folder))
+    assert figures.throughput_real_images is None and figures.table_value() == "n/a" and figures.resumed
+    assert figures.describe().startswith("throughput: not measured (the outputs were resumed from an interrupted run")
