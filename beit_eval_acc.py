@@ -21,6 +21,11 @@ refused unless the label file names exactly ILSVRC2012_val_00000001 .. _N and ev
 output but the last holds --batch_size rows, and rows past image N are taken to be
 padding.  Label entries are matched to the manifest's images by relative path, then
 file name, then stem (beit_pipeline/labels.py); the work is in beit_pipeline/evaluation.py.
+
+Outputs that beit_infer.py wrote carry a record beside their folder naming the manifest they
+were made from: scoring them against another manifest (``--prep_image``), or by the guide's rule
+where that manifest's rows are not the images 1, 2, 3 ... in order (class sub-folders, a subset),
+is refused with the reason (beit_pipeline/inference_record.py).
 """
 
 import argparse
@@ -41,7 +46,8 @@ def build_parser():
                         help="folder of inference outputs as ais_bench writes them: <input_stem>_0.txt, _0.bin "
                              "(raw float32, or float16 from an OM with fp16 outputs: named by the summary's "
                              "output_dtype or, with the manifest, told by the file size) or _0.npy; other files "
-                             "(sumary.json, logs) are ignored")
+                             "(sumary.json, logs) are ignored. Pointed at ais_bench's --output folder, the error "
+                             "names its newest dated subfolder and lists the others")
     parser.add_argument("--annotation_file_path", required=True, metavar="FILE",
                         help="label file with lines 'ILSVRC2012_val_00000001.JPEG 65'")
     parser.add_argument("--result_json_path", required=True, metavar="DIR",
@@ -53,7 +59,9 @@ def build_parser():
                              "manifest's when one is given (--batchsize is accepted as in the guide)")
     parser.add_argument("--prep_image", "--manifest", dest="prep_image", default=None, metavar="DIR_OR_FILE",
                         help="beit_preprocess.py's output folder or its manifest.json: maps rows to images and "
-                             "tells padded rows apart; without it the guide's naming rule is used")
+                             "tells padded rows apart (refused when beit_infer.py's record shows the outputs were "
+                             "made from another manifest); without it the guide's naming rule is used, refused "
+                             "where the outputs' manifest puts other images in those rows")
     parser.add_argument("--num_classes", type=int, default=outputs.NUM_CLASSES, metavar="C",
                         help="number of classes, the width of every output row (default: %(default)s)")
     return parser

@@ -3,56 +3,47 @@
 Pipeline: beit_preprocess.py -> beit_pth2onnx.py -> onnxsim -> graph_modify.py ->
 (atc + ais_bench on an Ascend 310P) | beit_infer.py (OpenVINO / ONNX Runtime anywhere else) -> beit_eval_acc.py
 
-It reads the folder of batch files (``input_00000.bin`` ... from beit_preprocess.py)
-and writes what ais_bench writes, so that beit_eval_acc.py and run_all.sh cannot
+It takes the newer ais_bench's command line (every flag of ``python3 -m ais_bench``; what each
+means on a CPU: beit_pipeline/inference_options.py and README's ais_bench section) and writes
+what ais_bench writes, so that beit_eval_acc.py, run_all.sh and the guide's own scripts cannot
 tell the two apart:
 
-    <output>/<%Y_%m_%d-%H_%M_%S or --output_dirname>/<input_stem>_0.<bin|txt|npy>
-    <output>/<same name>_summary.json
+    <output>/<%Y_%m_%d-%H_%M_%S or --output_dirname>/<input_stem>_0.<bin|txt|npy>   nothing else
+    <output>/<same name>_summary.json        ais_bench's keys only, in its layout (one line)
+    <output>/<same name>_beit_summary.json   ours: engine, precision, img/s over the real images, its date
+    <output>/<same name>_beit_infer.json     what made the outputs (the record; resume and deletion)
 
-The summary keeps ais_bench's keys (``NPU_compute_time`` with min/max/mean/median/
-``percentile(99%)``/count, ``throughput``, ``npu_compute_time_list``, ``filesinfo``,
-``args`` as the argv list, ``pid``, ``H2D_latency``/``D2H_latency``); here the "NPU compute
-time" is the wall time of one ``session.run`` in ms, and ``engine``, ``precision`` and
-``provider`` say what really ran.
-Throughput is ais_bench's ``1000 * batchsize.mean / compute_time.mean``, which is
-images / summed compute seconds.  The last lines printed are ais_bench's, e.g.
+Throughput is ais_bench's ``1000 * batchsize.mean / NPU_compute_time.mean``, where the "NPU
+compute time" is the wall time of one engine run; the last lines printed are ais_bench's, e.g.
 
     [INFO] throughput 1000*batchsize.mean(8)/NPU_compute_time.mean(712.5): 11.228
 
-Engines (beit_pipeline/engines.py): without ``--providers`` the fastest exact CPU
-engine measured (OpenVINO's runtime in f32 where installed, else ONNX Runtime);
-``--providers openvino`` or ``cpu,cuda,...`` choose.  ``--precision bf16`` runs OpenVINO
-on the CPU's bf16 instructions and is refused on a CPU without them.
+and, before them, the throughput over the real images (the manifest's rows, not the padding).
 
-Without ``--input`` it times zero input of the model's shape (``ais_bench --loop 100``;
-``--pure_data_type random`` for seeded normal values) and, with ``--output``, writes
-``pure_infer_data_0.<fmt>``.  ``--loop N`` with ``--input`` runs the whole input set N
-times for timing and writes each output once.  ``--device 0,1`` runs one worker per
-device on its share of the files and sums the throughput (beit_pipeline/inference_devices.py).
+Engines (beit_pipeline/engines.py): without ``--providers`` the fastest exact CPU engine
+measured (OpenVINO's runtime in f32 where installed, else ONNX Runtime); ``--providers openvino``
+or ``cpu,cuda,...`` choose; ``--engine_threads`` sets its threads (``--threads`` is ais_bench's
+pipeline sessions).  ``--precision bf16`` runs OpenVINO on the CPU's bf16 instructions and is
+refused on a CPU without them.
 
-As ais_bench, files smaller than the model's batch are joined into one batch and the
-output split back per file (``--output_batchsize_axis``).  Differences, on purpose:
-- Files of different sizes, which ais_bench would join and split wrongly (breaking
-  the manifest's row -> image mapping), are an error naming the file and both sizes,
-  before anything is written.
-- Resume: with ``--output_dirname``, outputs already in that folder (complete, since
-  every file is written atomically) are kept and only the missing batches are run,
-  but only when the folder's record ``.beit_infer.json`` says they were made from
-  the same model content, input batches, output format, number of outputs and
-  batch size; otherwise every output there is deleted and recomputed, and the log
-  says what changed.  ``--resume`` refuses (exit 1, nothing deleted) instead of
-  recomputing; ``--overwrite`` recomputes everything.  Without ``--output_dirname``
-  every run gets a fresh timestamped folder.
-- One run per output folder: a second one on the same folder exits 4 naming the
-  PID that holds it (``--wait_lock`` waits instead).
+As ais_bench: files smaller than the model's batch are joined into one batch and the output split
+back per file; ``--loop N`` runs each batch N times back to back; ``--device 0,1`` runs every file
+on every device unless ``--divide_input True``.  Differences, on purpose:
+- Files of different sizes, which ais_bench would join and split wrongly (breaking the
+  manifest's row -> image mapping), are an error naming the file and both sizes.
+- Resume: with ``--output_dirname``, outputs already in that folder are kept and only the
+  missing batches run, when the record says they were made from the same model content, input
+  batches, format, batch size, engine and precision; otherwise they are recomputed, and the log
+  says what changed (``--resume`` refuses instead; ``--overwrite`` recomputes everything).
+- Nothing is deleted but the files the record lists as written by an earlier run of this
+  folder; an output folder that is the input folder, or holds the inputs, is refused.
+- One run per output folder: a second one exits 4 naming the PID that holds it.
 """
 
 import argparse
 import sys
 
 from beit_pipeline import cli, engines, inference, inference_options, inference_summary
-from beit_pipeline.cli import log
 from beit_pipeline.inference_options import AisFlag, nonnegative_int, positive_int
 
 INTERRUPTED_HINT = ("the outputs written so far are complete. Rerun with the same --output, and --output_dirname "

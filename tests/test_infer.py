@@ -698,7 +698,7 @@ def test_outputs_of_another_engine_are_not_mixed_in(onnx_models, tmp_path, capsy
 # ACL_PyTorch/contrib/cv/classfication/Beit); each test names what it matches.
 
 import guide_scripts  # noqa: E402
-from beit_pipeline import evaluation, inference_devices, inference_folder, inference_options  # noqa: E402
+from beit_pipeline import inference_devices  # noqa: E402
 
 
 def stand_in_parser():
