@@ -29,8 +29,11 @@ labelled with PyTorch's own predictions: 100% measures fidelity to PyTorch, not 
 Options:
   --batch_size N        batch size of the model and the batch files (required)
   --image_path DIR      folder of ImageNet val images (e.g. /opt/npu/imageNet/val)
-  --label_file FILE     val_label.txt: lines 'ILSVRC2012_val_00000001.JPEG 65'
-  --checkpoint PTH      unilm BEiT checkpoint (beit_base_patch16_224_pt22k_ft22kto1k.pth)
+  --label_file FILE     val_label.txt ('ILSVRC2012_val_00000001.JPEG 65' lines), LOC_val_solution.csv,
+                        ILSVRC2012_validation_ground_truth.txt or a synset mapping (README, "Your files");
+                        default: the class sub-folders of --image_path (all 1000 synsets)
+  --checkpoint PTH      BEiT checkpoint: unilm's (beit_base_patch16_224_pt22k_ft22kto1k.pth), DDP, EMA,
+                        Hugging Face's pytorch_model.bin / model.safetensors (README, "Your files")
   --workdir DIR         where every step writes its output (default: ./work)
   --backend B           auto | ascend | ort (auto: ascend when atc and ais_bench are found; ort:
                         beit_infer.py on the CPU, the fastest exact engine found: README)
@@ -82,11 +85,12 @@ parse_args() {
   [[ "${PRECISION}" =~ ^(fp32|bf16|fp16|int8)$ ]] || die "--precision must be fp32, bf16, fp16 or int8, got '${PRECISION}'"
   [[ -n "${WORKDIR}" ]] || die "--workdir must not be empty"
   if [[ -n "${IMAGE_PATH}${LABEL_FILE}${CHECKPOINT}" ]]; then
-    [[ -n "${IMAGE_PATH}" && -n "${LABEL_FILE}" && -n "${CHECKPOINT}" ]] ||
-      die "give --image_path, --label_file and --checkpoint together, or none of them for the built-in demo"
+    [[ -n "${IMAGE_PATH}" && -n "${CHECKPOINT}" ]] ||
+      die "give --image_path and --checkpoint (and --label_file unless the images are in class sub-folders), or none of them for the built-in demo"
     [[ -d "${IMAGE_PATH}" ]] || die "--image_path ${IMAGE_PATH}: not a folder"
-    [[ -f "${LABEL_FILE}" ]] || die "--label_file ${LABEL_FILE}: file not found"
-    [[ -f "${CHECKPOINT}" ]] || die "--checkpoint ${CHECKPOINT}: file not found"
+    LABEL_FILE="${LABEL_FILE:-${IMAGE_PATH}}" # issue 21: no label file: the class sub-folders are the labels
+    [[ -e "${LABEL_FILE}" ]] || die "--label_file ${LABEL_FILE}: file not found"
+    [[ -e "${CHECKPOINT}" ]] || die "--checkpoint ${CHECKPOINT}: file not found"
     IMAGE_PATH="$(realpath -- "${IMAGE_PATH}")" LABEL_FILE="$(realpath -- "${LABEL_FILE}")"
     CHECKPOINT="$(realpath -- "${CHECKPOINT}")"
   fi
@@ -222,6 +226,7 @@ main() {
   command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
   if [[ -n "${MODEL}" ]]; then state check-model "${MODEL}"; fi
   choose_backend
+  if [[ -n "${LABEL_FILE}" ]]; then pkg label_formats "${LABEL_FILE}"; fi # issue 21: refused before any step
   [[ "${BACKEND}" == ort || "${PRECISION}" == fp32 ]] || die "--precision is beit_infer.py's (--backend ort); atc sets the OM's"
   mkdir -p -- "${WORKDIR}" || die "cannot create the work folder ${WORKDIR}"
   lock_workdir
