@@ -33,9 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
-from beit_pipeline import cli, onnx_files
+from beit_pipeline import cli, onnx_files, progress
 from beit_pipeline.checkpoints import WEIGHTS_CHOICES
 from beit_pipeline.cli import log
 from beit_pipeline.errors import CheckFailed, PipelineError
@@ -162,22 +160,22 @@ def run(args):
     start = time.perf_counter()
     target = os.path.abspath(args.target)
     with contextlib.ExitStack() as cleanup:
-        progress = tqdm(total=4, desc="load checkpoint", file=sys.stderr, leave=False, delay=1.0,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}]")
-        cleanup.callback(progress.close)
+        steps = progress.bar(total=4, desc="load checkpoint", file=sys.stderr, leave=False, delay=1.0,
+                             bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}]")
+        cleanup.callback(steps.close)
         model, config, name = load_model(args.source, args.model, args.weights)
         info = Exported(name, sum(p.numel() for p in model.parameters()), config["img_size"], config["num_classes"])
-        progress.update()
+        steps.update()
         tmp = temporary_target(cleanup, target, args.target)
-        progress.set_description_str(f"export opset {args.opset}")
+        steps.set_description_str(f"export opset {args.opset}")
         export_checked(args, model, info, tmp)
-        progress.update()
+        steps.update()
         if not args.no_verify:
-            progress.set_description_str("verify with ONNX Runtime")
+            steps.set_description_str("verify with ONNX Runtime")
             verify_against_torch(args, model, info, tmp)
-        progress.update()
+        steps.update()
         onnx_files.publish_model(tmp, target)
-        progress.update()
+        steps.update()
     report(args, info, target, start)
 
 

@@ -173,7 +173,9 @@ step() {
 
 onnxsim_and_check() {
   local onnx="$1" partial="$2"
-  run_step onnxsim python3 -m "${SIMPLIFIER}" "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
+  # beit_pipeline.progress: a heartbeat line while onnxsim works silently (issue 21)
+  run_step onnxsim python3 -m beit_pipeline.progress --label onnxsim -- \
+    python3 -m "${SIMPLIFIER}" "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
   run_step onnx_check python3 "${SCRIPT_DIR}/onnx_check.py" "${onnx}" "${partial}" --batch_size "${BATCH_SIZE}"
 }
 
