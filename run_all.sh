@@ -50,7 +50,7 @@ Options:
 
 A step is redone exactly when what it depends on changed: README, "When things go wrong".  Work folder:
 prep_image_bs{N}/, <model>.onnx, beit_onnxsim_bs{N}.onnx, beit_mg_bs{N}.onnx, beit_mg_bs{N}.om (Ascend),
-ais_out/bs{N}/, acc_bs{N}.json, run_all_state.json (what made them).
+ais_out/bs{N}/, acc_bs{N}.json, report_bs{N}.html (the HTML report), run_all_state.json (what made them).
 EOF
 }
 
@@ -247,6 +247,10 @@ main() {
   if [[ -z "${IMAGE_PATH}" ]]; then run_demo_step; fi
   run_pipeline
   state summary
+  # issue 21: the self-contained HTML report of what this folder holds (not a step: rewritten every run)
+  if ! python3 "${SCRIPT_DIR}/beit_report.py" --workdir "${WORKDIR}" --batch_size "${BATCH_SIZE}"; then
+    log "warning: the HTML report was not written (see above); the results above stand"
+  fi
   log "total time $((SECONDS - start)) s"
 }
 
