@@ -87,7 +87,7 @@ def bar(iterable=None, **kwargs):
 # ---------------------------------------------------------------- a heartbeat for a silent command
 
 class OutputRelay:
-    """Passes a child's output through to our stdout, remembering its last non-blank line."""
+    """Passes a child's output through to our stdout, remembering its last line with words in it."""
 
     def __init__(self, stream):
         self.last = ""
@@ -98,7 +98,7 @@ class OutputRelay:
         for line in stream:
             sys.stdout.write(line)
             sys.stdout.flush()
-            if line.strip():
+            if any(c.isalnum() for c in line):  # not a table's border
                 self.last = line.strip()
 
 
