@@ -40,7 +40,7 @@ STAGE_LEGEND = {
     "om": "the real OM's outputs, as ais_bench wrote them",
 }
 STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#1d2433}
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;padding:0 16px;max-width:1180px;color:#1d2433}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
 table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #dde2ea;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f5f9}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
@@ -144,25 +144,28 @@ def verdict(stage: report_data.Stage) -> tuple[str, str]:
     return tone, f"Top-1 changes on {share} images (near-ties flip); agreement {pct(stage.agree)}"
 
 
+def stage_row(s: report_data.Stage, deltas: bool) -> str:
+    tone, line = verdict(s)
+    delta = "" if s.delta is None else f"{s.delta:+.2f}{ci(s.delta_ci)}"
+    cells = [f"<b>{esc(s.name)}</b>", f"{pct(s.top1)}{ci(s.top1_ci)}", f"{pct(s.agree)}{ci(s.agree_ci)}"]
+    cells += [delta] if deltas else []
+    cells += [sci(s.max_rel_err), "n/a" if s.min_cosine is None else f"{s.min_cosine:.6f}",
+              str(s.num_images if s.num_images is not None else "?"), str(len(s.flipped))]
+    numbers = "".join(f"<td class=num>{c}</td>" for c in cells[1:])
+    return f"<tr><td>{cells[0]}</td>{numbers}<td class={tone}>{esc(line)}</td></tr>"
+
+
 def fidelity_section(data: report_data.ReportData) -> str:
     if not data.stages:
         return ("<h2>Fidelity</h2><p>No fidelity report: run <code>beit_fidelity.py --workdir W --batch_size N"
                 "</code> (run_all.sh's last step).</p>")
-    head = ("<tr><th>stage</th><th>Top-1</th><th>agrees with PyTorch</th><th>&Delta; Top-1</th><th>max rel err</th>"
-            "<th>min cosine</th><th>images</th><th>flipped</th><th>verdict</th></tr>")
-    rows = []
-    for s in data.stages:
-        tone, line = verdict(s)
-        delta = "" if s.delta is None else f"{s.delta:+.2f}{ci(s.delta_ci)}"
-        rows.append(f"<tr><td><b>{esc(s.name)}</b></td><td class=num>{pct(s.top1)}{ci(s.top1_ci)}</td>"
-                    f"<td class=num>{pct(s.agree)}{ci(s.agree_ci)}</td><td class=num>{delta}</td>"
-                    f"<td class=num>{sci(s.max_rel_err)}</td><td class=num>"
-                    f"{'n/a' if s.min_cosine is None else f'{s.min_cosine:.6f}'}</td><td class=num>"
-                    f"{s.num_images if s.num_images is not None else '?'}</td><td class=num>{len(s.flipped)}</td>"
-                    f"<td class={tone}>{esc(line)}</td></tr>")
+    deltas = any(s.delta is not None for s in data.stages)  # older fidelity reports have no paired difference
+    head = "".join(f"<th>{h}</th>" for h in ["stage", "Top-1", "agrees with PyTorch"] + (["&Delta; Top-1"] if deltas
+               else []) + ["max rel err", "min cosine", "images", "flipped", "verdict"])
+    rows = "".join(stage_row(s, deltas) for s in data.stages)
     legend = "".join(f"<tr><td><b>{esc(s.name)}</b></td><td>{esc(STAGE_LEGEND.get(s.name, 'a stage of the report'))}"
                      f"</td></tr>" for s in data.stages)
-    return (f"<h2>Fidelity: every stage against PyTorch</h2><table>{head}{''.join(rows)}</table>"
+    return (f"<h2>Fidelity: every stage against PyTorch</h2><table><tr>{head}</tr>{rows}</table>"
             "<p class=muted>Intervals: 95%, in brackets (Wilson for rates; paired for &Delta; Top-1 where the "
             "report gives it). Relative error is max|a&minus;b|/max|b| over all logits.</p>"
             f"<table><tr><th>stage</th><th>what runs</th></tr>{legend}</table>")
