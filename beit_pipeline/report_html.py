@@ -14,7 +14,6 @@ A file at that path that this module did not write is never overwritten.
 from __future__ import annotations
 
 import base64
-import datetime
 import html
 import io
 import logging
@@ -106,10 +105,11 @@ def header(data: report_data.ReportData) -> str:
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     demo = ("<p class=warn>The built-in demo: a randomly initialised model whose labels are its own PyTorch "
             "predictions, so Top-1 measures fidelity to PyTorch, not ImageNet accuracy.</p>") if inputs.get("demo") else ""
-    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     missing = "".join(f"<li>{esc(m)}</li>" for m in data.missing)
-    return (f"<h1>BEiT offline inference, batch size {data.batch_size}</h1><p class=muted>written {esc(when)} by "
-            f"beit_report.py</p>{demo}<table>{table}</table>" + (f"<p>Not found:</p><ul>{missing}</ul>" if missing else ""))
+    # No time of writing: the same files give the same page, so a rerun that changed nothing rewrites nothing.
+    return (f"<h1>BEiT offline inference, batch size {data.batch_size}</h1><p class=muted>written by beit_report.py "
+            f"from the files of the work folder</p>{demo}<table>{table}</table>"
+            + (f"<p>Not found:</p><ul>{missing}</ul>" if missing else ""))
 
 
 def accuracy_section(data: report_data.ReportData) -> str:
@@ -298,11 +298,14 @@ def report_path(workdir: str, batch_size: int) -> str:
 def write_report(workdir: str, batch_size: int, path: str | None = None) -> str:
     """Write the report (atomically) and return its path; a file there that we did not write is refused."""
     path = path or report_path(workdir, batch_size)
+    old = None
     if os.path.exists(path):
         with open(path, encoding="utf-8", errors="replace") as f:
-            if GENERATOR not in f.read(4096):
-                raise PipelineFileError(f"{path}: exists and was not written by beit_report.py; not overwritten "
-                                        "(move it, or give --output)")
+            old = f.read()
+        if GENERATOR not in old[:4096]:
+            raise PipelineFileError(f"{path}: exists and was not written by beit_report.py; not overwritten "
+                                    "(move it, or give --output)")
     text = render(report_data.load(workdir, batch_size))
-    files.write_text_atomic(path, text)
+    if text != old:  # unchanged inputs leave the file (and its mtime) alone
+        files.write_text_atomic(path, text)
     return path

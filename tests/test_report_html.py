@@ -183,3 +183,16 @@ def test_run_all_with_class_folders_writes_the_report(tmp_path):
     assert "alt='error after each block'" in text and "om_emulation" in text
     result, console, _ = check_in_chromium(work / f"report_bs{BS}.html", tmp_path)
     assert result["broken"] == 0 and result["images"] >= 2 and result["errors"] == [] and console == []
+
+
+def test_the_same_files_give_the_same_page_and_leave_it_alone(tmp_path, capsys):
+    """No time of writing in the page: a run_all.sh rerun that skips every step changes no file."""
+    work = crafted_workdir(tmp_path)
+    path = report_html.write_report(str(work), BS)
+    first = open(path).read()
+    os.utime(path, ns=(1, 1))  # an mtime a rewrite could not keep
+    assert report_html.write_report(str(work), BS) == path and os.stat(path).st_mtime_ns == 1
+    assert open(path).read() == first
+    (work / f"acc_bs{BS}.json").write_text((work / f"acc_bs{BS}.json").read_text().replace('"top5": 97.5', '"top5": 96.0'))
+    report_html.write_report(str(work), BS)
+    assert os.stat(path).st_mtime_ns != 1 and "Top-5 96.00%" in open(path).read()
