@@ -26,13 +26,18 @@ Outputs that beit_infer.py wrote carry a record beside their folder naming the m
 were made from: scoring them against another manifest (``--prep_image``), or by the guide's rule
 where that manifest's rows are not the images 1, 2, 3 ... in order (class sub-folders, a subset),
 is refused with the reason (beit_pipeline/inference_record.py).
+
+ImageNet's other label forms (class sub-folders with no label file, Kaggle's
+LOC_val_solution.csv, the devkit's ground truth, a synset mapping) are told apart
+by content and read by beit_pipeline/label_formats.py.
 """
 
 import argparse
 import os
 import sys
 
-from beit_pipeline import cli, evaluation, files, labels, outputs
+from beit_pipeline import batches, cli, evaluation, files, label_formats, labels, outputs
+from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.cli import log
 
 
@@ -48,8 +53,17 @@ def build_parser():
                              "output_dtype or, with the manifest, told by the file size) or _0.npy; other files "
                              "(sumary.json, logs) are ignored. Pointed at ais_bench's --output folder, the error "
                              "names its newest dated subfolder and lists the others")
-    parser.add_argument("--annotation_file_path", required=True, metavar="FILE",
-                        help="label file with lines 'ILSVRC2012_val_00000001.JPEG 65'")
+    parser.add_argument("--annotation_file_path", default=None, metavar="FILE_OR_DIR",
+                        help="the labels, in any of ImageNet's forms (told apart by content; one line says how "
+                             "they were read): val_label.txt ('ILSVRC2012_val_00000001.JPEG 65'); Kaggle's "
+                             "LOC_val_solution.csv (LOC_synset_mapping.txt beside it); the devkit's "
+                             "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it); the image folder of "
+                             "class sub-folders (all 1000 synsets); or a synset mapping (LOC_synset_mapping.txt, "
+                             "meta.mat): labels from the images' class folders.  Default: the class folders of the "
+                             "image folder the manifest names (needs --prep_image)")
+    parser.add_argument("--synset_mapping", default=None, metavar="FILE",
+                        help="LOC_synset_mapping.txt or the devkit's meta.mat, where it is not beside the CSV or "
+                             "ground truth file, or for a subset of class folders")
     parser.add_argument("--result_json_path", required=True, metavar="DIR",
                         help="folder to write the result JSON into (created if missing)")
     parser.add_argument("--json_file_name", required=True, metavar="NAME",
@@ -78,8 +92,16 @@ def check_args(args):
     cli.check(os.path.isdir(folder), f"--folder_davinci_target {folder}: output folder not found"
               if not os.path.exists(folder) else f"--folder_davinci_target {folder}: is not a folder")
     label_path = args.annotation_file_path
-    cli.check(os.path.isfile(label_path), f"--annotation_file_path {label_path}: label file not found"
-              if not os.path.exists(label_path) else f"--annotation_file_path {label_path}: is not a file")
+    cli.check(label_path is not None or args.prep_image is not None,
+              "--annotation_file_path is required without --prep_image (class folders are found through the "
+              "manifest)")
+    if label_path is not None:
+        cli.check(os.path.exists(label_path), f"--annotation_file_path {label_path}: label file not found")
+        is_class_folder = os.path.isdir(label_path) and label_formats.class_folders(label_path)
+        cli.check(os.path.isfile(label_path) or is_class_folder, f"--annotation_file_path {label_path}: is not a "
+                  "file (a folder is read as class sub-folders, and it has none)")
+    if args.synset_mapping is not None:
+        cli.check(os.path.isfile(args.synset_mapping), f"--synset_mapping {args.synset_mapping}: file not found")
     if args.prep_image is not None:
         cli.check(os.path.exists(args.prep_image), f"--prep_image {args.prep_image}: not found")
     out_dir = args.result_json_path
@@ -98,9 +120,19 @@ def write_result(out_dir, name, result):
     return out_path
 
 
+def manifest_image_folder(prep_image):
+    """The image folder beit_preprocess.py read (its manifest's ``source``): its class folders are the labels."""
+    source = batches.load_manifest(prep_image).get("source")
+    if not source or not os.path.isdir(source):
+        raise PipelineFileError(f"{batches.manifest_path(prep_image)}: names no image folder that is still there "
+                                f"({source}); give --annotation_file_path")
+    return source
+
+
 def run(args):
     """Evaluate and write the JSON; PipelineError (exit 1) for a bad output, label or manifest file."""
-    label_file = labels.read_labels(args.annotation_file_path, args.num_classes)
+    label_path = args.annotation_file_path or manifest_image_folder(args.prep_image)
+    label_file = labels.read_labels(label_path, args.num_classes, args.synset_mapping)
     result = evaluation.evaluate_folder(args.folder_davinci_target, label_file, args.prep_image,
                                         args.batch_size, args.num_classes)
     out_path = write_result(args.result_json_path, args.json_file_name, result)

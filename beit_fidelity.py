@@ -23,6 +23,7 @@ Exit status: 0 done; 1 a file the report needs is missing or malformed (nothing 
 """
 
 import argparse
+import os
 import sys
 
 from beit_pipeline import cli, fidelity, fidelity_locate
@@ -67,6 +68,9 @@ def run_locate(wf, stage):
     cand_path = fidelity.ensure_model(wf, stage, record)
     found = fidelity_locate.locate(ref_path, cand_path, stage, reference, images.batches[0][0], images.image_size)
     fidelity_locate.report(found)
+    saved = os.path.join(wf.workdir, f"locate_{stage}_bs{wf.batch_size}.json")  # issue 21: for the HTML report
+    fidelity_locate.save(found, saved)
+    log.info(f"wrote {saved}")
 
 
 def run(args):

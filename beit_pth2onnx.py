@@ -7,8 +7,9 @@ onnx_check.py), graph_modify.py and atc / beit_infer.py take next::
     python3 beit_pth2onnx.py --source beit_base_patch16_224_pt22k_ft22kto1k.pth \\
         --target beit_base_patch16_224.onnx --batch_size 1
 
-The checkpoint is read with weights_only=True (a checkpoint never runs code)
-and loaded strictly into timm's BEiT, whose variant is read from the tensor
+The checkpoint is read without running code (torch's weights_only loader, or
+safetensors), in any form of beit_pipeline/checkpoints.py (unilm, DDP, EMA,
+Hugging Face transformers), and loaded strictly into timm's BEiT, whose variant is read from the tensor
 shapes (--model forces one).  The model is exported with the TorchScript
 exporter: input ``image`` (N, 3, H, W), output ``class`` (N, classes), the
 batch axis dynamic as in the guide unless --static, opset 11 (what CANN 5.1's
@@ -32,9 +33,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
-from beit_pipeline import cli, onnx_files
+from beit_pipeline import cli, onnx_files, progress
+from beit_pipeline.checkpoints import WEIGHTS_CHOICES
 from beit_pipeline.cli import log
 from beit_pipeline.errors import CheckFailed, PipelineError
 from beit_pipeline.export import (DEFAULT_TOLERANCE, MAX_OPSET, MIN_OPSET, ExportError, check_graph,
@@ -44,8 +44,11 @@ from beit_pipeline.export import (DEFAULT_TOLERANCE, MAX_OPSET, MIN_OPSET, Expor
 def build_parser():
     parser = argparse.ArgumentParser(description="Export a BEiT checkpoint (.pth) to ONNX and verify it.")
     parser.add_argument("--source", required=True,
-                        help="checkpoint file, e.g. beit_base_patch16_224_pt22k_ft22kto1k.pth "
-                             "({'model': state_dict}, {'module': ...} or a bare state dict)")
+                        help="checkpoint file, e.g. beit_base_patch16_224_pt22k_ft22kto1k.pth: unilm's "
+                             "({'model': ...}, {'model_ema': ...}, a training checkpoint with its args, a bare "
+                             "state dict), DDP ('module.' keys), timm's .safetensors, or Hugging Face "
+                             "transformers' BeitForImageClassification (pytorch_model.bin, model.safetensors or "
+                             "the folder holding it); one line says which form and weights were read")
     parser.add_argument("--target", required=True, help="ONNX file to write, e.g. beit_base_patch16_224.onnx")
     parser.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=1,
                         help="batch size of the dummy input used for tracing and verification; "
@@ -58,6 +61,10 @@ def build_parser():
     parser.add_argument("--model", default=None,
                         help="BEiT variant to build (e.g. beit_base_patch16_224); default: read from the "
                              "checkpoint's tensor shapes")
+    parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
+                        help="which weights of a checkpoint that holds both 'model' and 'model_ema' (unilm's "
+                             "training checkpoints): model, or ema (the exponential moving average); default "
+                             "auto: model when there, else the only weights it holds")
     parser.add_argument("--no_verify", action="store_true",
                         help="skip the ONNX Runtime vs PyTorch check (not recommended)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
@@ -153,22 +160,22 @@ def run(args):
     start = time.perf_counter()
     target = os.path.abspath(args.target)
     with contextlib.ExitStack() as cleanup:
-        progress = tqdm(total=4, desc="load checkpoint", file=sys.stderr, leave=False, delay=1.0,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}]")
-        cleanup.callback(progress.close)
-        model, config, name = load_model(args.source, args.model)
+        steps = progress.bar(total=4, desc="load checkpoint", file=sys.stderr, leave=False, delay=1.0,
+                             bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}]")
+        cleanup.callback(steps.close)
+        model, config, name = load_model(args.source, args.model, args.weights)
         info = Exported(name, sum(p.numel() for p in model.parameters()), config["img_size"], config["num_classes"])
-        progress.update()
+        steps.update()
         tmp = temporary_target(cleanup, target, args.target)
-        progress.set_description_str(f"export opset {args.opset}")
+        steps.set_description_str(f"export opset {args.opset}")
         export_checked(args, model, info, tmp)
-        progress.update()
+        steps.update()
         if not args.no_verify:
-            progress.set_description_str("verify with ONNX Runtime")
+            steps.set_description_str("verify with ONNX Runtime")
             verify_against_torch(args, model, info, tmp)
-        progress.update()
+        steps.update()
         onnx_files.publish_model(tmp, target)
-        progress.update()
+        steps.update()
     report(args, info, target, start)
 
 

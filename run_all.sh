@@ -29,8 +29,11 @@ labelled with PyTorch's own predictions: 100% measures fidelity to PyTorch, not 
 Options:
   --batch_size N        batch size of the model and the batch files (required)
   --image_path DIR      folder of ImageNet val images (e.g. /opt/npu/imageNet/val)
-  --label_file FILE     val_label.txt: lines 'ILSVRC2012_val_00000001.JPEG 65'
-  --checkpoint PTH      unilm BEiT checkpoint (beit_base_patch16_224_pt22k_ft22kto1k.pth)
+  --label_file FILE     val_label.txt ('ILSVRC2012_val_00000001.JPEG 65' lines), LOC_val_solution.csv,
+                        ILSVRC2012_validation_ground_truth.txt or a synset mapping (README, "Your files");
+                        default: the class sub-folders of --image_path (all 1000 synsets)
+  --checkpoint PTH      BEiT checkpoint: unilm's (beit_base_patch16_224_pt22k_ft22kto1k.pth), DDP, EMA,
+                        Hugging Face's pytorch_model.bin / model.safetensors (README, "Your files")
   --workdir DIR         where every step writes its output (default: ./work)
   --backend B           auto | ascend | ort (auto: ascend when atc and ais_bench are found; ort:
                         beit_infer.py on the CPU, the fastest exact engine found: README)
@@ -47,7 +50,7 @@ Options:
 
 A step is redone exactly when what it depends on changed: README, "When things go wrong".  Work folder:
 prep_image_bs{N}/, <model>.onnx, beit_onnxsim_bs{N}.onnx, beit_mg_bs{N}.onnx, beit_mg_bs{N}.om (Ascend),
-ais_out/bs{N}/, acc_bs{N}.json, run_all_state.json (what made them).
+ais_out/bs{N}/, acc_bs{N}.json, report_bs{N}.html (the HTML report), run_all_state.json (what made them).
 EOF
 }
 
@@ -82,11 +85,12 @@ parse_args() {
   [[ "${PRECISION}" =~ ^(fp32|bf16|fp16|int8)$ ]] || die "--precision must be fp32, bf16, fp16 or int8, got '${PRECISION}'"
   [[ -n "${WORKDIR}" ]] || die "--workdir must not be empty"
   if [[ -n "${IMAGE_PATH}${LABEL_FILE}${CHECKPOINT}" ]]; then
-    [[ -n "${IMAGE_PATH}" && -n "${LABEL_FILE}" && -n "${CHECKPOINT}" ]] ||
-      die "give --image_path, --label_file and --checkpoint together, or none of them for the built-in demo"
+    [[ -n "${IMAGE_PATH}" && -n "${CHECKPOINT}" ]] ||
+      die "give --image_path and --checkpoint (and --label_file unless the images are in class sub-folders), or none of them for the built-in demo"
     [[ -d "${IMAGE_PATH}" ]] || die "--image_path ${IMAGE_PATH}: not a folder"
-    [[ -f "${LABEL_FILE}" ]] || die "--label_file ${LABEL_FILE}: file not found"
-    [[ -f "${CHECKPOINT}" ]] || die "--checkpoint ${CHECKPOINT}: file not found"
+    LABEL_FILE="${LABEL_FILE:-${IMAGE_PATH}}" # issue 21: no label file: the class sub-folders are the labels
+    [[ -e "${LABEL_FILE}" ]] || die "--label_file ${LABEL_FILE}: file not found"
+    [[ -e "${CHECKPOINT}" ]] || die "--checkpoint ${CHECKPOINT}: file not found"
     IMAGE_PATH="$(realpath -- "${IMAGE_PATH}")" LABEL_FILE="$(realpath -- "${LABEL_FILE}")"
     CHECKPOINT="$(realpath -- "${CHECKPOINT}")"
   fi
@@ -169,7 +173,9 @@ step() {
 
 onnxsim_and_check() {
   local onnx="$1" partial="$2"
-  run_step onnxsim python3 -m "${SIMPLIFIER}" "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
+  # beit_pipeline.progress: a heartbeat line while onnxsim works silently (issue 21)
+  run_step onnxsim python3 -m beit_pipeline.progress --label onnxsim -- \
+    python3 -m "${SIMPLIFIER}" "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
   run_step onnx_check python3 "${SCRIPT_DIR}/onnx_check.py" "${onnx}" "${partial}" --batch_size "${BATCH_SIZE}"
 }
 
@@ -222,6 +228,7 @@ main() {
   command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
   if [[ -n "${MODEL}" ]]; then state check-model "${MODEL}"; fi
   choose_backend
+  if [[ -n "${LABEL_FILE}" ]]; then pkg label_formats "${LABEL_FILE}"; fi # issue 21: refused before any step
   [[ "${BACKEND}" == ort || "${PRECISION}" == fp32 ]] || die "--precision is beit_infer.py's (--backend ort); atc sets the OM's"
   mkdir -p -- "${WORKDIR}" || die "cannot create the work folder ${WORKDIR}"
   lock_workdir
@@ -240,6 +247,10 @@ main() {
   if [[ -z "${IMAGE_PATH}" ]]; then run_demo_step; fi
   run_pipeline
   state summary
+  # issue 21: the self-contained HTML report of what this folder holds (not a step: rewritten every run)
+  if ! python3 "${SCRIPT_DIR}/beit_report.py" --workdir "${WORKDIR}" --batch_size "${BATCH_SIZE}"; then
+    log "warning: the HTML report was not written (see above); the results above stand"
+  fi
   log "total time $((SECONDS - start)) s"
 }
 

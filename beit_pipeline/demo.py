@@ -27,7 +27,7 @@ import tempfile
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from beit_pipeline import progress  # issue 21: plain lines when stderr is a log
 
 from beit_pipeline import files, photos, synthetic
 from beit_pipeline import model as beit_model
@@ -113,7 +113,7 @@ def predict(model, paths, batch_size=8):
     """PyTorch logits (len(paths), classes) for the images, preprocessed as the pipeline does."""
     logits = []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(paths), batch_size), desc="PyTorch labels", unit="batch", file=sys.stderr):
+        for start in progress.bar(range(0, len(paths), batch_size), desc="PyTorch labels", unit="batch", file=sys.stderr):
             batch = np.stack([np.asarray(preprocess_image(p), dtype=np.float32)
                               for p in paths[start:start + batch_size]])
             logits.append(model(torch.from_numpy(batch)).float().numpy())

@@ -94,9 +94,9 @@ def evaluate(rows, labels, num_classes=output_files.NUM_CLASSES, label_file="the
 
 
 def _progress(items):
-    from tqdm import tqdm
+    from beit_pipeline import progress  # issue 21: plain lines when stderr is a log
 
-    return tqdm(items, desc="eval", unit="batch", file=sys.stderr)
+    return progress.bar(items, desc="eval", unit="batch", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- with the manifest

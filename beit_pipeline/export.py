@@ -89,17 +89,20 @@ def describe_foreign_checkpoint(state_dict):
     if "patch_embed.proj.weight" not in keys and not any(k.startswith("blocks.") for k in keys):
         shown = ", ".join(sorted(keys)[:6]) + (", ..." if len(keys) > 6 else "")
         return f"this is not a BEiT checkpoint: no patch_embed / blocks tensors (its keys: {shown})"
-    if "rel_pos_bias.relative_position_bias_table" in keys:
-        return ("this checkpoint shares one relative position bias between blocks "
-                "(rel_pos_bias.*); only per-block relative position bias is supported")
     return None
 
 
-def load_model(source, model_name=None):
-    """(model, config, variant name) for a checkpoint file; CheckpointError naming the file otherwise."""
-    from beit_pipeline import model as beit_model
+def load_model(source, model_name=None, weights="auto"):
+    """(model, config, variant name) for a checkpoint in any form of checkpoints.py; CheckpointError otherwise.
 
-    state_dict = beit_model.load_state_dict(source)
+    Logs one line saying which form was read and which weights were used.
+    """
+    from beit_pipeline import model as beit_model
+    from beit_pipeline.cli import log
+
+    checkpoint = beit_model.read_checkpoint(source, weights)
+    log.info(checkpoint.describe())
+    state_dict = checkpoint.state_dict
     try:
         return beit_model.build_model(state_dict, model_name)
     except beit_model.CheckpointError as exc:

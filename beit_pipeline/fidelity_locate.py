@@ -320,3 +320,16 @@ def report(found):
         growth = f"x{e.rel_err / previous:.2f}" if previous else "-"
         log.info(f"| {k} | {e.rel_err:.3e} | {e.cosine:.6f} | {growth} |")
         previous = e.rel_err
+
+
+# Issue 21: --locate's figures kept for the HTML report (report_data.load_blocks reads them).
+def save(found, path):
+    """Write ``found`` (a Located) as JSON: the first departing tensor, the worst, the error after each block."""
+    from beit_pipeline import files
+
+    def entry(err):
+        return None if err is None else dataclasses.asdict(err)
+
+    files.write_json_atomic(path, {"stage": found.stage, "reference": found.reference, "compared": found.compared,
+                                   "first": entry(found.first), "worst": entry(found.worst),
+                                   "blocks": [entry(e) for e in found.blocks]})

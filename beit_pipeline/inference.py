@@ -292,12 +292,12 @@ def pure_batch(model, batch_size, data_type):
 def run_pure(session, model, args, batch_size, out_dir=None):
     """ais_bench without --input: time the pure batch ``--loop`` times; with an output folder, write the
     outputs of the last run as ``pure_infer_data_<k>.<fmt>``, as ais_bench does.  (timings, output paths)."""
-    from tqdm import tqdm
+    from beit_pipeline import progress  # issue 21: plain lines when stderr is a log
 
     batch = pure_batch(model, batch_size, args.pure_data_type)
     warm_up(session, model, batch, args.warmup_count)
     timings = summaries.Timings()
-    for _ in tqdm(range(args.loop), desc="Inference pure", file=sys.stderr, disable=args.no_progress):
+    for _ in progress.bar(range(args.loop), desc="Inference pure", file=sys.stderr, disable=args.no_progress):
         outs = timed_run(session, model, batch, timings)
     written = []
     if out_dir is not None:
@@ -346,7 +346,7 @@ def planned_groups(plan):
 
 def run_files(session, model, plan, args):
     """Run each planned batch ``--loop`` times back to back (each run timed) and write its outputs once."""
-    from tqdm import tqdm
+    from beit_pipeline import progress  # issue 21: plain lines when stderr is a log
 
     timings = summaries.Timings()
     groups, per_batch, todo = planned_groups(plan), plan.inputs.files_per_batch, set(plan.todo)
@@ -355,7 +355,7 @@ def run_files(session, model, plan, args):
     read = lambda i: batch_files.read_batch(plan.inputs.files[i], image_size=model.image_size)  # noqa: E731
     first = join_group(read, groups[0], per_batch)
     warm_up(session, model, first, args.warmup_count)
-    with tqdm(total=len(groups), desc="Inference", unit="batch", file=sys.stderr, disable=args.no_progress) as bar:
+    with progress.bar(total=len(groups), desc="Inference", unit="batch", file=sys.stderr, disable=args.no_progress) as bar:
         for n, group in enumerate(groups):
             batch = first if n == 0 else join_group(read, group, per_batch)
             for _ in range(args.loop):

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import posixpath
 
+from beit_pipeline import label_formats
 from beit_pipeline.errors import PipelineFileError
 
 NUM_CLASSES = 1000
@@ -110,14 +111,23 @@ def parse_label_line(line):
     return parts[0].strip(), parts[1]
 
 
-def read_labels(path, num_classes=NUM_CLASSES):
+def read_labels(path, num_classes=NUM_CLASSES, synset_mapping=None):
     """Read a label file into a LabelFile; PipelineFileError naming the file and line on any fault.
 
     Windows line endings, a UTF-8 BOM, trailing blanks and blank lines are
     accepted; a name listed twice, a label that is not an integer in
-    [0, num_classes) or a line without a label is refused.
+    [0, num_classes) or a line without a label is refused.  ImageNet's other
+    forms (class folders, a synset mapping, Kaggle's CSV, the devkit's ground
+    truth) are told apart by label_formats.detect and read there.
     """
     path = os.fspath(path)
+    # Issue 21: the other label forms (dispatch only; the guide's format is read below).
+    try:
+        form = label_formats.detect(path)
+    except OSError:
+        form = label_formats.GUIDE  # the messages below name the problem
+    if form != label_formats.GUIDE:
+        return label_formats.read(path, form, num_classes, synset_mapping)
     try:
         with open(path, encoding="utf-8-sig", newline=None) as f:
             lines = f.read().splitlines()

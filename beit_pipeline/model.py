@@ -1,8 +1,8 @@
 """The BEiT model behind the pipeline: checkpoints in, timm modules out.
 
 Shared by beit_pth2onnx.py (step 2), the demo data maker and the benchmarks.
-It reads a unilm checkpoint (``{'model': state_dict}``, ``{'module': ...}`` or a
-bare state dict) safely (``weights_only=True``: a checkpoint never runs code),
+It reads a checkpoint in any of the forms of checkpoints.py (unilm's, DDP, EMA,
+Hugging Face transformers', safetensors) safely (a checkpoint never runs code),
 works out which BEiT variant its tensor shapes describe, and builds timm's
 BEiT with fused attention off so that the TorchScript exporter can write
 opset 11.  It also makes randomly initialised checkpoints in the real unilm
@@ -10,7 +10,6 @@ format, for tests and for the demo.
 """
 
 import inspect
-import os
 
 import torch
 
@@ -22,36 +21,13 @@ timm.layers.set_fused_attn(False)
 from timm.models.beit import Beit, checkpoint_filter_fn  # noqa: E402
 
 from beit_pipeline import files  # noqa: E402
-from beit_pipeline.errors import PipelineError  # noqa: E402
+from beit_pipeline.checkpoints import CheckpointError, read_checkpoint  # noqa: E402,F401  (re-exported)
 from beit_pipeline.variants import KNOWN_VARIANTS  # noqa: E402  (re-exported)
 
 
-class CheckpointError(PipelineError):
-    """The checkpoint cannot be read or does not fit a BEiT model."""
-
-
-def load_state_dict(path):
-    """Read a checkpoint file and return its state dict, never running pickled code."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds here: pickle, zip, runtime
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"{path}: refused: the file holds Python objects other than tensors, which could run code "
-                f"when loaded ({text})") from exc
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {text})") from exc
-    for key in ("model", "module", "state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors "
-                              "(expected {'model': state_dict}, {'module': ...} or a bare state dict)")
-    return obj
+def load_state_dict(path, weights="auto"):
+    """The checkpoint's state dict in unilm's layout, never running pickled code (every form: checkpoints.py)."""
+    return read_checkpoint(path, weights).state_dict
 
 
 def infer_config(state_dict):

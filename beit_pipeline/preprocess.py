@@ -359,9 +359,9 @@ def batch_images(plan, decoder, writer, ring):
     An image sits at the row where the decoder put it; after a skipped image the
     later ones may have to move back to their row (position > placement.filled).
     """
-    from tqdm import tqdm  # here, not at the top: its 25 ms import runs while the workers start decoding
+    from beit_pipeline import progress  # here, not at the top: tqdm's 25 ms import runs while the workers decode
     placement, rows = Placement(), []
-    with tqdm(total=len(plan.todo), unit="img", desc="preprocess", file=sys.stderr,
+    with progress.bar(total=len(plan.todo), unit="img", desc="preprocess", file=sys.stderr,
               disable=not plan.todo) as bar:
         for index, position, problem in decoder.images(placement, writer):
             bar.update(1)

@@ -294,15 +294,11 @@ def checkpoint_shape(path):
     reads a 1.2 GB large-512 checkpoint as fast as a tiny one.  (None, None) when the file cannot
     tell: pth2onnx then says what is wrong with it.
     """
-    try:
-        import torch
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) torch.save file cannot be mapped: read it whole
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # issue 21: every checkpoint form (DDP, EMA, Hugging Face, safetensors) through checkpoints.py
+        from beit_pipeline import checkpoints
+        state = checkpoints.read_checkpoint(path).state_dict
     except Exception:  # torch missing, or an unreadable file: pth2onnx reports it with its own message
         return None, None
-    state = next((obj[k] for k in ("model", "module", "state_dict") if isinstance(obj, dict) and k in obj), obj)
     try:
         table, proj = state["blocks.0.attn.relative_position_bias_table"], state["patch_embed.proj.weight"]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))

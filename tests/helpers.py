@@ -65,3 +65,28 @@ def run_script(args, cwd=None, env=None, timeout=600, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def seeded_tensor(name, shape, index, seed=0):
+    """A deterministic random tensor for a weight named ``name`` (any naming scheme), scaled as a trained
+    BEiT's: tables ~N(0,1), layer scales ~0.1, layernorm weights ~1, biases small, matrices 1/sqrt(fan-in)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed * 100003 + index)
+    noise = torch.randn(tuple(shape), generator=gen)
+    if name.endswith("relative_position_bias_table"):
+        return noise
+    if "lambda" in name or "gamma" in name:
+        return 0.1 + 0.05 * noise
+    if ("norm" in name) and name.endswith("weight"):
+        return 1.0 + 0.1 * noise
+    if len(shape) == 1 or "cls_token" in name:
+        return 0.05 * noise
+    fan_in = 1
+    for size in shape[1:]:
+        fan_in *= size
+    return noise / fan_in ** 0.5
+
+
+def seeded_state_dict(keys_and_shapes, seed=0):
+    """{name: seeded_tensor} for [(name, shape)] in the given order (tests/data/hf_beit_tiny.json's key lists)."""
+    return {name: seeded_tensor(name, shape, i, seed) for i, (name, shape) in enumerate(keys_and_shapes)}

@@ -244,7 +244,7 @@ def test_help_explains_every_flag():
     options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
     assert {o for a in options for o in a.option_strings} == {
         "--folder_davinci_target", "--annotation_file_path", "--result_json_path", "--json_file_name",
-        "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes"}
+        "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes", "--synset_mapping"}
     for action in options:
         assert action.help and action.help != argparse.SUPPRESS and len(action.help.split()) >= 4, \
             action.option_strings

@@ -615,7 +615,8 @@ def test_help_and_usage_errors(tmp_path):
     for args, message in [([], "--batch_size is required"),
                           (["--batch_size", "0"], "--batch_size must be a positive integer"),
                           (["--batch_size", "8", "--backend", "gpu"], "--backend must be auto, ascend or ort"),
-                          (["--batch_size", "8", "--image_path", str(tmp_path)], "give --image_path, --label_file and --checkpoint together"),
+                          (["--batch_size", "8", "--image_path", str(tmp_path)], "give --image_path and --checkpoint (and --label_file "
+                           "unless the images are in class sub-folders)"),
                           (["--batch_size", "8", "--bogus"], "unknown option '--bogus'"),
                           (["--batch_size", "8", "--model", "beit_huge"],
                            "--model beit_huge: unknown BEiT variant; known: beit_base_patch16_224, ")]:

@@ -63,7 +63,8 @@ def test_large_512_runs_through_run_all(tmp_path):
                        "--no_fidelity"], timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tokens 1025 -> 1040 at batch size 1" in proc.stdout
-    assert "[run_all] step onnxsim: python3 -m beit_pipeline.simplify " in proc.stdout
+    assert ("[run_all] step onnxsim: python3 -m beit_pipeline.progress --label onnxsim -- "
+            "python3 -m beit_pipeline.simplify ") in proc.stdout
     for name in ("beit_large_patch16_512.onnx", "beit_onnxsim_bs1.onnx", "beit_mg_bs1.onnx"):
         assert os.path.getsize(workdir / (name + ".data")) > 2 ** 31, name  # over protobuf's limit
         assert os.path.getsize(workdir / name) < 2 ** 20, name  # the graph alone
