@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument("--sample_size", type=int, metavar="S",
                    help="images of the seeded random sample that a stage the screen cannot narrow runs on "
                         "(its bound would leave most images to run: the guide's padding) (default: the larger of "
-                        f"the audit and {fidelity_screen.SAMPLE_FRACTION:.0%} of the images)")
+                        f"the audit and {100 * fidelity_screen.SAMPLE_FRACTION:g}%% of the images)")
     p.add_argument("--fresh", action="store_true",
                    help="recompute every logit, ignoring what earlier runs kept in fidelity_logits_bs{N}/")
     p.add_argument("--stages", help="comma-separated stages to score (default: every stage whose input is in "
