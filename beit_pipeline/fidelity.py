@@ -101,7 +101,8 @@ class StageResult:
     num_images: int  # images scored: all selected, or the stage's sample
     flipped: list  # images whose Top-1 differs from pytorch's
     source: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # loading (and making) its model plus running it
+    seconds_load: float = 0.0  # of which loading or making the model: a fixed cost, whatever the image count
     mode: str = ""  # screened | sampled | all | read (see fidelity_report.MODES)
     images_run: int = 0  # images that went through the stage's model (or were read, for om)
     images_reused: int = 0  # of those, kept from an earlier run (fidelity_logits_bs{N}/)
@@ -223,9 +224,6 @@ class ImageSet:
     sample: object = "all"  # "all", or {"size", "seed", "of"} when --max_images drew a sample
     image_size: int = batches.IMAGE_SIZE  # the manifest's: 384 and 512 models read larger batches
 
-    def read(self, batch_path):
-        return batches.read_batch(batch_path, image_size=self.image_size)
-
     @property
     def first_batch(self):
         return self.locations[0][0]
@@ -323,4 +321,5 @@ def model_digest(path):
 def inputs_digest(wf):
     """The digest of prep_image_bs{N}'s batches as beit_infer.py records it (names, sizes, mtimes, manifest)."""
     prep = wf.file("prep")
-    return inference_record.inputs_digest(batches.list_batch_files(prep), batches.load_manifest(prep).get("fingerprint"))
+    manifest_print = batches.load_manifest(prep).get("fingerprint")
+    return inference_record.inputs_digest(batches.list_batch_files(prep), manifest_print)

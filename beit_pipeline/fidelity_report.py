@@ -20,10 +20,9 @@ import time
 
 import numpy as np
 
-from beit_pipeline import fidelity, fidelity_runners, fidelity_screen, files, onnx_models, stats
+from beit_pipeline import fidelity, fidelity_runners, fidelity_screen, files, stats
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError
-from beit_pipeline.evaluation import label_ranks
 
 MODES = {"screened": "ran where it can change Top-1/Top-5, the base's answer elsewhere",
          "sampled": "ran on a seeded random sample only (the screen would have run most images)",
@@ -43,6 +42,19 @@ def cosines(a, b):
     return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), np.where(dots == 0, 1.0, 0.0))
 
 
+def errors(runner, reference):
+    """(max|a-b|/max|b| over all logits, the lowest per-image cosine) on the images both ran, in chunks."""
+    both = np.array(sorted(runner.logits.keys() & reference.logits.keys()), dtype=np.int64)
+    diff = scale = 0.0
+    lowest = 1.0
+    for part in fidelity_screen.chunks(len(both)):
+        a, b = runner.array(both[part]), reference.array(both[part])
+        diff = max(diff, float(np.nan_to_num(np.abs(np.asarray(a, np.float64) - b), nan=np.inf).max(initial=0.0)))
+        scale = max(scale, float(np.abs(b).max(initial=0.0)))
+        lowest = min(lowest, float(np.nan_to_num(cosines(a, b), nan=-1.0).min(initial=1.0)))  # inf: -1
+    return (diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))), lowest
+
+
 @dataclasses.dataclass
 class Answers:
     """A stage's Top-1 class and the label's rank, per scored image: its own where it ran, else the base's."""
@@ -51,15 +63,15 @@ class Answers:
 
 
 def answers(plan, runner, scored) -> Answers:
-    labels_of = plan.images.labels[scored]
     if plan.base is not None:
-        argmax, rank = plan.base_argmax[scored].copy(), label_ranks(plan.base.logits[scored], labels_of)
+        argmax, rank = plan.base_argmax[scored].copy(), plan.base_rank[scored].copy()
     else:
         argmax, rank = np.full(len(scored), -1), np.full(len(scored), -1)
     ran = np.array([k for k, i in enumerate(scored) if int(i) in runner.logits], dtype=np.int64)
-    if len(ran):
-        own = runner.array(scored[ran])
-        argmax[ran], rank[ran] = own.argmax(axis=1), label_ranks(own, labels_of[ran])
+    for part in fidelity_screen.chunks(len(ran)):
+        own = runner.array(scored[ran[part]])
+        argmax[ran[part]] = own.argmax(axis=1)
+        rank[ran[part]] = fidelity_screen.label_ranks(own, plan.images.labels[scored[ran[part]]])
     if np.any(rank < 0):
         raise PipelineFileError(f"stage {runner.stage}: {np.count_nonzero(rank < 0)} images neither ran nor screened")
     return Answers(argmax, rank)
@@ -101,16 +113,16 @@ def score_stage(plan, stage, runners) -> fidelity.StageResult:
     own, ref = answers(plan, runner, scored), answers(plan, reference, scored)
     top1, top5_hits, agree = int(np.sum(own.rank == 0)), int(np.sum(own.rank < 5)), own.argmax == ref.argmax
     paired, count = paired_counts(own, ref), len(scored)
-    both = np.array(sorted(runner.logits.keys() & reference.logits.keys()), dtype=np.int64)
-    a, b = runner.array(both), reference.array(both)
+    max_rel, min_cosine = errors(runner, reference)
     bound = plan.bounds.get(stage)
     flipped = scored[~agree]
     return fidelity.StageResult(
         name=stage, top1=_pct(top1, count), top5=_pct(top5_hits, count), agree_top1=_pct(agree.sum(), count),
-        max_rel_err=onnx_models.output_errors(a, b)["max_rel"], min_cosine=float(cosines(a, b).min()),
+        max_rel_err=max_rel, min_cosine=min_cosine,
         num_images=count, flipped=[plan.images.names[i] for i in flipped],
         source=os.path.relpath(runner.source, runner.wf.workdir) if runner.source else "",
-        seconds=round(runner.load_seconds + runner.run_seconds, 2), mode=plan.modes[stage],
+        seconds=round(runner.load_seconds + runner.run_seconds, 2), seconds_load=round(runner.load_seconds, 2),
+        mode=plan.modes[stage],
         images_run=len(runner.logits), images_reused=runner.reused,
         top1_ci95=stats.percent_interval(stats.wilson(top1, count)),
         top5_ci95=stats.percent_interval(stats.wilson(top5_hits, count)),
@@ -132,12 +144,12 @@ class Report:
     plan: fidelity_screen.Plan
     results: list
     seconds: float = 0.0
+    phases: dict = None  # seconds of: choosing the images, finding the base, running the stages, scoring
 
 
 def run_report(wf, stages, options=None) -> Report:
     """Score ``stages`` (pytorch first) on the chosen images, each run only where it can matter (or everywhere)."""
-    options = options or fidelity.Options()
-    start = time.perf_counter()
+    options, clock = options or fidelity.Options(), Clock()
     images = fidelity.select_images(wf, options.max_images, options.seed)
     record = fidelity.read_derived_record(wf)
     chosen = "all" if images.sample == "all" else f"a seeded random sample (seed {options.seed}) of"
@@ -145,18 +157,38 @@ def run_report(wf, stages, options=None) -> Report:
              f"batch size {wf.batch_size}, stages {', '.join(stages)}"
              + ("" if options.screen else "; --no_screen: every stage on every image"))
     runners = {stage: fidelity_runners.make_runner(wf, stage, images, record, options) for stage in stages}
+    clock.lap("select")
     with files.FolderLock(wf.file("logits"), what=f"the fidelity report's logits ({wf.files()['logits']})"):
         base = fidelity_runners.find_base(wf, images, runners) if options.screen else None
+        clock.lap("base")
         plan = fidelity_screen.make_plan(images, base, options.audit, options.sample, options.seed)
         if options.screen:
             fidelity_screen.screen(plan, runners)
         else:
             fidelity_screen.run_everything(plan, runners)
+        clock.lap("stages")
     results = [score_stage(plan, stage, runners) for stage in stages]
+    clock.lap("score")
     for r in results:
         log.info(f"  {r.name}: Top-1 {r.top1:.2f}% on {r.num_images} images ({r.mode}, {r.images_run} run), "
                  f"agrees with pytorch on {r.agree_top1:.2f}%, max rel err {r.max_rel_err:.3e} ({r.seconds:.1f} s)")
-    return Report(wf, options, plan, results, time.perf_counter() - start)
+    return Report(wf, options, plan, results, clock.total(), clock.laps)
+
+
+class Clock:
+    """Seconds of each phase of the report, for its JSON (and the benchmark's projection)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps = {}
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self):
+        return time.perf_counter() - self.start
 
 
 # ---------------------------------------------------------------- the files
@@ -243,7 +275,8 @@ def report_json(report) -> dict:
             "safety_factor": fidelity_screen.SAFETY_FACTOR if options.screen else None,
             "stage_sample_size": len(plan.sample), "base": plan.base.source if plan.base is not None else None,
             "intervals": INTERVALS_NOTE, "checkpoint": wf.checkpoint, "label_file": wf.label_file,
-            "seconds": round(report.seconds, 2), "stages": [dataclasses.asdict(r) for r in report.results]}
+            "seconds": round(report.seconds, 2), "phases": report.phases,
+            "stages": [dataclasses.asdict(r) for r in report.results]}
 
 
 def write_report(report) -> None:

@@ -37,6 +37,7 @@ AUDIT_IMAGES = 32  # ~7 stages x 32 images: about 1 minute of BEiT-base on 2 cor
 SAFETY_FACTOR = 3.0  # the issue asks at least 2; the per-image maximum over 1000 logits varies little
 SAMPLE_FRACTION = 0.05  # stages the screen cannot narrow run on max(audit, 5% of the images)
 TOP5 = 5
+CHUNK_ROWS = 4096
 
 
 # ---------------------------------------------------------------- seeded samples
@@ -67,17 +68,39 @@ class Margins:
     scale: np.ndarray  # max |logit|: what a relative bound is relative to
 
 
+def chunks(count: int, size: int = None):
+    """Slices of ``range(count)`` of CHUNK_ROWS rows: 50,000 images' logits in float64 at once would be 400 MB."""
+    size = size or CHUNK_ROWS
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
 def margins(base: np.ndarray, labels: np.ndarray) -> Margins:
     """The base's Margins for each image (``labels``: the true class of each row)."""
-    base = np.asarray(base, np.float64)
+    found = [_margins(np.asarray(base[part], np.float64), np.asarray(labels[part])) for part in chunks(len(base))]
+    return Margins(*(np.concatenate([m[k] for m in found]) for k in range(3)))
+
+
+def _margins(base, labels):
     rows = np.arange(base.shape[0])
     top2 = -np.partition(-base, 1, axis=1)[:, :2]
     own = base[rows, labels]
-    others = base.copy()
-    others[rows, labels] = -np.inf
+    base[rows, labels] = -np.inf  # the other classes (base is this chunk's own float64 copy)
     k = min(TOP5, base.shape[1] - 1)
-    fifth = -np.partition(-others, k - 1, axis=1)[:, k - 1]  # the 5th largest of the other classes
-    return Margins(top1=top2[:, 0] - top2[:, 1], top5=np.abs(own - fifth), scale=np.abs(base).max(axis=1))
+    fifth = -np.partition(-base, k - 1, axis=1)[:, k - 1]  # the 5th largest of the other classes
+    base[rows, labels] = own
+    return top2[:, 0] - top2[:, 1], np.abs(own - fifth), np.abs(base).max(axis=1)
+
+
+def label_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rank of each row's label (0: the top class), ties going to the lower class as in evaluation.label_ranks'
+    stable sort: the classes above it plus the equal ones before it.  Linear time, in chunks."""
+    out = np.empty(len(logits), dtype=np.int64)
+    classes = np.arange(np.shape(logits)[1]) if len(logits) else np.arange(0)
+    for part in chunks(len(logits)):
+        block, own_class = np.asarray(logits[part]), np.asarray(labels[part])[:, None]
+        own = np.take_along_axis(block, own_class, axis=1)
+        out[part] = np.sum(block > own, axis=1) + np.sum((block == own) & (classes < own_class), axis=1)
+    return out
 
 
 @dataclasses.dataclass
@@ -95,13 +118,17 @@ class Bound:
         return {"bound": self.abs, "bound_rel": self.rel, "bound_images": self.images}
 
 
-def measure_bound(logits: np.ndarray, base: np.ndarray, scale: np.ndarray, safety: float = SAFETY_FACTOR) -> Bound:
-    """The Bound of a stage from its ``logits`` of some images and the base's (and scale) of the same images."""
-    if len(logits) == 0:
+def bound_from(diffs: np.ndarray, scale: np.ndarray, safety: float = SAFETY_FACTOR) -> Bound:
+    """The Bound of a stage from each image's largest |logit - base| and the image's scale (max |base logit|)."""
+    if len(diffs) == 0:
         return Bound()
-    diff = np.abs(np.asarray(logits, np.float64) - np.asarray(base, np.float64)).max(axis=1)
-    rel = diff / np.where(scale > 0, scale, 1.0)
-    return Bound(abs=safety * float(diff.max()), rel=safety * float(rel.max()), images=len(diff))
+    rel = diffs / np.where(scale > 0, scale, 1.0)
+    return Bound(abs=safety * float(diffs.max()), rel=safety * float(rel.max()), images=len(diffs))
+
+
+def largest_differences(logits: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Per row, max |logits - base| (in float64)."""
+    return np.abs(np.asarray(logits, np.float64) - np.asarray(base, np.float64)).max(axis=1)
 
 
 def can_change(m: Margins, *bounds: Bound) -> np.ndarray:
@@ -140,6 +167,7 @@ class Plan:
     base: object  # fidelity_runners.Base, or None with --no_screen
     margins: Margins
     base_argmax: np.ndarray
+    base_rank: np.ndarray  # the rank of each image's label in the base's logits
     audit: np.ndarray  # image indices: a seeded random prefix of the images
     sample: np.ndarray  # the images a sampled stage runs on: a longer prefix of the same ranking
     seed: int = 0
@@ -159,7 +187,8 @@ def make_plan(images, base, audit: int, sample: int, seed: int) -> Plan:
     logits = base.logits if base is not None else None
     found = margins(logits, images.labels) if logits is not None else None
     argmax = np.argmax(logits, axis=1) if logits is not None else None
-    return Plan(images, base, found, argmax, np.sort(order[:audit]), np.sort(order[:size]), seed)
+    rank = label_ranks(logits, images.labels) if logits is not None else None
+    return Plan(images, base, found, argmax, rank, np.sort(order[:audit]), np.sort(order[:size]), seed)
 
 
 def _ran(runner) -> np.ndarray:
@@ -169,13 +198,15 @@ def _ran(runner) -> np.ndarray:
 def measure(plan: Plan, runner) -> Bound:
     """The stage's Bound over every image it ran."""
     ran = _ran(runner)
-    return measure_bound(runner.array(ran), plan.base.logits[ran], plan.margins.scale[ran])
+    diffs = [largest_differences(runner.array(ran[part]), plan.base.logits[ran[part]]) for part in chunks(len(ran))]
+    return bound_from(np.concatenate(diffs) if diffs else np.zeros(0), plan.margins.scale[ran])
 
 
 def departs(plan: Plan, runner) -> np.ndarray:
     """The images the stage ran whose Top-1 class is not the base's: a flip there needs both sides' logits."""
     ran = _ran(runner)
-    return ran[runner.array(ran).argmax(axis=1) != plan.base_argmax[ran]] if len(ran) else ran
+    top = np.fromiter((int(np.argmax(runner.logits[i])) for i in ran), dtype=np.int64, count=len(ran))
+    return ran[top != plan.base_argmax[ran]]
 
 
 def needed(plan: Plan, stage: str, runners: dict) -> np.ndarray:

@@ -351,6 +351,13 @@ def test_top5_margin_is_the_labels_gap_to_the_top5_edge():
     assert fidelity_screen.can_change(m, tight).tolist() == [False, True, False]
 
 
+def test_label_ranks_break_ties_as_the_eval_does():
+    rng = np.random.default_rng(2)
+    logits = rng.integers(0, 6, size=(500, 12)).astype(np.float32)  # many ties
+    labels = rng.integers(0, 12, 500)
+    assert np.array_equal(fidelity_screen.label_ranks(logits, labels), label_ranks(logits, labels))
+
+
 def test_the_rule_is_sound_against_the_worst_perturbation_within_the_bound():
     """Every image the rule lets pass keeps its Top-1 class and Top-5 hit under ANY logit moves within the
     allowances, including the adversarial one: the stage lowers the top class and raises all others,
