@@ -228,7 +228,8 @@ def describe_screen(report) -> list:
     plan, results = report.plan, report.results
     if not report.options.screen:
         return ["Brute force (--no_screen): every stage ran on every image."]
-    lines = [f"Every image is scored. Each stage ran only on the images where it can change Top-1 or Top-5 "
+    every = "Every image is scored" if plan.images.sample == "all" else "Every image of the sample is scored"
+    lines = [f"{every}. Each stage ran only on the images where it can change Top-1 or Top-5 "
              f"(column run): an audit of {len(plan.audit)} seeded random images (seed {plan.seed}) went through "
              f"every stage; a stage's bound is {fidelity_screen.SAFETY_FACTOR:g} x the largest logit difference "
              f"from the base seen on the images it ran; an image whose top-1 and top-5 margins exceed what the stage "

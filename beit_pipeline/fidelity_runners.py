@@ -23,6 +23,7 @@ from beit_pipeline import fingerprint, inference_record, onnx_models
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError
+from beit_pipeline.evaluation import summary_output_dtype
 from beit_pipeline.fidelity import (CPU_PRECISION_STAGES, FILE_STAGES, ensure_model, inputs_digest, model_digest,
                                     read_derived_record)
 from beit_pipeline.logit_store import LogitStore
@@ -128,20 +129,22 @@ class StageRunner:
             self._model = self._open()
         run, static = self._model
         n, done, start, shown = self.wf.batch_size, 0, time.perf_counter(), time.perf_counter()
-        for first in range(0, len(todo), n):
-            group = todo[first:first + n]
-            out = run(self._assemble(group, n if static else len(group)))[:len(group)]
-            for i, row in zip(group, out):
-                self.logits[i] = np.asarray(row, np.float32)
-            self._store.add([self.images.names[i] for i in group], out)
-            done += len(group)
-            if time.perf_counter() - shown > PROGRESS_SECONDS and done < len(todo):
-                rate = done / (time.perf_counter() - start)
-                log.info(f"  {self.stage}: {done}/{len(todo)} images, {rate:.2f} img/s, about "
-                         f"{(len(todo) - done) / rate / 60:.0f} min left")
-                shown = time.perf_counter()
-        self._store.flush()
-        self.run_seconds += time.perf_counter() - start
+        try:
+            for first in range(0, len(todo), n):
+                group = todo[first:first + n]
+                out = run(self._assemble(group, n if static else len(group)))[:len(group)]
+                for i, row in zip(group, out):
+                    self.logits[i] = np.asarray(row, np.float32)
+                self._store.add([self.images.names[i] for i in group], out)
+                done += len(group)
+                if time.perf_counter() - shown > PROGRESS_SECONDS and done < len(todo):
+                    rate = done / (time.perf_counter() - start)
+                    log.info(f"  {self.stage}: {done}/{len(todo)} images, {rate:.2f} img/s, about "
+                             f"{(len(todo) - done) / rate / 60:.0f} min left")
+                    shown = time.perf_counter()
+        finally:  # Ctrl-C, SIGTERM: what was computed is kept (an atomic chunk), the rerun goes on from it
+            self._store.flush()
+            self.run_seconds += time.perf_counter() - start
 
     def _assemble(self, group, rows):
         """One model batch: the images of ``group`` (zero rows after them up to ``rows``)."""
@@ -177,7 +180,9 @@ class OutputReader(StageRunner):
             stem = os.path.splitext(os.path.basename(path))[0]
             if stem not in found:
                 raise PipelineFileError(f"{folder}: no output for {os.path.basename(path)}")
-            rows = output_files.read_output(found[stem])
+            # An OM whose output atc left in fp16 writes fp16 BIN files: the summary's dtype, else whole batches
+            rows = output_files.read_output(found[stem], batch_size=self.wf.batch_size,
+                                            dtype=summary_output_dtype(folder))
             for i in group:
                 self.logits[i] = rows[self.images.locations[i][1]]
         self.source, self.run_seconds = folder, self.run_seconds + time.perf_counter() - start
@@ -228,6 +233,7 @@ def outputs_base(wf, images):
     if why is not None:
         log.info(f"base: not {wf.files()['om']}: {why}")
         return None
+    log.info(f"base: reading {len(stems)} output files of {wf.files()['om']} ({record.engine} {record.precision})")
     reader = OutputReader(wf, "om", images, None, None)
     reader.ensure(range(len(images.names)))
     source = f"{wf.files()['om']} ({record.engine} {record.precision}, beit_infer.py)"

@@ -607,6 +607,12 @@ def test_om_stage_reads_ais_bench_outputs_for_every_image(tiny_work, tmp_path, o
     made = (work / "beit_om_emulation_bs8.onnx").stat().st_mtime_ns
     rc, text, _ = report(work, "--stages", "om_emulation", "--audit_images", AUDIT)
     assert rc == 0 and "made " not in text and (work / "beit_om_emulation_bs8.onnx").stat().st_mtime_ns == made
+    for k in range(IMAGES // BS):  # an OM whose output atc left in fp16: raw fp16 BIN files of whole batches
+        logits[k * BS:(k + 1) * BS].astype(np.float16).tofile(folder / f"input_{k:05d}_0.bin")
+    rc, text, data = report(work, "--stages", "om", "--audit_images", AUDIT)
+    assert rc == 0, text
+    om = stages_of(data)["om"]
+    assert names[3] in om["flipped"] and om["agree_top1"] >= 90 and 1e-5 < om["max_rel_err"], om
     (folder / inference_record.RECORD_NAME).write_text("{}")  # beit_infer.py's outputs are not the OM's
     assert beit_fidelity.main(fidelity_args(work, "--stages", "om")) == 1
     assert "stage om needs" in capsys.readouterr().err
@@ -789,3 +795,42 @@ def test_tiny_emulation_counts(onnx_models, tmp_path):
     kept = [o for node in model.graph.node for o in node.output if "/act/" not in o]
     assert set(kept) <= names
     assert fidelity_locate.REL_LIMIT == 1e-2 and fidelity_locate.COSINE_LIMIT == 0.99
+
+
+# ---------------------------------------------------------------- the benchmark's parts (beit_fidelity_bench.py)
+
+def test_photo_variants_are_distinct_real_photographs(tmp_path):
+    from PIL import Image
+    names = photo_variants.write_variants(tmp_path, 45, seed=0)
+    assert names[0] == "ILSVRC2012_val_00000001.JPEG" and len(set(names)) == 45
+    data = [(tmp_path / n).read_bytes() for n in names]
+    assert len(set(data)) == 45  # no two the same image
+    sizes = set()
+    for n in names:
+        with Image.open(tmp_path / n) as img:
+            assert img.format == "JPEG" and 200 <= max(img.size) <= 500
+            sizes.add(img.size)
+    assert len(sizes) > 30  # crops and scales differ
+    # image k and k + 20 are views of the same bundled photograph, not copies of it
+    assert data[0] != data[20]
+
+
+def test_benchmark_projection_shows_its_arithmetic():
+    from beit_pipeline import fidelity_bench
+    row = {"seconds": 0, "seconds_load": 0, "images_reused": 0}
+    report = {"num_images": 100, "audit_images": 20, "seconds": 60.0, "base": "ais_out/bs8 (openvino fp32)",
+              "phases": {"select": 0.1, "base": 1.0, "stages": 58.0, "score": 0.1},
+              "stages": [dict(row, name="pytorch", mode="screened", images_run=20, seconds=12.0, seconds_load=2.0),
+                         dict(row, name="om_emulation", mode="screened", images_run=28, seconds=30.0,
+                              seconds_load=2.0),
+                         dict(row, name="guide_padding", mode="sampled", images_run=20, seconds=16.0,
+                              seconds_load=6.0)]}
+    p = fidelity_bench.project(report, report_wall=65.0, pass_wall=50.0, target=50000)
+    # pytorch: 2 + 0.5 x 20; om_emulation: 2 + 1.0 x (20 + 10% of 49980); guide: 6 + 0.5 x 2500;
+    # the rest 2 s over 100 images, per image; start-up 5 s
+    expected = (2 + 10) + (2 + 1.0 * (20 + 0.1 * 49980)) + (6 + 0.5 * 2500) + 2.0 / 100 * 50000 + 5
+    assert p["report_seconds"] == pytest.approx(expected)
+    assert p["pass_seconds"] == pytest.approx(50.0 / 100 * 50000)
+    assert p["passes"] == pytest.approx(expected / 25000)
+    assert "om_emulation (screened): 2.0 s + 1.000 s/image x 5018 images (audit 20 + 10.00% of the other 49980" \
+        in "\n".join(p["arithmetic"])
