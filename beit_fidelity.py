@@ -58,9 +58,11 @@ def build_parser():
                    help="images (seeded random) that run through every stage to measure each stage's bound "
                         "(default %(default)s; all images when fewer)")
     p.add_argument("--sample_size", type=int, metavar="S",
-                   help="images of the seeded random sample that a stage the screen cannot narrow runs on "
-                        "(its bound would leave most images to run: the guide's padding) (default: the larger of "
-                        f"the audit and {100 * fidelity_screen.SAMPLE_FRACTION:g}%% of the images)")
+                   help="by default a stage the screen cannot narrow (its bound would leave most images to run: "
+                        "the guide's padding) runs on a seeded random sample of S images instead, and its row "
+                        "says so (default: the larger of the audit and "
+                        f"{100 * fidelity_screen.SAMPLE_FRACTION:g}%% of the images; S at least the image count: "
+                        "no stage is sampled)")
     p.add_argument("--fresh", action="store_true",
                    help="recompute every logit, ignoring what earlier runs kept in fidelity_logits_bs{N}/")
     p.add_argument("--stages", help="comma-separated stages to score (default: every stage whose input is in "

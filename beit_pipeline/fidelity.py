@@ -229,7 +229,7 @@ class ImageSet:
         return self.locations[0][0]
 
 
-def select_images(wf, max_images=None, seed=0, with_labels=True) -> ImageSet:
+def select_images(wf: WorkFolder, max_images: int = None, seed: int = 0, with_labels: bool = True) -> ImageSet:
     """Every image of the manifest, or a seeded random sample of ``max_images``; PipelineFileError when absent."""
     prep = wf.file("prep")
     if not os.path.isdir(prep):
@@ -313,12 +313,12 @@ def ensure_model(wf, stage, record):
     return dst
 
 
-def model_digest(path):
+def model_digest(path: str) -> str:
     """The content digest of a model's files, as beit_infer.py records it (inference_record.make_record)."""
     return "+".join(fingerprint.file_digest(p) for p in onnx_files.model_files(path))
 
 
-def inputs_digest(wf):
+def inputs_digest(wf: WorkFolder) -> str:
     """The digest of prep_image_bs{N}'s batches as beit_infer.py records it (names, sizes, mtimes, manifest)."""
     prep = wf.file("prep")
     manifest_print = batches.load_manifest(prep).get("fingerprint")

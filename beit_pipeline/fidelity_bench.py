@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER_KEYS = ("top1", "top5", "agree_top1", "flipped", "gained", "lost", "num_images")
 
 
-def command(args, cwd=REPO):
+def command(args: list, cwd: str = REPO) -> tuple:
     """Run a repo script with this Python (``args[0]`` a .py or .sh); (wall seconds, stdout); raises on failure."""
     cmd = ([sys.executable] if args[0].endswith(".py") else ["bash"]) + [os.path.join(REPO, args[0])] + args[1:]
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
@@ -51,7 +51,7 @@ def command(args, cwd=REPO):
     return seconds, proc.stdout + proc.stderr
 
 
-def make_inputs(out, count, model, seed):
+def make_inputs(out: str, count: int, model: str, seed: int) -> str:
     """The images, a random checkpoint and nominal labels (each photograph's nominal class)."""
     from beit_pipeline import model as beit_model
 
@@ -65,7 +65,7 @@ def make_inputs(out, count, model, seed):
     return checkpoint
 
 
-def own_labels(work, batch_size, path):
+def own_labels(work: str, batch_size: int, path: str) -> None:
     """The model's own Top-1 from ais_out/bs{N}; every 7th image its 2nd choice, every 11th its 5th or 6th."""
     manifest = json.load(open(os.path.join(work, f"prep_image_bs{batch_size}", "manifest.json")))
     found = outputs.find_outputs(os.path.join(work, "ais_out", f"bs{batch_size}"))
@@ -94,7 +94,7 @@ class StageCost:
         return self.fixed + self.per_image * self.runs
 
 
-def stage_cost(row, num_images, audit, target) -> StageCost:
+def stage_cost(row: dict, num_images: int, audit: int, target: int) -> StageCost:
     """The StageCost of a report's stage row measured on ``num_images``, projected to ``target`` images."""
     computed = max(1, row["images_run"] - row.get("images_reused", 0))
     per_image = max(0.0, row["seconds"] - row["seconds_load"]) / computed
@@ -110,7 +110,7 @@ def stage_cost(row, num_images, audit, target) -> StageCost:
     return StageCost(row["name"], row["mode"], row["seconds_load"], per_image, runs, how)
 
 
-def project(report, report_wall, pass_wall, target) -> dict:
+def project(report: dict, report_wall: float, pass_wall: float, target: int) -> dict:
     """The default report's cost at ``target`` images against one pass there, with every line of the arithmetic.
 
     The pass scales linearly from its measured wall time (its fixed start-up, a few seconds, is counted per
@@ -141,14 +141,14 @@ def project(report, report_wall, pass_wall, target) -> dict:
             "arithmetic": lines}
 
 
-def compare(screened, brute) -> list:
+def compare(screened: dict, brute: dict) -> list:
     """The screened stages whose answers differ from the brute force's (empty: the screen held)."""
     by_name = {s["name"]: s for s in brute["stages"]}
     return [s["name"] for s in screened["stages"] if s["mode"] == "screened"
             and any(s[k] != by_name[s["name"]][k] for k in ANSWER_KEYS)]
 
 
-def machine():
+def machine() -> str:
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -160,7 +160,7 @@ def machine():
     return flags
 
 
-def build_work(args, checkpoint):
+def build_work(args, checkpoint: str) -> tuple:
     """run_all.sh --no_fidelity into OUT/work; returns the work folder and its step times."""
     work = os.path.join(args.out, "work")
     seconds, text = command(["run_all.sh", "--batch_size", str(args.batch_size), "--workdir", work, "--image_path",
@@ -173,7 +173,7 @@ def build_work(args, checkpoint):
     return work, steps
 
 
-def timed_pass(work, batch_size):
+def timed_pass(work: str, batch_size: int) -> float:
     """One inference pass over the same images, exactly as run_all.sh's beit_infer step runs it."""
     n = batch_size
     seconds, _ = command(["beit_infer.py", "--model", os.path.join(work, f"beit_mg_bs{n}.onnx"), "--precision",
@@ -184,7 +184,7 @@ def timed_pass(work, batch_size):
     return seconds
 
 
-def timed_report(work, args, *extra):
+def timed_report(work: str, args, *extra: str) -> tuple:
     """beit_fidelity.py as a command, with --fresh: (wall seconds, its JSON)."""
     seconds, _ = command(["beit_fidelity.py", "--workdir", work, "--batch_size", str(args.batch_size),
                           "--label_file", os.path.join(args.out, "labels.txt"), "--seed", str(args.seed),
@@ -195,7 +195,7 @@ def timed_report(work, args, *extra):
     return seconds, data
 
 
-def run(args):
+def run(args) -> dict:
     """The whole benchmark; returns the results dict (also written to OUT/results.json and .md)."""
     os.makedirs(args.out, exist_ok=True)
     started, host = time.strftime("%Y-%m-%d %H:%M"), machine()
@@ -220,7 +220,7 @@ def run(args):
     return results
 
 
-def markdown(results) -> str:
+def markdown(results: dict) -> str:
     p = results["projection"]
     lines = [f"# The fidelity report's cost ({results['date']})", "",
              f"{results['model']} (random weights), {results['images']} real-photograph variants, batch size "

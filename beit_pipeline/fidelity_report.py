@@ -34,7 +34,7 @@ INTERVALS_NOTE = ("95% intervals: Wilson score intervals for the rates; for the 
 
 # ---------------------------------------------------------------- the numbers
 
-def cosines(a, b):
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each row of ``a`` with the same row of ``b`` (1 for two zero rows)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
@@ -42,7 +42,7 @@ def cosines(a, b):
     return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), np.where(dots == 0, 1.0, 0.0))
 
 
-def errors(runner, reference):
+def errors(runner, reference) -> tuple:
     """(max|a-b|/max|b| over all logits, the lowest per-image cosine) on the images both ran, in chunks."""
     both = np.array(sorted(runner.logits.keys() & reference.logits.keys()), dtype=np.int64)
     diff = scale = 0.0
@@ -62,7 +62,7 @@ class Answers:
     rank: np.ndarray
 
 
-def answers(plan, runner, scored) -> Answers:
+def answers(plan: fidelity_screen.Plan, runner, scored: np.ndarray) -> Answers:
     if plan.base is not None:
         argmax, rank = plan.base_argmax[scored].copy(), plan.base_rank[scored].copy()
     else:
@@ -77,13 +77,13 @@ def answers(plan, runner, scored) -> Answers:
     return Answers(argmax, rank)
 
 
-def top5(row):
+def top5(row: np.ndarray) -> list:
     """[[class, logit]] of the five highest logits of one image, highest first."""
     order = np.argsort(-row, kind="stable")[:5]
     return [[int(c), round(float(row[c]), 6)] for c in order]
 
 
-def flipped_detail(plan, runner, reference, flipped):
+def flipped_detail(plan: fidelity_screen.Plan, runner, reference, flipped: np.ndarray) -> list:
     """Per flipped image: its name, label, and both top-5 lists (the screen runs both stages on every flip)."""
     detail = []
     for i in flipped:
@@ -99,14 +99,14 @@ def _pct(hits, count):
     return 100.0 * float(hits) / count if count else 0.0
 
 
-def paired_counts(own, ref) -> stats.PairedCounts:
+def paired_counts(own: Answers, ref: Answers) -> stats.PairedCounts:
     """Top-1 right in both, only in the stage (gained), only in pytorch (lost), in neither."""
     right, ref_right = own.rank == 0, ref.rank == 0
     return stats.PairedCounts(int(np.sum(right & ref_right)), int(np.sum(right & ~ref_right)),
                               int(np.sum(~right & ref_right)), int(np.sum(~right & ~ref_right)))
 
 
-def score_stage(plan, stage, runners) -> fidelity.StageResult:
+def score_stage(plan: fidelity_screen.Plan, stage: str, runners: dict) -> fidelity.StageResult:
     """The StageResult of ``stage`` on its scored images (all, or its sample), against the labels and pytorch."""
     runner, reference = runners[stage], runners["pytorch"]
     scored = plan.sample if plan.modes[stage] == "sampled" else plan.everything
@@ -147,7 +147,7 @@ class Report:
     phases: dict = None  # seconds of: choosing the images, finding the base, running the stages, scoring
 
 
-def run_report(wf, stages, options=None) -> Report:
+def run_report(wf: fidelity.WorkFolder, stages: list, options: fidelity.Options = None) -> Report:
     """Score ``stages`` (pytorch first) on the chosen images, each run only where it can matter (or everywhere)."""
     options, clock = options or fidelity.Options(), Clock()
     images = fidelity.select_images(wf, options.max_images, options.seed)
@@ -182,7 +182,7 @@ class Clock:
         self.start = self.last = time.perf_counter()
         self.laps = {}
 
-    def lap(self, name):
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name] = round(now - self.last, 3)
         self.last = now
@@ -201,7 +201,7 @@ def _signed_ci(interval):
     return f"{interval[0]:+.2f} to {interval[1]:+.2f}" if interval else "-"
 
 
-def table(results) -> str:
+def table(results: list) -> str:
     """The report as a Markdown table."""
     head = ("| stage | mode | images | run | Top-1 % | 95% CI | Top-5 % | agree Top-1 % | 95% CI | "
             "Top-1 vs pytorch (points) | 95% CI | gained | lost | max rel err | min cosine | bound |")
@@ -214,7 +214,7 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def describe_images(report) -> str:
+def describe_images(report: Report) -> str:
     """Which images were scored, in words."""
     images, wf = report.plan.images, report.wf
     if images.sample == "all":
@@ -223,7 +223,7 @@ def describe_images(report) -> str:
             f"(--max_images {report.options.max_images} --seed {report.options.seed})")
 
 
-def describe_screen(report) -> list:
+def describe_screen(report: Report) -> list:
     """What ran where, in words: the screen's lines of the .md."""
     plan, results = report.plan, report.results
     if not report.options.screen:
@@ -241,12 +241,12 @@ def describe_screen(report) -> list:
     return lines
 
 
-def prediction_line(result, report_images) -> str:
+def prediction_line(result, report_images: str) -> str:
     return (f"{result.top1:.2f}% (95% CI {_ci(result.top1_ci95)}), {result.delta_top1:+.2f} points vs PyTorch "
             f"({_signed_ci(result.delta_top1_ci95)}), on {report_images}")
 
 
-def markdown(report) -> str:
+def markdown(report: Report) -> str:
     wf, results = report.wf, report.results
     lines = [f"# Fidelity report, batch size {wf.batch_size}", "",
              f"Images: {describe_images(report)}; labels: `{wf.label_file}`; reference: `pytorch` "
@@ -268,7 +268,7 @@ def markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_json(report) -> dict:
+def report_json(report: Report) -> dict:
     plan, wf, options = report.plan, report.wf, report.options
     return {"batch_size": wf.batch_size, "max_images": options.max_images, "num_images": len(plan.images.names),
             "images_total": plan.images.total, "sample": plan.images.sample, "seed": options.seed,
@@ -280,7 +280,7 @@ def report_json(report) -> dict:
             "stages": [dataclasses.asdict(r) for r in report.results]}
 
 
-def write_report(report) -> None:
+def write_report(report: Report) -> None:
     files.write_json_atomic(report.wf.file("json"), report_json(report))
     files.write_text_atomic(report.wf.file("md"), markdown(report))
 
@@ -299,7 +299,7 @@ class Prediction:
     every_image: bool  # True: scored on every image of the run
 
 
-def read_prediction(path) -> Prediction:
+def read_prediction(path: str) -> Prediction:
     """The Prediction of a fidelity report, or None when it has no om_emulation row (or is of another format)."""
     data = files.read_json(path) or {}
     row = next((s for s in data.get("stages") or [] if isinstance(s, dict) and s.get("name") == "om_emulation"), None)
@@ -317,7 +317,7 @@ def read_prediction(path) -> Prediction:
                       row["num_images"], images, every)
 
 
-def predicted_om_top1(path):
+def predicted_om_top1(path: str) -> float:
     """The om_emulation stage's Top-1 (percent) in a fidelity_bs{N}.json, or None when it has none."""
     data = files.read_json(path) or {}
     for stage in data.get("stages") or []:

@@ -24,8 +24,8 @@ from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.evaluation import summary_output_dtype
-from beit_pipeline.fidelity import (CPU_PRECISION_STAGES, FILE_STAGES, ensure_model, inputs_digest, model_digest,
-                                    read_derived_record)
+from beit_pipeline.fidelity import (CPU_PRECISION_STAGES, FILE_STAGES, ImageSet, Options, WorkFolder, ensure_model,
+                                    inputs_digest, model_digest, read_derived_record)
 from beit_pipeline.logit_store import LogitStore
 
 PROGRESS_SECONDS = 30.0
@@ -50,7 +50,7 @@ def _onnx_model(path, providers="cpu", precision="fp32"):
     return (lambda batch: onnx_models.run_session(session, batch, path)), static
 
 
-def read_image(path, row, size):
+def read_image(path: str, row: int, size: int) -> np.ndarray:
     """One image of a batch file: a .bin row read at its offset (the screen's run sets are sparse: reading
     whole batches for one image each would read 8 times the data), a .npy through its memory map."""
     if path.endswith(".npy"):
@@ -159,7 +159,7 @@ class StageRunner:
             self._store.flush()
         self._model = None
 
-    def array(self, indices):
+    def array(self, indices) -> np.ndarray:
         return np.stack([self.logits[i] for i in indices]) if len(indices) else np.zeros((0, 0), np.float32)
 
 
@@ -189,7 +189,7 @@ class OutputReader(StageRunner):
         return len(todo)
 
 
-def make_runner(wf, stage, images, record, options) -> StageRunner:
+def make_runner(wf: WorkFolder, stage: str, images: ImageSet, record: dict, options: Options) -> StageRunner:
     return (OutputReader if stage in FILE_STAGES else StageRunner)(wf, stage, images, record, options)
 
 
@@ -203,7 +203,7 @@ class Base:
     stage: str = None  # the stage whose own full run they are (then it ran on every image)
 
 
-def base_refusal(wf, record):
+def base_refusal(wf: WorkFolder, record: inference_record.OutputRecord) -> str:
     """Why ais_out/bs{N} cannot be the base (None when it can): it must be beit_infer.py's fp32 run of the
     graph_modify model on exactly these batches, as its record says."""
     if record is None:
@@ -219,7 +219,7 @@ def base_refusal(wf, record):
     return None
 
 
-def outputs_base(wf, images):
+def outputs_base(wf: WorkFolder, images: ImageSet) -> "Base":
     """The Base from the run's own fp32 outputs in ais_out/bs{N}, or None (logged why) when unusable."""
     folder = wf.file("om")
     if not os.path.isdir(folder):
@@ -240,7 +240,7 @@ def outputs_base(wf, images):
     return Base(reader.array(range(len(images.names))), source)
 
 
-def find_base(wf, images, runners) -> Base:
+def find_base(wf: WorkFolder, images: ImageSet, runners: dict) -> Base:
     """The run's own fp32 outputs when they qualify, else graph_modify run on every image (kept on disk)."""
     found = outputs_base(wf, images)
     if found is not None:

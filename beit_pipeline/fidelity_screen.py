@@ -68,7 +68,7 @@ class Margins:
     scale: np.ndarray  # max |logit|: what a relative bound is relative to
 
 
-def chunks(count: int, size: int = None):
+def chunks(count: int, size: int = None) -> list:
     """Slices of ``range(count)`` of CHUNK_ROWS rows: 50,000 images' logits in float64 at once would be 400 MB."""
     size = size or CHUNK_ROWS
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
@@ -177,6 +177,11 @@ class Plan:
     @property
     def everything(self) -> np.ndarray:
         return np.arange(len(self.images.names))
+
+    def at_risk(self, stage: str) -> np.ndarray:
+        """images_at_risk() of ``stage`` with this plan's base, labels, audit and bounds (after screen())."""
+        return images_at_risk(self.base.logits, self.images.labels, self.bounds[stage], self.audit,
+                              self.bounds.get("pytorch"))
 
 
 def make_plan(images, base, audit: int, sample: int, seed: int) -> Plan:

@@ -444,6 +444,8 @@ def test_the_schedule_equals_brute_force_and_widens_a_bound_that_grows():
     assert plan.modes == {"pytorch": "screened", "fp16": "screened", "wild": "sampled", "heavy": "screened"}
     assert set(hidden) <= set(runners["heavy"].logits) and plan.bounds["heavy"].abs >= 3 * 0.019
     assert len(runners["fp16"].logits) < len(base) / 2 and len(runners["wild"].logits) == len(plan.sample)
+    risky = plan.at_risk("fp16")  # issue 20's selection: the audit and the images the stage could change
+    assert set(plan.audit) <= set(risky) <= set(runners["fp16"].logits) and len(risky) > len(plan.audit)
     brute_plan, _, _ = synthetic_plan(count=2000)
     brute = {s: FakeRunner(s, v) for s, v in stages.items()}
     fidelity_screen.run_everything(brute_plan, brute)
