@@ -28,8 +28,8 @@ MODES = {"screened": "ran where it can change Top-1/Top-5, the base's answer els
          "sampled": "ran on a seeded random sample only (the screen would have run most images)",
          "all": "ran on every image", "read": "read from the device's output files for every image"}
 INTERVALS_NOTE = ("95% intervals: Wilson score intervals for the rates; for the Top-1 difference from pytorch, "
-                  "Newcombe's paired hybrid score interval from the images gained and lost. They treat the "
-                  "images as a random sample of the images they stand for (ImageNet val of its population).")
+                  "Newcombe's paired hybrid score interval from the images gained and lost. They treat the scored "
+                  "images as a random sample of the images they stand for (for ImageNet val: images like them).")
 
 
 # ---------------------------------------------------------------- the numbers
@@ -315,12 +315,3 @@ def read_prediction(path: str) -> Prediction:
         images = f"a seeded random sample of {row['num_images']} of {sample.get('of', '?')} images"
     return Prediction(row["top1"], row["top1_ci95"], row.get("delta_top1", 0.0), row.get("delta_top1_ci95"),
                       row["num_images"], images, every)
-
-
-def predicted_om_top1(path: str) -> float:
-    """The om_emulation stage's Top-1 (percent) in a fidelity_bs{N}.json, or None when it has none."""
-    data = files.read_json(path) or {}
-    for stage in data.get("stages") or []:
-        if isinstance(stage, dict) and stage.get("name") == "om_emulation":
-            return stage.get("top1")
-    return None

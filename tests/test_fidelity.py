@@ -310,6 +310,32 @@ def fidelity_runners_refusal(wf, record):
     return fidelity_runners.base_refusal(wf, record)
 
 
+def test_an_interrupted_report_goes_on_where_it_stopped(tiny_work, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a stage: exit 130, what it computed is kept; the rerun computes only the rest."""
+    from beit_pipeline import fidelity_runners
+    work, real, calls = copy_work(tiny_work, tmp_path), fidelity_runners._onnx_model, []
+
+    def interrupted(path, providers="cpu", precision="fp32"):
+        run, static = real(path, providers, precision)
+
+        def counted(batch):
+            calls.append(path)
+            if len(calls) == 3 and "om_emulation" in path:
+                raise KeyboardInterrupt
+            return run(batch)
+        return counted, static
+
+    monkeypatch.setattr(fidelity_runners, "_onnx_model", interrupted)
+    args = ["--stages", "om_emulation", "--no_screen"]
+    assert beit_fidelity.main(fidelity_args(work, *args)) == 130
+    assert "error: interrupted" in capsys.readouterr().err and not (work / "fidelity_bs8.json").exists()
+    monkeypatch.setattr(fidelity_runners, "_onnx_model", real)
+    rc, text, data = report(work, *args)
+    assert rc == 0, text
+    assert stages_of(data)["om_emulation"]["images_reused"] == 2 * BS  # the two batches before the Ctrl-C
+    assert stages_of(data)["om_emulation"]["images_run"] == IMAGES
+
+
 def test_logit_store_keeps_whole_chunks_and_drops_a_store_of_other_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(logit_store, "CHUNK_IMAGES", 4)
     key = {"model": "abc", "inputs": "def"}
