@@ -6,15 +6,27 @@ Stages, in pipeline order (each included when what it needs is in the work folde
     onnx                <model>.onnx (the export, dynamic batch) on ONNX Runtime, fp32
     onnxsim             beit_onnxsim_bs{N}.onnx, fp32
     graph_modify        beit_mg_bs{N}.onnx (this pipeline's exact, masked padding), fp32
+    cpu_bf16            beit_mg_bs{N}.onnx on OpenVINO in bf16 (only where the CPU has bf16 instructions)
     guide_padding       beit_guide_bs{N}.onnx: the guide's own graph_modify.py reproduced (made here from onnxsim)
     om_emulation        beit_om_emulation_bs{N}.onnx: graph_modify in fp16 as atc builds the OM (om_emulation.py)
     guide_om_emulation  beit_guide_om_emulation_bs{N}.onnx: the same emulation of the guide's graph
     om                  the real OM's outputs, when ais_out/bs{N} was written by ais_bench
 
-Every stage runs on the first K images of the preprocessed batches (prep_image_bs{N},
-in the manifest's order, which is name order).  Per stage: Top-1 / Top-5 against the
-labels, Top-1 agreement with pytorch, max|a-b|/max|b| and the lowest per-image cosine of
-the logits against pytorch, and the images whose Top-1 differs from pytorch's.
+Which images: every image of prep_image_bs{N} by default, or a seeded random sample
+(``max_images``, ``seed``; never the first K).  What runs: a stage runs only on the images
+where it can change Top-1 or Top-5 (fidelity_screen.py: the base, the audit, the bounds);
+every other image takes the base's answer, so every image is scored for about the cost of
+one inference pass.  A stage the screen cannot narrow (it would run on most images: the
+guide's padding) runs on a seeded random sample instead and says so.  ``screen=False`` runs
+every stage on every image (the brute-force check).  Per stage: Top-1 / Top-5 against the
+labels and Top-1 agreement with pytorch with 95% intervals, the images gained and lost
+against pytorch with a paired interval on the difference (stats.py), the images whose Top-1
+differs from pytorch's with both top-5 lists, and max|a-b|/max|b| and the lowest cosine on
+the images both ran.
+
+This module holds the work folder, the stages, the images and the models the report makes;
+fidelity_runners.py runs stages and finds the base, fidelity_screen.py decides what runs where,
+fidelity_report.py scores and writes the files, stats.py the intervals.
 """
 
 import dataclasses
@@ -23,20 +35,18 @@ import time
 
 import numpy as np
 
-from beit_pipeline import (batches, files, graph_padding, inference_record, labels, om_emulation, onnx_files,
-                           onnx_models)
+from beit_pipeline import (batches, files, fidelity_screen, fingerprint, graph_padding, inference_record, labels,
+                           om_emulation, onnx_files)
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError, UsageError
-from beit_pipeline.evaluation import label_ranks, percent
 
 STAGES = ("pytorch", "onnx", "onnxsim", "graph_modify", "cpu_bf16", "guide_padding", "om_emulation",
           "guide_om_emulation", "om")
 # Reduced CPU precisions, scored on the graph_modify model with the engine beit_infer.py --precision picks, so a
 # user sees the agreement they cost before trusting their Top-1; each only where the CPU has its instructions.
 CPU_PRECISION_STAGES = {"cpu_bf16": "bf16"}
-# BEiT-base runs at about 5 img/s per stage on 2 cores; 7 model stages on 64 images take about 2 minutes.
-DEFAULT_MAX_IMAGES = 64
+FILE_STAGES = ("om",)  # read from output files, not run: every image, nothing to screen
 STATE_NAME, RUN_NAME = "run_all_state.json", ".run_all_run.json"
 DERIVED_RECORD = ".fidelity_derived.json"
 DERIVED_VERSION = 1  # bump when graph_padding's guide edits or om_emulation change what they write
@@ -62,25 +72,52 @@ class WorkFolder:
                 "graph_modify": f"beit_mg_bs{n}.onnx", "guide_padding": f"beit_guide_bs{n}.onnx",
                 "om_emulation": f"beit_om_emulation_bs{n}.onnx",
                 "guide_om_emulation": f"beit_guide_om_emulation_bs{n}.onnx", "om": f"ais_out/bs{n}",
-                "json": f"fidelity_bs{n}.json", "md": f"fidelity_bs{n}.md"}
+                "logits": f"fidelity_logits_bs{n}", "json": f"fidelity_bs{n}.json", "md": f"fidelity_bs{n}.md"}
 
     def file(self, role):
         return self.path(self.files()[role])
 
 
 @dataclasses.dataclass
+class Options:
+    """How the report chooses its images and runs its stages (beit_fidelity.py's flags)."""
+    max_images: int = None  # None: every image; else a seeded random sample of this many
+    seed: int = 0
+    screen: bool = True  # False: every stage on every image (--no_screen)
+    audit: int = fidelity_screen.AUDIT_IMAGES
+    sample: int = None  # images of a sampled stage; None: fidelity_screen.sample_size
+    fresh: bool = False  # recompute, ignoring the logits kept in fidelity_logits_bs{N}/
+
+
+@dataclasses.dataclass
 class StageResult:
-    """One row of the report (the JSON keys of the issue, plus the file it came from and its time)."""
+    """One row of the report: what the stage scored on its images, and how it was run."""
     name: str
     top1: float
     top5: float
     agree_top1: float
-    max_rel_err: float
+    max_rel_err: float  # over the images both this stage and pytorch ran
     min_cosine: float
-    num_images: int
-    flipped: list
+    num_images: int  # images scored: all selected, or the stage's sample
+    flipped: list  # images whose Top-1 differs from pytorch's
     source: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # loading (and making) its model plus running it
+    seconds_load: float = 0.0  # of which loading or making the model: a fixed cost, whatever the image count
+    mode: str = ""  # screened | sampled | all | read (see fidelity_report.MODES)
+    images_run: int = 0  # images that went through the stage's model (or were read, for om)
+    images_reused: int = 0  # of those, kept from an earlier run (fidelity_logits_bs{N}/)
+    top1_ci95: list = None
+    top5_ci95: list = None
+    agree_top1_ci95: list = None
+    gained: int = 0  # right here, wrong in pytorch
+    lost: int = 0  # wrong here, right in pytorch
+    delta_top1: float = 0.0  # points, this stage's Top-1 minus pytorch's on the same images
+    delta_top1_ci95: list = None
+    bound: float = None  # SAFETY_FACTOR x the largest logit difference from the base seen (logits); None: no screen
+    bound_rel: float = None  # the same relative to each image's max |logit|
+    bound_images: int = 0  # the images it was measured on
+    sample: object = None  # {"size", "seed"} when sampled
+    flipped_detail: list = None  # per flipped image: its label and both top-5 [class, logit] lists
 
 
 # ---------------------------------------------------------------- where the inputs are
@@ -99,7 +136,7 @@ def recorded_inputs(workdir, batch_size):
     return (checkpoint or run.get("checkpoint"), label_file or run.get("label_file"), model or run.get("model"))
 
 
-def work_folder(args, scoring=True):
+def work_folder(args, scoring=True) -> WorkFolder:
     """The WorkFolder of the arguments, the checkpoint and label file defaulting to run_all.sh's record.
 
     ``scoring``: the report needs both; --locate (False) needs neither.
@@ -179,42 +216,43 @@ def choose_stages(wf, requested):
 
 @dataclasses.dataclass
 class ImageSet:
-    """The first K images: [(batch file, rows used)] and their names and labels."""
-    batches: list
+    """The images scored: their names and labels and where each lies (batch file, row), in manifest order."""
     names: list
     labels: np.ndarray
+    locations: list  # [(batch file path, row)] of each image
+    total: int  # images in the manifest
+    sample: object = "all"  # "all", or {"size", "seed", "of"} when --max_images drew a sample
     image_size: int = batches.IMAGE_SIZE  # the manifest's: 384 and 512 models read larger batches
 
-    def read(self, batch_path):
-        return batches.read_batch(batch_path, image_size=self.image_size)
+    @property
+    def first_batch(self):
+        return self.locations[0][0]
 
 
-def select_images(wf, max_images, with_labels=True):
-    """The first ``max_images`` images of the manifest, with their labels; PipelineFileError when not there."""
+def select_images(wf: WorkFolder, max_images: int = None, seed: int = 0, with_labels: bool = True) -> ImageSet:
+    """Every image of the manifest, or a seeded random sample of ``max_images``; PipelineFileError when absent."""
     prep = wf.file("prep")
     if not os.path.isdir(prep):
         raise PipelineFileError(f"{prep}: no preprocessed batches (run_all.sh's preprocess step); nothing written")
     manifest = batches.require_complete_manifest(prep)
     if manifest["batch_size"] != wf.batch_size:
         raise PipelineFileError(f"{prep}: holds batches of {manifest['batch_size']}, not {wf.batch_size}")
-    chosen, names = [], []
-    for stem, rows in batches.rows_from_manifest(manifest):
-        take = rows[:max_images - len(names)]
-        if not take:
-            break
-        chosen.append((os.path.join(prep, _batch_file(manifest, stem)), len(take)))
-        names += take
+    names, locations = [], []
+    for entry in manifest["batches"]:
+        path = os.path.join(prep, entry["file"])
+        names += entry["images"]
+        locations += [(path, row) for row in range(len(entry["images"]))]
     if not names:
         raise PipelineFileError(f"{prep}: the manifest lists no images")
+    sample, total = "all", len(names)
+    if max_images is not None and max_images < total:
+        chosen = fidelity_screen.seeded_sample(names, max_images, seed)
+        names, locations = [names[i] for i in chosen], [locations[i] for i in chosen]
+        sample = {"size": len(names), "seed": seed, "of": total}
     size = manifest.get("image_size", batches.IMAGE_SIZE)
-    if not with_labels:
-        return ImageSet(chosen, names, None, size)
-    found = labels.read_labels(wf.label_file).match(names)
-    return ImageSet(chosen, names, np.array([found[n] for n in names], dtype=np.int64), size)
-
-
-def _batch_file(manifest, stem):
-    return next(b["file"] for b in manifest["batches"] if os.path.splitext(b["file"])[0] == stem)
+    found = labels.read_labels(wf.label_file).match(names) if with_labels else None
+    classes = np.array([found[n] for n in names], dtype=np.int64) if with_labels else None
+    return ImageSet(names, classes, locations, total, sample, size)
 
 
 # ---------------------------------------------------------------- the made models
@@ -275,135 +313,13 @@ def ensure_model(wf, stage, record):
     return dst
 
 
-# ---------------------------------------------------------------- running the stages
-
-def pytorch_logits(wf, images):
-    import torch
-
-    from beit_pipeline import model as beit_model
-
-    model = beit_model.build_model(beit_model.load_state_dict(wf.checkpoint))[0]
-    out = []
-    with torch.no_grad():
-        for path, rows in images.batches:
-            batch = images.read(path)[:rows]
-            out.append(model(torch.from_numpy(np.ascontiguousarray(batch))).numpy())
-    return np.concatenate(out)
+def model_digest(path: str) -> str:
+    """The content digest of a model's files, as beit_infer.py records it (inference_record.make_record)."""
+    return "+".join(fingerprint.file_digest(p) for p in onnx_files.model_files(path))
 
 
-def onnx_logits(path, images, providers="cpu", precision="fp32"):
-    session = onnx_models.open_session(path, providers, precision=precision)
-    out = []
-    for batch_path, rows in images.batches:
-        out.append(onnx_models.run_session(session, images.read(batch_path), path)[:rows])
-    return np.concatenate(out)
-
-
-def om_logits(folder, images):
-    found = output_files.find_outputs(folder)
-    out = []
-    for batch_path, rows in images.batches:
-        stem = os.path.splitext(os.path.basename(batch_path))[0]
-        if stem not in found:
-            raise PipelineFileError(f"{folder}: no output for {os.path.basename(batch_path)}")
-        out.append(output_files.read_output(found[stem])[:rows])
-    return np.concatenate(out)
-
-
-def stage_logits(wf, stage, images, record):
-    """(logits of the images, the file they came from) for one stage."""
-    if stage == "pytorch":
-        return pytorch_logits(wf, images), wf.checkpoint
-    if stage == "om":
-        return om_logits(wf.file("om"), images), wf.file("om")
-    if stage in CPU_PRECISION_STAGES:
-        path = ensure_model(wf, "graph_modify", record)
-        return onnx_logits(path, images, "openvino", CPU_PRECISION_STAGES[stage]), path
-    path = ensure_model(wf, stage, record)
-    return onnx_logits(path, images), path
-
-
-# ---------------------------------------------------------------- the numbers
-
-def cosines(a, b):
-    """Cosine similarity of each row of ``a`` with the same row of ``b`` (1 for two zero rows)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    dots = np.sum(a * b, axis=1)
-    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), np.where(dots == 0, 1.0, 0.0))
-
-
-def score(name, logits, reference, images):
-    """The StageResult of ``logits`` against the labels and the pytorch ``reference``."""
-    ranks = label_ranks(logits, images.labels)
-    count = len(images.names)
-    same = logits.argmax(axis=1) == reference.argmax(axis=1)
-    errors = onnx_models.output_errors(logits, reference)
-    return StageResult(name=name, top1=percent(np.count_nonzero(ranks == 0), count),
-                       top5=percent(np.count_nonzero(ranks < 5), count), agree_top1=percent(same.sum(), count),
-                       max_rel_err=errors["max_rel"], min_cosine=float(cosines(logits, reference).min()),
-                       num_images=count, flipped=[n for n, s in zip(images.names, same) if not s])
-
-
-def run_report(wf, stages, max_images):
-    """[StageResult] of every stage, pytorch first."""
-    images = select_images(wf, max_images)
-    record = read_derived_record(wf)
-    log.info(f"fidelity: {len(images.names)} images of {wf.file('prep')}, batch size {wf.batch_size}, "
-             f"stages {', '.join(stages)}")
-    results, reference = [], None
-    for stage in stages:
-        start = time.perf_counter()
-        logits, source = stage_logits(wf, stage, images, record)
-        reference = logits if reference is None else reference
-        result = score(stage, logits, reference, images)
-        result.source, result.seconds = os.path.relpath(source, wf.workdir), time.perf_counter() - start
-        log.info(f"  {stage}: Top-1 {result.top1:.2f}%, agrees with pytorch on {result.agree_top1:.2f}%, "
-                 f"max rel err {result.max_rel_err:.3e} ({result.seconds:.1f} s)")
-        results.append(result)
-    return results
-
-
-# ---------------------------------------------------------------- the files
-
-def table(results):
-    """The report as a Markdown table."""
-    head = "| stage | Top-1 % | Top-5 % | agree Top-1 % | max rel err | min cosine | images | flipped |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.name} | {r.top1:.2f} | {r.top5:.2f} | {r.agree_top1:.2f} | {r.max_rel_err:.3e} | "
-                     f"{r.min_cosine:.6f} | {r.num_images} | {len(r.flipped)} |")
-    return "\n".join(lines)
-
-
-def markdown(wf, results, max_images):
-    lines = [f"# Fidelity report, batch size {wf.batch_size}", "",
-             f"Images: the first {results[0].num_images} of `{wf.files()['prep']}` (--max_images {max_images}); "
-             f"labels: `{wf.label_file}`; reference: `pytorch` (`{wf.checkpoint}`, fp32). Relative error is "
-             "max|a-b|/max|b| over all logits; cosine is per image, the lowest shown.", "", table(results), ""]
-    predicted = next((r for r in results if r.name == "om_emulation"), None)
-    if predicted is not None:
-        lines.append(f"Predicted OM Top-1 (om_emulation): {predicted.top1:.2f}% against pytorch's "
-                     f"{results[0].top1:.2f}% on the same images.")
-    for r in results:
-        if r.flipped:
-            shown = ", ".join(r.flipped[:10]) + (f" and {len(r.flipped) - 10} more" if len(r.flipped) > 10 else "")
-            lines.append(f"- {r.name}: Top-1 differs from pytorch on {shown}")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(wf, results, max_images):
-    data = {"batch_size": wf.batch_size, "max_images": max_images, "num_images": results[0].num_images,
-            "checkpoint": wf.checkpoint, "label_file": wf.label_file,
-            "stages": [dataclasses.asdict(r) for r in results]}
-    files.write_json_atomic(wf.file("json"), data)
-    files.write_text_atomic(wf.file("md"), markdown(wf, results, max_images))
-
-
-def predicted_om_top1(path):
-    """The om_emulation stage's Top-1 (percent) in a fidelity_bs{N}.json, or None when it has none."""
-    data = files.read_json(path) or {}
-    for stage in data.get("stages") or []:
-        if isinstance(stage, dict) and stage.get("name") == "om_emulation":
-            return stage.get("top1")
-    return None
+def inputs_digest(wf: WorkFolder) -> str:
+    """The digest of prep_image_bs{N}'s batches as beit_infer.py records it (names, sizes, mtimes, manifest)."""
+    prep = wf.file("prep")
+    manifest_print = batches.load_manifest(prep).get("fingerprint")
+    return inference_record.inputs_digest(batches.list_batch_files(prep), manifest_print)

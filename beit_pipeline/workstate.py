@@ -530,18 +530,25 @@ def summary(args):
 
 
 def print_prediction(run, acc):
-    """The OM's Top-1 as the fidelity report predicts it (fp16 emulated on the CPU), beside the measured one."""
+    """The OM's Top-1 as the fidelity report predicts it (fp16 emulated on the CPU), beside the measured one:
+    each with its images and 95% interval, the measured one named by the engine and precision that ran it."""
     report_path = run.path(f"fidelity_bs{run.batch_size}.json")
     if not run.fidelity or not os.path.isfile(report_path):
         return
-    from beit_pipeline.fidelity import predicted_om_top1
-    predicted = predicted_om_top1(report_path)
-    images = next((s.get("num_images") for s in (files.read_json(report_path) or {}).get("stages", [])
-                   if isinstance(s, dict) and s.get("name") == "om_emulation"), None)
-    if predicted is not None:
-        print(f"\npredicted OM Top-1 (fp16 emulated on the CPU, beit_fidelity.py, first {images} images): "
-              f"{predicted:.2f}%; measured here ({run.backend}): {acc['top1']:.2f}% on {int(acc['num_images'])} "
-              f"images; see {report_path[:-5]}.md")
+    from beit_pipeline import fidelity_report, stats
+    predicted = fidelity_report.read_prediction(report_path)
+    if predicted is None:
+        return
+    from beit_pipeline.inference_summary import run_figures
+    figures = run_figures(run.path(f"ais_out/bs{run.batch_size}"))
+    engine = "the OM on the NPU" if run.backend == "ascend" else \
+        f"cpu: {figures.engine or 'onnxruntime'} {figures.precision or 'fp32'}"
+    count = int(acc["num_images"])
+    low, high = stats.percent_interval(stats.wilson(round(acc["top1"] * count / 100.0), count))
+    same = " (the same images)" if predicted.every_image and predicted.num_images == count else ""
+    print(f"\npredicted OM Top-1 {fidelity_report.prediction_line(predicted, predicted.images)}{same}; "
+          f"fp16 emulated on the CPU by beit_fidelity.py, see {report_path[:-5]}.md")
+    print(f"measured here ({engine}): Top-1 {acc['top1']:.2f}% (95% CI {low:.2f}-{high:.2f}) on {count} images")
 
 
 def print_notes(run, acc, acc_path):

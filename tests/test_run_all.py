@@ -743,8 +743,12 @@ def test_fidelity_is_the_last_step_and_prints_the_predicted_om_top1(ort_workdir,
     assert {"pytorch", "onnx", "onnxsim", "graph_modify", "guide_padding", "om_emulation"} <= set(stages)
     assert stages["graph_modify"]["max_rel_err"] <= 1e-4 and stages["graph_modify"]["agree_top1"] == 100.0
     predicted = stages["om_emulation"]["top1"]
-    assert (f"predicted OM Top-1 (fp16 emulated on the CPU, beit_fidelity.py, first {N_IMAGES} images): "
-            f"{predicted:.2f}%; measured here (ort): {image_set['top1']:.2f}% on {N_IMAGES} images") in proc.stdout
+    assert report["sample"] == "all" and stages["om_emulation"]["num_images"] == N_IMAGES  # every image
+    assert (f"predicted OM Top-1 {predicted:.2f}% (95% CI {stages['om_emulation']['top1_ci95'][0]:.2f}-"
+            f"{stages['om_emulation']['top1_ci95'][1]:.2f}), ") in proc.stdout
+    assert f"on all {N_IMAGES} images (the same images)" in proc.stdout
+    engine = table_row(proc.stdout)[0]  # the engine and precision beit_infer.py ran, e.g. "cpu: openvino fp32"
+    assert f"measured here ({engine}): Top-1 {image_set['top1']:.2f}% (95% CI " in proc.stdout
     again = ok(run_all(workdir, image_set, 8, fidelity=True))
     assert "[run_all] skip fidelity: fidelity_bs8.json is complete for these inputs" in again.stdout
     assert "predicted OM Top-1" in again.stdout
