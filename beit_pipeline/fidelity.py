@@ -159,10 +159,11 @@ def cli_check_folder(workdir):
 
 
 def om_written_by_ais_bench(folder):
-    """True when ais_out/bs{N} holds outputs that beit_infer.py did not write (no record of its own there)."""
+    """True when ais_out/bs{N} holds outputs that beit_infer.py did not write: no record of its own beside the
+    folder, or one left from a folder since replaced (the record names the folder it describes)."""
     if not os.path.isdir(folder) or not output_files.find_outputs(folder):
         return False
-    return not os.path.exists(inference_record.record_path(folder))
+    return inference_record.read_record(folder) is None
 
 
 def stage_needs(wf, stage):

@@ -90,3 +90,27 @@ def seeded_tensor(name, shape, index, seed=0):
 def seeded_state_dict(keys_and_shapes, seed=0):
     """{name: seeded_tensor} for [(name, shape)] in the given order (tests/data/hf_beit_tiny.json's key lists)."""
     return {name: seeded_tensor(name, shape, i, seed) for i, (name, shape) in enumerate(keys_and_shapes)}
+
+
+def copy_work_folder(src, dst):
+    """``shutil.copytree`` of a work folder that keeps beit_infer.py's records valid in the copy.
+
+    A record beside an output folder names that folder's device and inode (a replaced folder must not pass
+    for the one the record describes), and a copy has inodes of its own: re-point each record at its copy.
+    """
+    import json
+    import shutil
+
+    from beit_pipeline import inference_record
+    shutil.copytree(src, dst, symlinks=True)
+    for root, dirs, _ in os.walk(dst):
+        for name in dirs:
+            folder = os.path.join(root, name)
+            path = inference_record.record_path(folder)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    record = json.load(f)
+                record["folder_id"] = list(inference_record.folder_identity(folder))
+                with open(path, "w") as f:
+                    json.dump(record, f)
+    return dst
