@@ -98,8 +98,13 @@ def argv(case, *extra, manifest=True, batch=True):
 
 
 def read_result(case):
+    """Our details, with the guide's JSON merged in (its title and three entries) and its exact text."""
+    with open(os.path.join(case["res"], "acc_details.json"), encoding="utf-8") as f:
+        res = json.load(f)
     with open(os.path.join(case["res"], "acc.json"), encoding="utf-8") as f:
-        return json.load(f)
+        res["guide_text"] = f.read()
+    res.update(json.loads(res["guide_text"]))
+    return res
 
 
 def check_expected(res, expected=EXPECTED):
@@ -109,10 +114,12 @@ def check_expected(res, expected=EXPECTED):
     assert res["top5_correct"] == expected["correct"][4]
     assert res["top1"] == pytest.approx(100.0 * expected["correct"][0] / n)
     assert res["top5"] == pytest.approx(100.0 * expected["correct"][4] / n)
-    table = {item["key"]: item["value"] for item in res["value"] + res["top_k"]}
+    assert res["correct"] == expected["correct"]
+    table = {item["key"]: item["value"] for item in res["value"]}
     assert table["Number of images"] == str(n)
+    assert table["Top1 accuracy"] == str(round(100.0 * expected["correct"][0] / n, 2)) + "%"
     for k in range(1, 6):
-        assert table[f"Top{k} accuracy"] == str(round(100.0 * expected["correct"][k - 1] / n, 2)) + "%"
+        assert res[f"top{k}"] == pytest.approx(100.0 * expected["correct"][k - 1] / n)
 
 
 # ---------------------------------------------------------------- pure functions
@@ -170,10 +177,13 @@ def test_exact_topk_with_manifest_all_formats(tmp_path, capsys, fmt):
     assert res["title"] == "Overall statistical evaluation"
     # The guide's entries in the guide's order, Top-1 last (its beit_eval_acc.py: topn=1); Top-2..5 apart.
     assert [v["key"] for v in res["value"]] == ["Number of images", "Number of classes", "Top1 accuracy"]
-    assert [v["key"] for v in res["top_k"]] == [f"Top{k} accuracy" for k in range(1, 6)]
     assert res["value"][1]["value"] == "1000" and res["num_classes"] == 1000
-    assert res["value"][-1]["value"] == "64.71%" and res["top_k"][4]["value"] == "88.24%"
+    assert res["value"][-1]["value"] == "64.71%" and res["top5"] == pytest.approx(100 * 15 / 17)
     assert res["skipped"] == case["manifest"]["skipped"]
+    # Issue 18 item 8: the guide's JSON exactly as its own script writes it (json.dump, one line, no newline).
+    assert res["guide_text"] == ('{"title": "Overall statistical evaluation", "value": [{"key": "Number of images", '
+                                 '"value": "17"}, {"key": "Number of classes", "value": "1000"}, {"key": "Top1 '
+                                 'accuracy", "value": "64.71%"}]}')
     out = capsys.readouterr()
     assert "Top-1 accuracy: 64.71%  Top-5 accuracy: 88.24%  images: 17" in out.out
     assert "1 images were skipped" in out.err
@@ -244,7 +254,7 @@ def test_help_explains_every_flag():
     options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
     assert {o for a in options for o in a.option_strings} == {
         "--folder_davinci_target", "--annotation_file_path", "--result_json_path", "--json_file_name",
-        "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes"}
+        "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes", "--checkpoint", "--model_file"}
     for action in options:
         assert action.help and action.help != argparse.SUPPRESS and len(action.help.split()) >= 4, \
             action.option_strings
@@ -379,10 +389,13 @@ def test_error_batch_size_disagrees_with_manifest(tmp_path, capsys):
     expect_error(case, capsys, args, "manifest.json", "batch size is 4")
 
 
-def test_error_guide_rule_needs_batch_size(tmp_path, capsys):
+def test_guide_rule_takes_the_guides_default_batch_size_and_says_when_it_does_not_fit(tmp_path, capsys):
+    """Issue 18 item 8: the guide's defaults (its beit_eval_acc.py: --batch_size 8); outputs of 4 rows are
+    refused naming the flag, never read as batches of 8."""
     case = make_case(tmp_path, "bin", num_classes=10)
-    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False, batch=False), "--batch_size",
-                 code=2)
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False, batch=False),
+                 "4 rows, but --batch_size is 8", "pass that --batch_size")
+    assert beit_eval_acc.build_parser().parse_args([]).json_file_name == "acc_bs8.json"
 
 
 @pytest.mark.parametrize("bad_line, needle", [
@@ -432,7 +445,7 @@ def test_error_leaves_existing_json_untouched(tmp_path, capsys):
     assert beit_eval_acc.main(argv(case, "--num_classes", "10")) == 1
     assert "input_00000_0.bin" in capsys.readouterr().err
     assert open(path, "rb").read() == before
-    assert os.listdir(case["res"]) == ["acc.json"]
+    assert sorted(os.listdir(case["res"])) == ["acc.json", "acc_details.json"]
 
 
 # ---------------------------------------------------------------- issue 10: label matching and the guide's rule
@@ -521,7 +534,8 @@ def test_write_error_names_the_result_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full_disk)
     err = expect_error(case, capsys, argv(case, "--num_classes", "10"))
-    assert err.splitlines()[-1] == f"error: {os.path.join(case['res'], 'acc.json')}: No space left on device"
+    # The details are written first: a guide JSON never stands without the file that says what it measured.
+    assert err.splitlines()[-1] == f"error: {os.path.join(case['res'], 'acc_details.json')}: No space left on device"
     assert os.listdir(case["res"]) == []  # the temporary is gone too
 
 

@@ -4,6 +4,7 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import struct
@@ -626,9 +627,12 @@ def test_second_run_on_the_same_folder_is_refused(image_set, clean_bs2, tmp_path
     finally:
         stdout, stderr = first.communicate(timeout=120)
     assert second.returncode == 4, second.stderr
-    assert error_lines(second.stderr) == [
-        f"error: {out} (--prep_image) is in use by PID {first.pid} (lock {tmp_path / '.out.lock'}); wait for it "
-        "to finish, or pass --wait_lock to wait"]
+    (line,) = error_lines(second.stderr)
+    # The holder's PID and its command line (issue 17: name the process that holds the lock).
+    assert re.fullmatch(re.escape(f"error: {out} (--prep_image) is in use by PID {first.pid} (") + r"python\S* "
+                        r"slow\.py \S*beit_preprocess\.py .*" + re.escape(
+                            f") (lock {tmp_path / '.out.lock'}); wait for it to finish, or pass --wait_lock to wait"),
+                        line), line
     assert "Traceback" not in second.stderr
     # The first run was left alone: its temporaries were not deleted under it, it ends as a single run does.
     assert first.returncode == 0, stderr
