@@ -108,12 +108,16 @@ class Provenance:
     checkpoint: dict = None  # {"path", "sha256"}
 
 
+CACHE_FROM = 64 << 20  # bytes: smaller files are hashed afresh (under 0.1 s), larger ones through the digest cache
+
+
 def file_record(path) -> dict:
     """{"path", "sha256"} of a file (a model's .data file too), or None for no path."""
     if not path:
         return None
     path = os.path.abspath(path)
-    digest = "+".join(fingerprint.file_digest(p) for p in onnx_files.model_files(path))
+    digest = "+".join(fingerprint.file_digest(p, None if os.path.getsize(p) >= CACHE_FROM else "")
+                      for p in onnx_files.model_files(path))
     return {"path": path, "sha256": digest}
 
 

@@ -595,3 +595,91 @@ def test_a_bin_size_that_fits_no_dtype_is_refused(tmp_path, capsys, size, messag
     with open(os.path.join(case["out"], "input_00001_0.bin"), "wb") as f:
         f.write(b"\0" * size)
     expect_error(case, capsys, argv(case, "--num_classes", "10"), "input_00001_0.bin", message)
+
+
+# ---------------------------------------------------------------- issue 17: every number says what it is
+
+def test_a_subset_of_the_labelled_images_is_stated(tmp_path, capsys):
+    """Issue 17 item 6: a label file of 24 images with 12 of them present printed 100.00% on 12 images, with no
+    word that 12 labelled images were not evaluated (fine for a subset, as CI does, but say so)."""
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 25)]
+    case = sub_folder_case(tmp_path, [f"{n} {2 * (i % 5) + 1}" for i, n in enumerate(names)], names=names[:5])
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0
+    err = capsys.readouterr().err
+    assert "warning: 5 of 24 labelled images evaluated: the other 19 are not in these outputs (label file " in err
+    res = read_result(case)
+    assert (res["num_images"], res["labelled_images"], res["labelled_not_evaluated"]) == (5, 24, 19)
+    assert res["subset"].startswith("5 of 24 labelled images evaluated")
+    assert res["top1_interval_95"] == pytest.approx([56.55, 100.0], abs=0.01)  # Wilson, 5/5
+
+
+def test_the_details_say_what_made_the_number(tmp_path):
+    """Issue 17 item 1: the accuracy JSON carried no checkpoint, image set, label file, model, engine or
+    precision; they are in the details beside the guide's JSON."""
+    import hashlib
+    case = make_case(tmp_path, "txt")
+    checkpoint, model = tmp_path / "beit.pth", tmp_path / "beit_mg_bs4.onnx"
+    checkpoint.write_bytes(b"weights")
+    model.write_bytes(b"graph")
+    with open(case["out"] + "_summary.json", "w") as f:  # what beit_infer.py's summary says it ran
+        json.dump({"throughput": 1.0, "engine": "openvino", "precision": "bf16", "runner": "openvino 2026.4.1"}, f)
+    assert beit_eval_acc.main(argv(case, "--checkpoint", str(checkpoint), "--model_file", str(model))) == 0
+    res = read_result(case)
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (checkpoint, model, tmp_path / "val_label.txt")}
+    assert res["checkpoint"] == {"path": str(checkpoint), "sha256": sha[checkpoint]}
+    assert res["model"] == {"path": str(model), "sha256": sha[model]}
+    assert res["labels"] == {"path": case["labels"], "sha256": sha[tmp_path / "val_label.txt"]}
+    assert res["images"]["fingerprint"] == case["manifest"]["fingerprint"]
+    assert (res["outputs"]["engine"], res["outputs"]["precision"], res["outputs"]["backend"]) == ("openvino", "bf16",
+                                                                                                  "cpu")
+    # Outputs with no summary of ours came from ais_bench: the OM, at atc's precision.
+    os.remove(case["out"] + "_summary.json")
+    assert beit_eval_acc.main(argv(case)) == 0
+    res = read_result(case)
+    assert (res["outputs"]["engine"], res["outputs"]["backend"], res["checkpoint"]) == ("ais_bench", "ascend", None)
+
+
+def test_guide_percent_is_the_guides_arithmetic():
+    """The guide's str(round(np.cumsum(count_hit) / count * 100, 2)) + '%', numpy float64 rounding included."""
+    from beit_pipeline import results
+    for hits, count in [(17, 17), (11, 17), (1, 3), (2, 3), (84680, 100000), (42635, 50000), (0, 7)]:
+        accuracy = np.cumsum(np.zeros(1) + hits) / count
+        assert results.guide_percent(hits, count) == str(round(accuracy[0] * 100, 2)) + "%"
+    assert results.guide_percent(1, 3) == "33.33%" and results.guide_percent(17, 17) == "100.0%"
+
+
+def test_image_names_that_are_not_utf8_are_kept_and_matched(tmp_path, capsys):
+    """Issue 17 item 9: a non-UTF-8 image name wrote a raw byte into manifest.json (json.load then failed).
+    Names are recorded losslessly and matched with label entries written with the same bytes."""
+    import beit_preprocess
+    from PIL import Image
+    images = tmp_path / "images"
+    images.mkdir()
+    raw = [b"caf\xe9.JPEG", b"ILSVRC2012_val_00000002.JPEG", b"\xff\xfe odd.png"]
+    for i, name in enumerate(raw):
+        Image.new("RGB", (40 + 10 * i, 30), (30 * i, 60, 90)).save(os.path.join(os.fsencode(images), name),
+                                                                    format="PNG" if name.endswith(b".png") else "JPEG")
+    prep = tmp_path / "prep"
+    assert beit_preprocess.main(["--image_path", str(images), "--prep_image", str(prep), "--batch_size", "4",
+                                 "--workers", "1"]) == 0
+    text = (prep / "manifest.json").read_bytes().decode("utf-8")  # strict UTF-8: valid JSON for any reader
+    manifest = json.loads(text)
+    names = manifest["batches"][0]["images"]
+    assert sorted(os.fsencode(n) for n in names) == sorted(raw)
+    logits = np.zeros((4, 10), dtype=np.float32)
+    for row in range(3):
+        logits[row, row + 1] = 5.0
+    out = tmp_path / "out"
+    out.mkdir()
+    beit_outputs.write_output(out / "input_00000_0.txt", logits)
+    labels = tmp_path / "val_label.txt"
+    labels.write_bytes(b"".join(os.fsencode(n) + b" %d\n" % (row + 1) for row, n in enumerate(names)))
+    case = {"out": str(out), "prep": str(prep), "labels": str(labels), "res": str(tmp_path / "res")}
+    capsys.readouterr()
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0, capsys.readouterr().err
+    res = read_result(case)
+    assert (res["num_images"], res["top1_correct"]) == (3, 3)
+    # A label file that names one of them with other bytes (the UTF-8 spelling) is an error naming it.
+    labels.write_bytes(labels.read_bytes().replace(b"caf\xe9", "café".encode()))
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 1
+    assert "no label for image caf\\xe9.JPEG" in capsys.readouterr().err

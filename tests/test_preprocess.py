@@ -929,3 +929,35 @@ def test_a_folder_made_at_another_size_is_refused(photo_folder, tmp_path):
     assert proc.returncode == 2 and "image size 224" in proc.stderr and "image size 384" in proc.stderr
     proc = prep(folder, tmp_path / "other", "--image_size", "300", batch_size=8)
     assert proc.returncode == 2 and "--image_size must be a multiple of 16" in proc.stderr
+
+
+# ---------------------------------------------------------------- issue 17: images of more than 8 bits
+
+def test_16_bit_images_are_converted_as_torchvision_does_with_one_warning(tmp_path, capsys):
+    """Issue 17 item 9: a 16-bit PNG became an all-white image without a word.  torchvision's loader does the
+    same (PIL convert('RGB') clips at 255), so the bytes stay torchvision's; the run says so in one line."""
+    import torch
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ramp = (np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)  # 0 .. 61420: mostly above 255
+    Image.fromarray(ramp).save(folder / "a16.png")
+    Image.fromarray(ramp.astype(np.int32)).save(folder / "b32.tif")
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(folder / "c8.png")
+    out = tmp_path / "prep"
+    assert beit_preprocess.main(["--image_path", str(folder), "--prep_image", str(out), "--batch_size", "4",
+                                 "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "more than 8 bits" in line]
+    assert warnings == ["warning: 2 images have more than 8 bits per channel (PIL mode I, I;16: a16.png, b32.tif): "
+                        "converted to RGB as torchvision's loader does, which clips values above 255 (mostly white); "
+                        "listed under 'high_bit_depth' in the manifest; convert them to 8 bits first if that is not "
+                        "what you want"]
+    assert batches.load_manifest(out)["high_bit_depth"] == {"a16.png": "I;16", "b32.tif": "I"}
+    transform = pt.reference_transform()
+    expected = torch.stack([transform(Image.open(folder / n).convert("RGB")) for n in ("a16.png", "b32.tif", "c8.png")])
+    got = batches.read_batch(out / "input_00000.bin")[:3]
+    assert np.array_equal(got, expected.numpy())
+    # A rerun on the complete folder repeats the warning (from the manifest).
+    assert beit_preprocess.main(["--image_path", str(folder), "--prep_image", str(out), "--batch_size", "4",
+                                 "--workers", "1"]) == 0
+    assert "2 images have more than 8 bits per channel" in capsys.readouterr().err
