@@ -139,7 +139,8 @@ lock_workdir() {
     exec {LOCK_FD}<>"${lock}"
     flock "${LOCK_FD}"
   fi
-  printf '%s\n' "$$" >"${lock}"
+  # The PID is for the message of a second run; a full disk must not stop this one here (the lock holds).
+  { printf '%s\n' "$$" >"${lock}"; } 2>/dev/null || true
 }
 
 # INT/TERM: stop the running step (its whole process group) and say which step it was.

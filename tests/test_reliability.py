@@ -766,9 +766,10 @@ def test_run_all_with_hostile_paths_runs_nothing_it_should_not(pipe, tmp_path):
     inputs_before = {p: sha256(p) for p in [label_file, checkpoint] + [images / n for n in listed]}
     workdir = parent / "work $HOME;"
 
+    # (Without the fidelity step: test_run_all.py's demo in a hostile path runs it there.)
     proc = ok(run_script(["run_all.sh", "--batch_size", "4", "--workdir", str(workdir), "--model", TINY,
                           "--backend", "ort", "--image_path", str(images), "--label_file", str(label_file),
-                          "--checkpoint", str(checkpoint)], cwd=str(tmp_path)))
+                          "--checkpoint", str(checkpoint), "--no_fidelity"], cwd=str(tmp_path)))
     result = json.loads((workdir / "acc_bs4_details.json").read_text())
     assert (result["num_images"], result["top1_correct"], result["top5_correct"]) == (5, 4, 5)
     assert "| cpu: openvino fp32     |     4 |      5 |     80.00 |    100.00 |" in proc.stdout
