@@ -43,10 +43,11 @@ from beit_pipeline.export import (DEFAULT_TOLERANCE, MAX_OPSET, MIN_OPSET, Expor
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Export a BEiT checkpoint (.pth) to ONNX and verify it.")
-    parser.add_argument("--source", required=True,
-                        help="checkpoint file, e.g. beit_base_patch16_224_pt22k_ft22kto1k.pth "
+    parser.add_argument("--source", default="beit_base_patch16_224_pt22k_ft22kto1k.pth",
+                        help="checkpoint file (default: the guide's %(default)s) "
                              "({'model': state_dict}, {'module': ...} or a bare state dict)")
-    parser.add_argument("--target", required=True, help="ONNX file to write, e.g. beit_base_patch16_224.onnx")
+    parser.add_argument("--target", default="beit_base_patch16_224.onnx",
+                        help="ONNX file to write (default: the guide's %(default)s)")
     parser.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=1,
                         help="batch size of the dummy input used for tracing and verification; "
                              "with --static, the model's fixed batch size (default 1)")

@@ -121,15 +121,20 @@ def file_record(path) -> dict:
     return {"path": path, "sha256": digest}
 
 
+# Where beit_infer.py leaves its engine, precision, runner and model beside an output folder: its own figures
+# (issue 18 moves them out of ais_bench's summary) or, before that, ais_bench's summary with keys of ours.
+RUN_FIGURES_SUFFIXES = ("_beit_summary.json", "_summary.json")
+
+
 def inference_facts(folder: str) -> dict:
     """Which engine and precision made the outputs in ``folder``, and the model it names, from what the run
-    left: beit_infer.py's summary ``<folder>_summary.json`` (engine, precision, model, runner); outputs with
-    no such keys came from ais_bench (an OM on the NPU, at the precision atc compiled it to)."""
-    summary = files.read_json(os.path.normpath(folder) + "_summary.json") or {}
-    engine = summary.get("engine")
-    if isinstance(engine, str):
-        return {"engine": engine, "precision": summary.get("precision"), "backend": "cpu",
-                "runner": summary.get("runner"), "model": summary.get("model")}
+    left beside the folder (RUN_FIGURES_SUFFIXES); outputs with no such record came from ais_bench (an OM on
+    the NPU, at the precision atc compiled it to)."""
+    for suffix in RUN_FIGURES_SUFFIXES:
+        figures = files.read_json(os.path.normpath(folder) + suffix) or {}
+        if isinstance(figures.get("engine"), str):
+            return {"engine": figures["engine"], "precision": figures.get("precision"), "backend": "cpu",
+                    "runner": figures.get("runner"), "model": figures.get("model")}
     return {"engine": "ais_bench", "precision": "atc's (the OM's)", "backend": "ascend", "runner": None,
             "model": None}
 
