@@ -260,7 +260,7 @@ preflight() {
   if [[ "${BACKEND}" == ascend ]]; then
     [[ "${PRECISION}" == fp32 && -z "${PROVIDERS}" ]] ||
       die "--precision and --providers are beit_infer.py's (--backend cpu); atc sets the OM's precision"
-  else
+  elif [[ "${PRECISION}" != fp32 || -n "${PROVIDERS}" ]]; then # (fp32 by default always runs: no question)
     engine="$(state check-engine --precision "${PRECISION}" --providers "${PROVIDERS}")"
     log "engine: ${engine}"
   fi

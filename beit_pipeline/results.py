@@ -20,9 +20,10 @@ import json
 import math
 import os
 
-import numpy as np
-
 from beit_pipeline import files, fingerprint, onnx_files
+
+# numpy is imported where it is used: run_all.sh asks workstate (which imports this module) a dozen questions
+# per run, and numpy's import alone doubles the time of each.
 from beit_pipeline.errors import PipelineFileError
 
 DETAILS_FORMAT = 1
@@ -52,6 +53,7 @@ def result_tag(precision: str = "fp32", providers: str = "") -> str:
 
 def guide_percent(hits: int, count: int) -> str:
     """The guide's Top-k text: np.cumsum(count_hit) / count, then str(round(accuracy[i] * 100, 2)) + '%'."""
+    import numpy as np
     accuracy = np.cumsum(np.array([hits], dtype=np.float64)) / count
     return str(round(accuracy[0] * 100, 2)) + "%"
 
@@ -88,10 +90,13 @@ def mcnemar_p(gained: int, lost: int) -> float:
 
 def pack_hits(hits) -> str:
     """Per-image Top-1 hits (in the evaluation's image order) as hex of packed bits."""
+    import numpy as np
     return np.packbits(np.asarray(hits, dtype=bool)).tobytes().hex()
 
 
-def unpack_hits(text: str, count: int) -> np.ndarray:
+def unpack_hits(text: str, count: int):
+    """The per-image Top-1 hits of pack_hits, as a bool array."""
+    import numpy as np
     return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:count].astype(bool)
 
 
@@ -135,13 +140,18 @@ def inference_facts(folder: str) -> dict:
         if isinstance(figures.get("engine"), str):
             return {"engine": figures["engine"], "precision": figures.get("precision"), "backend": "cpu",
                     "runner": figures.get("runner"), "model": figures.get("model")}
-    return {"engine": "ais_bench", "precision": "atc's (the OM's)", "backend": "ascend", "runner": None,
-            "model": None}
+    return dict(ASCEND_FACTS)
+
+
+ASCEND_FACTS = {"engine": "ais_bench", "precision": "atc's (the OM's)", "backend": "ascend", "runner": None,
+                "model": None}
 
 
 def provenance(evaluation, folder, label_path, prep_image=None, checkpoint=None, model_file=None) -> Provenance:
-    """The Provenance of an Evaluation of the outputs in ``folder``."""
-    facts = inference_facts(folder)
+    """The Provenance of an Evaluation of the outputs in ``folder``; an .om ``model_file`` runs only on the NPU,
+    whatever a summary beside the folder says."""
+    facts = ASCEND_FACTS if str(model_file or "").endswith(".om") else inference_facts(folder)
+    facts = dict(facts)
     manifest = evaluation.manifest or {}
     names = [n for b in manifest.get("batches", []) for n in b.get("images", [])]
     images = {"fingerprint": manifest.get("fingerprint"), "source": manifest.get("source"),
@@ -207,6 +217,7 @@ def describe_run(d: dict) -> str:
 
 def cost_line(reference: dict, other: dict, reference_name: str, other_name: str) -> str:
     """One line: the Top-1 of ``other`` against ``reference`` on the same images, with the paired counts."""
+    import numpy as np
     n = int(reference["num_images"])
     ref_hits = unpack_hits(reference["top1_hits"], n)
     hits = unpack_hits(other["top1_hits"], n)
