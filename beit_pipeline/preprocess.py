@@ -375,6 +375,7 @@ def batch_images(plan, decoder, writer, ring):
                 continue
             if isinstance(outcome, WideImage):
                 plan.wide[plan.todo[index]] = outcome.mode
+                plan.save(False)  # before its batch is written: a resumed run's manifest names it too
             if position != placement.filled:
                 ring.row(placement.filled)[...] = ring.row(position)
             placement.filled += 1

@@ -295,6 +295,7 @@ def test_sigkill_during_evaluation_leaves_no_json_or_the_old_one(pipe, tmp_path)
 # test_ctrl_c_during_export_leaves_nothing): signal.raise_signal runs the SIGINT handler at once, inside __del__.
 INTERRUPT_SCRIPT = r'''
 import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a foreground job's, whatever this test run inherited
 _module, _how, _fired = os.environ["INTERRUPT_AT_IMPORT"], os.environ["INTERRUPT_HOW"], []
 class _Swallowed:
     def __del__(self):
