@@ -407,7 +407,7 @@ def bench_e2e(work, batch_size):
     total = time.perf_counter() - start
     steps = [{"step": m.group("name"), "seconds": float(m.group("secs"))} for m in STEP_TIME_RE.finditer(proc.stdout)]
     acc = {}
-    acc_path = os.path.join(wd, f"acc_bs{batch_size}.json")
+    acc_path = os.path.join(wd, f"acc_bs{batch_size}_details.json")  # our figures beside the guide's JSON
     if os.path.exists(acc_path):
         with open(acc_path) as f:
             data = json.load(f)

@@ -5,8 +5,11 @@
 
 Reads the outputs as ais_bench writes them (``input_00000_0.txt`` / ``.bin`` /
 ``.npy``, one row per batch item), maps every row to its image, compares with
-``val_label.txt`` and writes the ModelZoo result JSON (its "value" list holds the guide's
-entries in the guide's order, Top1 accuracy last; Top-1..Top-5 are under "top_k")::
+``val_label.txt`` and writes two files: ``--json_file_name`` exactly as the guide's own
+eval script writes it (one line: title, number of images, number of classes, Top1
+accuracy), and beside it ``<name>_details.json`` with our figures (Top-1..Top-5, counts,
+95% intervals, the labelled images not evaluated) and what they were made from (image
+set, label file, model, engine and precision, checkpoint)::
 
     python3 beit_eval_acc.py --folder_davinci_target ./ais_out/2024_01_01-00_00_00 \\
         --annotation_file_path /opt/npu/imageNet/val_label.txt \\
@@ -36,48 +39,63 @@ import argparse
 import os
 import sys
 
-from beit_pipeline import batches, cli, evaluation, files, label_formats, labels, outputs
+from beit_pipeline import batches, cli, evaluation, files, label_formats, labels, outputs, results
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.cli import log
+
+GUIDE_BATCH_SIZE = 8  # the guide's beit_eval_acc.py default
+GUIDE_LABELS = "/opt/npu/imageNet/val_label.txt"  # the guide's --annotation_file_path default
 
 
 # ---------------------------------------------------------------- main
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Top-1/Top-5 accuracy of BEiT inference outputs against val_label.txt "
-                    "(pipeline step 6; writes the ModelZoo result JSON).")
-    parser.add_argument("--folder_davinci_target", required=True, metavar="DIR",
-                        help="folder of inference outputs as ais_bench writes them: <input_stem>_0.txt, _0.bin "
-                             "(raw float32, or float16 from an OM with fp16 outputs: named by the summary's "
-                             "output_dtype or, with the manifest, told by the file size) or _0.npy; other files "
-                             "(sumary.json, logs) are ignored. Pointed at ais_bench's --output folder, the error "
-                             "names its newest dated subfolder and lists the others")
+        description="Top-1/Top-5 accuracy of BEiT inference outputs against val_label.txt (pipeline step 6): "
+                    "writes the guide's accuracy JSON and, beside it, <name>_details.json with our figures.")
+    parser.add_argument("--folder_davinci_target", default="./ais_out/bs64/", metavar="DIR",
+                        help="folder of inference outputs as ais_bench writes them (default: the guide's "
+                             "%(default)s): <input_stem>_0.txt, _0.bin (raw float32, or float16 from an OM with "
+                             "fp16 outputs: named by the summary's output_dtype or, with the manifest, told by the "
+                             "file size) or _0.npy; other files (sumary.json, logs) are ignored. Pointed at "
+                             "ais_bench's --output folder, the error names its newest dated subfolder and lists the "
+                             "others")
     parser.add_argument("--annotation_file_path", default=None, metavar="FILE_OR_DIR",
                         help="the labels, in any of ImageNet's forms (told apart by content; one line says how "
-                             "they were read): val_label.txt ('ILSVRC2012_val_00000001.JPEG 65'); Kaggle's "
-                             "LOC_val_solution.csv (LOC_synset_mapping.txt beside it); the devkit's "
-                             "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it); the image folder of "
-                             "class sub-folders (all 1000 synsets); or a synset mapping (LOC_synset_mapping.txt, "
-                             "meta.mat): labels from the images' class folders.  Default: the class folders of the "
-                             "image folder the manifest names (needs --prep_image)")
+                             "they were read): val_label.txt ('ILSVRC2012_val_00000001.JPEG 65'; names that are not "
+                             "UTF-8 are matched byte for byte); Kaggle's LOC_val_solution.csv (LOC_synset_mapping.txt "
+                             "beside it); the devkit's ILSVRC2012_validation_ground_truth.txt (meta.mat beside it); "
+                             "the image folder of class sub-folders (all 1000 synsets); or a synset mapping "
+                             f"(LOC_synset_mapping.txt, meta.mat): labels from the images' class folders.  Default: "
+                             f"the guide's {GUIDE_LABELS}; where that is missing and --prep_image is given, the "
+                             "class folders of the image folder the manifest names")
     parser.add_argument("--synset_mapping", default=None, metavar="FILE",
                         help="LOC_synset_mapping.txt or the devkit's meta.mat, where it is not beside the CSV or "
                              "ground truth file, or for a subset of class folders")
-    parser.add_argument("--result_json_path", required=True, metavar="DIR",
-                        help="folder to write the result JSON into (created if missing)")
-    parser.add_argument("--json_file_name", required=True, metavar="NAME",
-                        help="name of the result JSON, e.g. acc_bs8.json")
+    parser.add_argument("--result_json_path", default="./result", metavar="DIR",
+                        help="folder to write the result files into (default: the guide's %(default)s; created if "
+                             "missing)")
+    parser.add_argument("--json_file_name", default="acc_bs8.json", metavar="NAME",
+                        help="name of the guide's result JSON (default: the guide's %(default)s); our figures go "
+                             "to NAME without .json + _details.json beside it")
     parser.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=None, metavar="N",
-                        help="batch size of the outputs; required without a manifest, and must match the "
-                             "manifest's when one is given (--batchsize is accepted as in the guide)")
+                        help="batch size of the outputs (default: the manifest's with --prep_image, else the "
+                             "guide's 8); with a manifest it must match the manifest's (--batchsize is accepted "
+                             "as in the guide)")
     parser.add_argument("--prep_image", "--manifest", dest="prep_image", default=None, metavar="DIR_OR_FILE",
                         help="beit_preprocess.py's output folder or its manifest.json: maps rows to images and "
                              "tells padded rows apart (refused when beit_infer.py's record shows the outputs were "
                              "made from another manifest); without it the guide's naming rule is used, refused "
                              "where the outputs' manifest puts other images in those rows")
     parser.add_argument("--num_classes", type=int, default=outputs.NUM_CLASSES, metavar="C",
-                        help="number of classes, the width of every output row (default: %(default)s)")
+                        help="number of classes, the width of every output row (default: %(default)s; run_all.sh "
+                             "reads it from the model)")
+    parser.add_argument("--checkpoint", default=None, metavar="PTH",
+                        help="the checkpoint the model was made from: its SHA-256 goes into the details, so that "
+                             "the number says which weights it measures (the outputs cannot tell)")
+    parser.add_argument("--model_file", default=None, metavar="FILE",
+                        help="the model that made the outputs (.onnx or .om): its name and SHA-256 go into the "
+                             "details (default: the model beit_infer.py's summary names, if any)")
     return parser
 
 
@@ -86,15 +104,14 @@ def check_args(args):
     cli.check(args.batch_size is None or args.batch_size >= 1,
               f"--batch_size must be at least 1, got {args.batch_size}")
     cli.check(args.num_classes >= 1, f"--num_classes must be at least 1, got {args.num_classes}")
-    cli.check(args.prep_image is not None or args.batch_size is not None,
-              "--batch_size is required without --prep_image (the guide's rule needs it to name rows)")
+    if args.prep_image is None and args.batch_size is None:
+        args.batch_size = GUIDE_BATCH_SIZE
     folder = args.folder_davinci_target
     cli.check(os.path.isdir(folder), f"--folder_davinci_target {folder}: output folder not found"
               if not os.path.exists(folder) else f"--folder_davinci_target {folder}: is not a folder")
     label_path = args.annotation_file_path
-    cli.check(label_path is not None or args.prep_image is not None,
-              "--annotation_file_path is required without --prep_image (class folders are found through the "
-              "manifest)")
+    if label_path is None and (os.path.exists(GUIDE_LABELS) or args.prep_image is None):
+        label_path = args.annotation_file_path = GUIDE_LABELS
     if label_path is not None:
         cli.check(os.path.exists(label_path), f"--annotation_file_path {label_path}: label file not found")
         is_class_folder = os.path.isdir(label_path) and label_formats.class_folders(label_path)
@@ -102,22 +119,34 @@ def check_args(args):
                   "file (a folder is read as class sub-folders, and it has none)")
     if args.synset_mapping is not None:
         cli.check(os.path.isfile(args.synset_mapping), f"--synset_mapping {args.synset_mapping}: file not found")
-    if args.prep_image is not None:
-        cli.check(os.path.exists(args.prep_image), f"--prep_image {args.prep_image}: not found")
+    for flag in ("prep_image", "checkpoint", "model_file"):
+        path = getattr(args, flag)
+        cli.check(path is None or os.path.exists(path), f"--{flag} {path}: not found")
     out_dir = args.result_json_path
     cli.check(not os.path.exists(out_dir) or os.path.isdir(out_dir),
               f"--result_json_path {out_dir}: exists and is not a folder")
+    cli.check(args.json_file_name and os.sep not in args.json_file_name,
+              f"--json_file_name {args.json_file_name!r}: give a file name, without a folder")
 
 
-def write_result(out_dir, name, result):
-    """Write the result JSON atomically; an OSError names the file even when the OS did not."""
-    os.makedirs(out_dir, exist_ok=True)
-    out_path = os.path.join(out_dir, name)
-    # Only this JSON's leftovers: the result folder may be a work folder shared with other steps.
-    files.remove_stale_temporaries_of(out_path)
-    with files.naming_errors(out_path):
-        files.write_json_atomic(out_path, evaluation.modelzoo_json(result))
-    return out_path
+def write_results(args, result, label_path):
+    """Write the guide's JSON and our details beside it (each atomically); returns their paths.
+
+    The details go first: a guide-shaped JSON never stands without the file that says what it measured.
+    An OSError names the file it was writing (files.write_bytes_atomic).
+    """
+    os.makedirs(args.result_json_path, exist_ok=True)
+    guide_path = os.path.join(args.result_json_path, args.json_file_name)
+    details_path = os.path.join(args.result_json_path, results.details_name(args.json_file_name))
+    source = results.provenance(result, args.folder_davinci_target, label_path, args.prep_image,
+                                args.checkpoint, args.model_file)
+    acc = result.accuracy
+    for path in (guide_path, details_path):
+        # Only these files' leftovers: the result folder may be a work folder shared with other steps.
+        files.remove_stale_temporaries_of(path)
+    files.write_json_atomic(details_path, results.details(result, source, args.json_file_name))
+    files.write_text_atomic(guide_path, results.guide_json_text(acc.num_images, acc.num_classes, acc.correct[0]))
+    return guide_path, details_path
 
 
 def manifest_image_folder(prep_image):
@@ -130,14 +159,17 @@ def manifest_image_folder(prep_image):
 
 
 def run(args):
-    """Evaluate and write the JSON; PipelineError (exit 1) for a bad output, label or manifest file."""
+    """Evaluate and write the result files; PipelineError (exit 1) for a bad output, label or manifest file."""
     label_path = args.annotation_file_path or manifest_image_folder(args.prep_image)
     label_file = labels.read_labels(label_path, args.num_classes, args.synset_mapping)
     result = evaluation.evaluate_folder(args.folder_davinci_target, label_file, args.prep_image,
                                         args.batch_size, args.num_classes)
-    out_path = write_result(args.result_json_path, args.json_file_name, result)
-    log.info(evaluation.summary_line(result.accuracy))
-    log.info(f"wrote {out_path}")
+    guide_path, details_path = write_results(args, result, label_path)
+    acc = result.accuracy
+    low, high = results.wilson_interval(acc.correct[0], acc.num_images)
+    log.info(evaluation.summary_line(acc))
+    log.info(f"Top-1 {acc.correct[0]}/{acc.num_images} images (95% interval {low:.2f}-{high:.2f}%)")
+    log.info(f"wrote {guide_path} (the guide's JSON) and {details_path}")
 
 
 def main(argv=None):

@@ -28,7 +28,7 @@ preprocess_transform.py (the transform) and preprocess_workers.py (decoding work
 import argparse
 import sys
 
-from beit_pipeline import cli
+from beit_pipeline import cli  # first: it catches Ctrl-C from here on (cli's docstring)
 from beit_pipeline.preprocess import IMAGE_EXTENSIONS, INTERRUPTED_HINT, check_args, run
 from beit_pipeline.preprocess_transform import DEFAULT_MAX_PIXELS, UNILM_FULL_CROP_FROM
 from beit_pipeline.preprocess_workers import keep_freed_memory, usable_cpus
@@ -38,17 +38,19 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Step 1 of the BEiT pipeline: turn a folder of images into float32 batch files "
                     "(input_00000.bin, ...) and manifest.json, with unilm BEiT's eval transform.")
-    p.add_argument("--image_path", required=True,
-                   help="folder of images: flat (ImageNet val) or with one level of class sub-folders. Files are "
+    p.add_argument("--image_path", default="/opt/npu/imageNet/val",
+                   help="folder of images (default: the guide's %(default)s): flat (ImageNet val) or with one "
+                        "level of class sub-folders. Files are "
                         f"images by extension ({', '.join(IMAGE_EXTENSIONS)}, any case); others such as "
                         "val_label.txt, hidden files and directory symlinks are ignored (and counted)")
-    p.add_argument("--prep_image", required=True,
-                   help="output folder for input_NNNNN.bin and manifest.json (created if missing); rerunning into "
+    p.add_argument("--prep_image", default="./prep_image_bs8",
+                   help="output folder for input_NNNNN.bin and manifest.json (default: the guide's %(default)s; "
+                        "created if missing); rerunning into "
                         "it resumes, one made with another batch size or image set is refused. One run at a time: "
                         "a lock file .<name>.lock beside it keeps a second one out")
-    p.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, required=True,
-                   help="images per batch file; must match the batch size of the ONNX/OM model "
-                        "(--batchsize is the guide's spelling)")
+    p.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=8,
+                   help="images per batch file (default: the guide's %(default)s); must match the batch size of "
+                        "the ONNX/OM model (--batchsize is the guide's spelling)")
     p.add_argument("--image_size", type=int, default=224,
                    help="the model's input size S (default %(default)s; 384 or 512 for those BEiT variants): "
                         f"below {UNILM_FULL_CROP_FROM}, Resize(int(S / (224/256)), bicubic) + CenterCrop(S); from "

@@ -43,13 +43,14 @@ from beit_pipeline.export import (DEFAULT_TOLERANCE, MAX_OPSET, MIN_OPSET, Expor
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Export a BEiT checkpoint (.pth) to ONNX and verify it.")
-    parser.add_argument("--source", required=True,
-                        help="checkpoint file, e.g. beit_base_patch16_224_pt22k_ft22kto1k.pth: unilm's "
+    parser.add_argument("--source", default="beit_base_patch16_224_pt22k_ft22kto1k.pth",
+                        help="checkpoint file (default: the guide's %(default)s): unilm's "
                              "({'model': ...}, {'model_ema': ...}, a training checkpoint with its args, a bare "
                              "state dict), DDP ('module.' keys), timm's .safetensors, or Hugging Face "
                              "transformers' BeitForImageClassification (pytorch_model.bin, model.safetensors or "
                              "the folder holding it); one line says which form and weights were read")
-    parser.add_argument("--target", required=True, help="ONNX file to write, e.g. beit_base_patch16_224.onnx")
+    parser.add_argument("--target", default="beit_base_patch16_224.onnx",
+                        help="ONNX file to write (default: the guide's %(default)s)")
     parser.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=1,
                         help="batch size of the dummy input used for tracing and verification; "
                              "with --static, the model's fixed batch size (default 1)")

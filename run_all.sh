@@ -15,8 +15,9 @@ readonly EXIT_SKIP=10 EXIT_BUSY=4
 
 # Options, named after their flags (parse_args sets --image_path in IMAGE_PATH).
 BATCH_SIZE="" IMAGE_PATH="" LABEL_FILE="" CHECKPOINT="" WORKDIR="./work" BACKEND="auto"
-SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0 NO_FIDELITY=0 PRECISION="fp32" MODEL_FILE="" SIZE=224 SIMPLIFIER=onnxsim
-STEP_PID="" STEP_NAME=""
+SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0 NO_FIDELITY=0 PRECISION="fp32" PROVIDERS=""
+MODEL_FILE="" SIZE=224 SIMPLIFIER=onnxsim TAG=""
+STEP_PID="" STEP_NAME="" STATE_STEP="" FAILED_TOOL=""
 
 usage() {
   cat <<'EOF'
@@ -35,9 +36,16 @@ Options:
   --checkpoint PTH      BEiT checkpoint: unilm's (beit_base_patch16_224_pt22k_ft22kto1k.pth), DDP, EMA,
                         Hugging Face's pytorch_model.bin / model.safetensors (README, "Your files")
   --workdir DIR         where every step writes its output (default: ./work)
-  --backend B           auto | ascend | ort (auto: ascend when atc and ais_bench are found; ort:
-                        beit_infer.py on the CPU, the fastest exact engine found: README)
-  --precision P         fp32 | bf16 | fp16 | int8: beit_infer.py's precision (ort; default fp32)
+  --backend B           auto | ascend | ort | cpu (auto: ascend when atc and ais_bench are found; a
+                        host with atc whose ais_bench or AIS_INFER does not work is refused, not
+                        run on the CPU; ort = cpu: beit_infer.py on the CPU, the fastest exact
+                        engine found: README)
+  --precision P         fp32 | bf16 | fp16: beit_infer.py's precision (ort; default fp32; bf16 and fp16
+                        need the CPU's instructions for them, checked before the first step). Its
+                        outputs and results get their own names (ais_out/bs8_bf16, acc_bs8_bf16.json)
+                        and the Top-1 cost against the fp32 result is printed when both exist
+  --providers LIST      beit_infer.py's --providers (ort): openvino, or cpu,cuda,... of ONNX Runtime
+                        (default: the fastest exact CPU engine); results named like --precision's
   --soc_version NAME    atc --soc_version (default: Ascend + the chip name `npu-smi info` shows)
   --device ID           NPU device id for ais_bench (default: 0)
   --model NAME          BEiT variant, also the ONNX file's name (default: read from the checkpoint);
@@ -50,7 +58,9 @@ Options:
 
 A step is redone exactly when what it depends on changed: README, "When things go wrong".  Work folder:
 prep_image_bs{N}/, <model>.onnx, beit_onnxsim_bs{N}.onnx, beit_mg_bs{N}.onnx, beit_mg_bs{N}.om (Ascend),
-ais_out/bs{N}/, acc_bs{N}.json, report_bs{N}.html (the HTML report), run_all_state.json (what made them).
+ais_out/bs{N}/, acc_bs{N}.json (the guide's) and acc_bs{N}_details.json (what the numbers are and were
+made from), report_bs{N}.html (the HTML report), run_all_state.json (what made them).  The number of classes
+is read from the model.
 EOF
 }
 
@@ -66,7 +76,7 @@ parse_args() {
       -h | --help) usage && exit 0 ;;
       --force | --skip_bad | --wait_lock | --no_fidelity) [[ "$1" == "${opt}" ]] || die "${opt} takes no value" && val=1 ;;
       --batch_size | --batchsize | --image_path | --label_file | --checkpoint | --workdir | --backend | \
-        --soc_version | --device | --model | --precision)
+        --soc_version | --device | --model | --precision | --providers)
         if [[ "$1" == "${opt}" ]]; then
           (($# >= 2)) || die "${opt} needs a value (see --help)"
           val="$2" && shift
@@ -81,8 +91,9 @@ parse_args() {
   [[ -n "${BATCH_SIZE}" ]] || die "--batch_size is required (see --help)"
   [[ "${BATCH_SIZE}" =~ ^[1-9][0-9]*$ ]] || die "--batch_size must be a positive integer, got '${BATCH_SIZE}'"
   [[ "${DEVICE}" =~ ^[0-9]+$ ]] || die "--device must be a non-negative integer, got '${DEVICE}'"
-  [[ "${BACKEND}" =~ ^(auto|ascend|ort)$ ]] || die "--backend must be auto, ascend or ort, got '${BACKEND}'"
-  [[ "${PRECISION}" =~ ^(fp32|bf16|fp16|int8)$ ]] || die "--precision must be fp32, bf16, fp16 or int8, got '${PRECISION}'"
+  [[ "${BACKEND}" =~ ^(auto|ascend|ort|cpu)$ ]] || die "--backend must be auto, ascend, ort or cpu, got '${BACKEND}'"
+  if [[ "${BACKEND}" == cpu ]]; then BACKEND=ort; fi
+  [[ "${PRECISION}" =~ ^(fp32|bf16|fp16|int8)$ ]] || die "--precision must be fp32, bf16 or fp16, got '${PRECISION}'"
   [[ -n "${WORKDIR}" ]] || die "--workdir must not be empty"
   if [[ -n "${IMAGE_PATH}${LABEL_FILE}${CHECKPOINT}" ]]; then
     [[ -n "${IMAGE_PATH}" && -n "${CHECKPOINT}" ]] ||
@@ -112,6 +123,8 @@ choose_backend() { # ascend needs atc, aclruntime and an ais_bench (or AIS_INFER
     ascend:?*) die "--backend ascend: ${why} (source the CANN set_env.sh)" ;;
     ascend:) log "backend: ascend (asked for; atc: ${atc_path})" ;;
     ort:*) log "backend: ort (beit_infer.py on the CPU; asked for)" ;;
+    auto:atc\ is\ at*) die "${why}: fix it (source the CANN set_env.sh), or pass --backend cpu to run on the CPU" \
+      "(hours for ImageNet's 50,000 images)" ;;
     auto:?*) BACKEND="ort" && log "backend: ort (beit_infer.py on the CPU), because ${why}" ;;
     auto:) BACKEND="ascend" && log "backend: ascend, because atc is at ${atc_path} and ais_bench is available" ;;
   esac
@@ -123,13 +136,16 @@ lock_workdir() {
   local lock="${WORKDIR}/.run_all.lock" holder
   exec {LOCK_FD}<>"${lock}"
   if ! flock -n "${LOCK_FD}"; then
-    holder="$(cat "${lock}" 2>/dev/null || true)"
-    ((WAIT_LOCK)) || { printf 'error: %s is in use by PID %s (another run_all.sh or a step it started); wait for it, or pass --wait_lock\n' \
-      "${WORKDIR}" "${holder:-?}" >&2 && exit "${EXIT_BUSY}"; }
-    log "waiting for PID ${holder:-?}, which is using ${WORKDIR}"
+    exec {LOCK_FD}>&- # so that the question below does not find this run among the holders
+    holder="$(state lock-holder "${lock}" 2>/dev/null || true)"
+    ((WAIT_LOCK)) || { printf 'error: %s is in use by %s (another run_all.sh or a step it started); wait for it, or pass --wait_lock\n' \
+      "${WORKDIR}" "${holder:-another process}" >&2 && exit "${EXIT_BUSY}"; }
+    log "waiting for ${holder:-another process}, which is using ${WORKDIR}"
+    exec {LOCK_FD}<>"${lock}"
     flock "${LOCK_FD}"
   fi
-  printf '%s\n' "$$" >"${lock}"
+  # The PID is for the message of a second run; a full disk must not stop this one here (the lock holds).
+  { printf '%s\n' "$$" >"${lock}"; } 2>/dev/null || true
 }
 
 # INT/TERM: stop the running step (its whole process group) and say which step it was.
@@ -142,11 +158,12 @@ on_signal() {
   fi
   printf 'error: %s: stopped %s; run the same command again to go on from there\n' "${signal}" \
     "${STEP_NAME:+step }${STEP_NAME:-between steps}" >&2
+  if [[ -n "${STATE_STEP}" ]]; then state fail "${STATE_STEP}" --interrupted || true; fi
   exit "${code}"
 }
 
 # run_step NAME CMD...: log the command, run it in the work folder in its own process group (so that
-# a signal reaches all of it), log its time; stop the run naming the step when it fails.
+# a signal reaches all of it), log its time; return its exit code when it fails (FAILED_TOOL: NAME).
 run_step() {
   local name="$1" start="${SECONDS}" rc=0
   shift
@@ -155,19 +172,26 @@ run_step() {
   STEP_PID=$! STEP_NAME="${name}"
   wait "${STEP_PID}" || rc=$?
   STEP_PID="" STEP_NAME=""
-  ((rc == 0)) || { printf "error: step '%s' failed (exit %d); see above\n" "${name}" "${rc}" >&2 && exit 1; }
+  if ((rc != 0)); then FAILED_TOOL="${name}" && return "${rc}"; fi
   log "step ${name} done in $((SECONDS - start)) s"
 }
 
 # step NAME CMD...: CMD runs (through run_step or a function that calls it) unless the state module
-# says NAME is complete for these inputs; then its outputs are checked and recorded (finish).
+# says NAME is complete for these inputs; then its outputs are checked and recorded (finish).  When
+# CMD fails, the state module removes what it left and the results that depended on it, and says so.
 step() {
   local name="$1" rc=0
   shift
   state start "${name}" || rc=$?
   ((rc == EXIT_SKIP)) && return 0
   ((rc == 0)) || exit "${rc}"
-  "$@"
+  STATE_STEP="${name}"
+  "$@" || rc=$?
+  if ((rc != 0)); then
+    state fail "${name}" --exit_code "${rc}" --tool "${FAILED_TOOL:-${name}}" || true
+    exit 1
+  fi
+  STATE_STEP=""
   state finish "${name}"
 }
 
@@ -175,8 +199,16 @@ onnxsim_and_check() {
   local onnx="$1" partial="$2"
   # beit_pipeline.progress: a heartbeat line while onnxsim works silently (issue 21)
   run_step onnxsim python3 -m beit_pipeline.progress --label onnxsim -- \
-    python3 -m "${SIMPLIFIER}" "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}"
+    python3 -m "${SIMPLIFIER}" "${onnx}" "${partial}" --overwrite-input-shape "${BATCH_SIZE},3,${SIZE},${SIZE}" ||
+    return
   run_step onnx_check python3 "${SCRIPT_DIR}/onnx_check.py" "${onnx}" "${partial}" --batch_size "${BATCH_SIZE}"
+}
+
+# The number of classes is the model's (a 10-class checkpoint's outputs are 10 wide), never asked for.
+run_eval() {
+  local classes
+  classes="$(state num-classes)" || return
+  run_step eval python3 "${SCRIPT_DIR}/beit_eval_acc.py" "$@" --num_classes "${classes}"
 }
 
 run_demo_step() {
@@ -190,7 +222,7 @@ run_demo_step() {
 }
 
 run_pipeline() {
-  local n="${BATCH_SIZE}" w="${WORKDIR}" prep_args=() export_args=() infer=()
+  local n="${BATCH_SIZE}" w="${WORKDIR}" prep_args=() export_args=() infer=() model
   local prep="${w}/prep_image_bs${n}" onnx="${w}/${MODEL_FILE}.onnx" sim="${w}/beit_onnxsim_bs${n}.onnx"
   local mg="${w}/beit_mg_bs${n}.onnx" om="${w}/beit_mg_bs${n}.om"
   if ((SKIP_BAD)); then prep_args+=(--skip_bad); fi
@@ -209,28 +241,45 @@ run_pipeline() {
       --optypelist_for_implmode="Gelu" --op_select_implmode=high_performance
     infer=(ais_bench python3 -m ais_bench --model "${om}" --device "${DEVICE}")
     if [[ -n "${AIS_INFER:-}" ]]; then infer=(ais_bench python3 "${AIS_INFER}" "${infer[@]:4}"); fi
+    model="${om}"
   else
     infer=(beit_infer python3 "${SCRIPT_DIR}/beit_infer.py" --model "${mg}" --precision "${PRECISION}")
+    if [[ -n "${PROVIDERS}" ]]; then infer+=(--providers "${PROVIDERS}"); fi
+    model="${mg}"
   fi
   step "${infer[0]}" run_step "${infer[@]}" --input "${prep}" --output "${w}/ais_out" \
-    --output_dirname "bs${n}_partial" --outfmt TXT --batchsize "${n}"
-  step eval run_step eval python3 "${SCRIPT_DIR}/beit_eval_acc.py" --folder_davinci_target "${w}/ais_out/bs${n}" \
-    --annotation_file_path "${LABEL_FILE}" --result_json_path "${w}" --json_file_name "acc_bs${n}.json" \
-    --batch_size "${n}" --prep_image "${prep}"
+    --output_dirname "bs${n}${TAG}_partial" --outfmt TXT --batchsize "${n}"
+  step eval run_eval --folder_davinci_target "${w}/ais_out/bs${n}${TAG}" \
+    --annotation_file_path "${LABEL_FILE}" --result_json_path "${w}" --json_file_name "acc_bs${n}${TAG}.json" \
+    --batch_size "${n}" --prep_image "${prep}" --checkpoint "${CHECKPOINT}" --model_file "${model}"
   ((NO_FIDELITY)) || step fidelity run_step fidelity python3 "${SCRIPT_DIR}/beit_fidelity.py" --workdir "${w}" \
     --batch_size "${n}" --checkpoint "${CHECKPOINT}" --label_file "${LABEL_FILE}" --model "${MODEL_FILE}"
+}
+
+# Every refusal that can be made before the first step (exit 2): the Python, the model, the backend,
+# the engine and precision, the work folder.
+preflight() {
+  local engine
+  command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
+  pkg environment
+  if [[ -n "${MODEL}" ]]; then state check-model "${MODEL}"; fi
+  choose_backend
+  if [[ -n "${LABEL_FILE}" ]]; then pkg label_formats "${LABEL_FILE}"; fi # issue 21: the label form, or refused
+  if [[ "${BACKEND}" == ascend ]]; then
+    [[ "${PRECISION}" == fp32 && -z "${PROVIDERS}" ]] ||
+      die "--precision and --providers are beit_infer.py's (--backend cpu); atc sets the OM's precision"
+  elif [[ "${PRECISION}" != fp32 || -n "${PROVIDERS}" ]]; then # (fp32 by default always runs: no question)
+    engine="$(state check-engine --precision "${PRECISION}" --providers "${PROVIDERS}")"
+    log "engine: ${engine}"
+  fi
+  state check-workdir
 }
 
 main() {
   local start="${SECONDS}" flags=() info
   parse_args "$@"
   export PYTHONUNBUFFERED=1 # the steps' stdout stays in order with their stderr when piped
-  command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
-  if [[ -n "${MODEL}" ]]; then state check-model "${MODEL}"; fi
-  choose_backend
-  if [[ -n "${LABEL_FILE}" ]]; then pkg label_formats "${LABEL_FILE}"; fi # issue 21: refused before any step
-  [[ "${BACKEND}" == ort || "${PRECISION}" == fp32 ]] || die "--precision is beit_infer.py's (--backend ort); atc sets the OM's"
-  mkdir -p -- "${WORKDIR}" || die "cannot create the work folder ${WORKDIR}"
+  preflight
   lock_workdir
   trap 'on_signal INT 130' INT
   trap 'on_signal TERM 143' TERM
@@ -238,12 +287,13 @@ main() {
   if [[ "${BACKEND}" == ascend ]]; then pkg ascend check-paths "${WORKDIR}"; fi
   [[ "${BACKEND}" != ascend || -n "${SOC_VERSION}" ]] || SOC_VERSION="$(pkg ascend soc-version)"
   flags=(--batch_size "${BATCH_SIZE}" --backend "${BACKEND}" --image_path "${IMAGE_PATH}" --label_file "${LABEL_FILE}"
-    --checkpoint "${CHECKPOINT}" --soc_version "${SOC_VERSION}" --model "${MODEL}" --precision "${PRECISION}")
+    --checkpoint "${CHECKPOINT}" --soc_version "${SOC_VERSION}" --model "${MODEL}" --precision "${PRECISION}"
+    --providers "${PROVIDERS}")
   if ((SKIP_BAD)); then flags+=(--skip_bad); fi
   if ((FORCE)); then flags+=(--force); fi
   if ((NO_FIDELITY)); then flags+=(--no_fidelity); fi
   state begin "${flags[@]}"
-  info="$(state model-info)" && read -r MODEL_FILE SIZE SIMPLIFIER <<<"${info}"
+  info="$(state model-info)" && read -r MODEL_FILE SIZE SIMPLIFIER TAG <<<"${info}"
   if [[ -z "${IMAGE_PATH}" ]]; then run_demo_step; fi
   run_pipeline
   state summary

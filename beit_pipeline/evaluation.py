@@ -39,6 +39,7 @@ class Accuracy:
     num_images: int
     num_classes: int
     correct: list  # hits for k = 1 .. min(5, num_classes)
+    top1_hits: list = dataclasses.field(default_factory=list)  # per counted image, in order: its Top-1 hit
 
     @property
     def top1(self):
@@ -78,7 +79,7 @@ def evaluate(rows, labels, num_classes=output_files.NUM_CLASSES, label_file="the
     """Count Top-1..Top-5 hits over ``rows`` (BatchRows); ``labels`` maps each image name to its class."""
     topn = min(TOPN, num_classes)
     correct = np.zeros(topn, dtype=np.int64)
-    count = 0
+    count, top1_hits = 0, []
     for batch in rows:
         if batch.logits.shape[0] != len(batch.names):
             raise PipelineFileError(f"{batch.path}: {batch.logits.shape[0]} rows for {len(batch.names)} images")
@@ -90,7 +91,9 @@ def evaluate(rows, labels, num_classes=output_files.NUM_CLASSES, label_file="the
         ranks = label_ranks(batch.logits, [labels[name] for name in batch.names])
         correct += np.array([np.count_nonzero(ranks <= k) for k in range(topn)], dtype=np.int64)
         count += len(batch.names)
-    return Accuracy(num_images=count, num_classes=num_classes, correct=[int(c) for c in correct])
+        top1_hits.extend(bool(r == 0) for r in ranks)
+    return Accuracy(num_images=count, num_classes=num_classes, correct=[int(c) for c in correct],
+                    top1_hits=top1_hits)
 
 
 def _progress(items):
@@ -252,6 +255,21 @@ class Evaluation:
     accuracy: Accuracy
     rows_from: str  # "manifest" or "guide rule"
     skipped: list  # images beit_preprocess.py skipped (from the manifest)
+    labelled: int = 0  # images the label file names (the guide's rule: its consecutive ILSVRC2012_val_ names)
+    manifest: dict = None  # beit_preprocess.py's manifest, when rows were mapped by it
+
+    @property
+    def not_evaluated(self):
+        """Labelled images that were not counted: not in this image set, or skipped as unreadable."""
+        return max(0, self.labelled - self.accuracy.num_images)
+
+    def subset_statement(self):
+        """``12 of 24 labelled images evaluated (...)``, or None when every labelled image was evaluated."""
+        if not self.not_evaluated:
+            return None
+        skipped = f"; {len(self.skipped)} skipped as unreadable in preprocessing" if self.skipped else ""
+        return (f"{self.accuracy.num_images} of {self.labelled} labelled images evaluated: the other "
+                f"{self.not_evaluated} are not in these outputs{skipped}")
 
 
 _DATED_RE = re.compile(r"^\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}$")  # ais_bench's time.strftime("%Y_%m_%d-%H_%M_%S")
@@ -309,7 +327,7 @@ def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, 
     labels = manifest_labels(label_file, plan)
     rows = manifest_rows(plan, manifest["batch_size"], num_classes, summary_output_dtype(folder))
     accuracy = evaluate(rows, labels, num_classes, label_file.path)
-    return Evaluation(accuracy, "manifest", list(manifest.get("skipped") or []))
+    return Evaluation(accuracy, "manifest", list(manifest.get("skipped") or []), len(label_file.entries), manifest)
 
 
 def evaluate_with_guide_rule(folder, outputs, label_file, batch_size, num_classes):
@@ -323,10 +341,7 @@ def evaluate_with_guide_rule(folder, outputs, label_file, batch_size, num_classe
         log.warning(f"no manifest given, so padded rows cannot be told apart: {uncounted[0]} rows whose "
                     f"ILSVRC2012_val_ name is not in {label_file.path} were not counted "
                     "(pass --prep_image to be exact)")
-    if accuracy.num_images < len(labels):
-        log.warning(f"{label_file.path} lists {len(labels)} images but the outputs hold rows for only "
-                    f"{accuracy.num_images} of them; the others are not counted")
-    return Evaluation(accuracy, "guide rule", [])
+    return Evaluation(accuracy, "guide rule", [], len(labels))
 
 
 def evaluate_folder(folder, label_file, prep_image, batch_size, num_classes):
@@ -340,43 +355,14 @@ def evaluate_folder(folder, label_file, prep_image, batch_size, num_classes):
         raise PipelineFileError(f"{folder}: no output row matches an image of {label_file.path}")
     if result.skipped:
         log.warning(f"{len(result.skipped)} images were skipped in preprocessing and are not counted "
-                    "(listed under 'skipped' in the JSON)")
+                    "(listed under 'skipped' in the details JSON)")
+    statement = result.subset_statement()
+    if statement:
+        log.warning(f"{statement} (label file {label_file.path})")
     return result
 
 
-# ---------------------------------------------------------------- result file
-
-def topk_entry(k, hits, count):
-    # The ModelZoo scripts write str(round(acc * 100, 2)) + '%': "97.1%", not "97.10%".
-    return {"key": f"Top{k} accuracy", "value": str(round(percent(hits, count), 2)) + "%"}
-
-
-def modelzoo_json(result):
-    """The ModelZoo vision_metric JSON of an Evaluation, plus plain numbers a program can read.
-
-    "value" holds exactly the guide's entries in its order (its beit_eval_acc.py calls topn=1): images,
-    classes, Top1 accuracy LAST, where a reader of the guide's JSON takes it; Top-2..Top-5 go to "top_k".
-    """
-    acc = result.accuracy
-    table = [
-        {"key": "Number of images", "value": str(acc.num_images)},
-        {"key": "Number of classes", "value": str(acc.num_classes)},
-        topk_entry(1, acc.correct[0], acc.num_images),
-    ]
-    return {
-        "title": "Overall statistical evaluation",
-        "value": table,
-        "top_k": [topk_entry(k, hits, acc.num_images) for k, hits in enumerate(acc.correct, 1)],
-        "num_images": acc.num_images,
-        "num_classes": acc.num_classes,
-        "top1": acc.top1,
-        "top5": acc.top5,
-        "top1_correct": acc.correct[0],
-        "top5_correct": acc.correct[-1],
-        "rows_from": result.rows_from,
-        "skipped": list(result.skipped),
-    }
-
+# ---------------------------------------------------------------- result lines
 
 def summary_line(accuracy):
     return (f"Top-1 accuracy: {accuracy.top1:.2f}%  Top-5 accuracy: {accuracy.top5:.2f}%  "

@@ -10,10 +10,11 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 
-from beit_pipeline.cli import log
+from beit_pipeline.cli import check_interrupted, log
 from beit_pipeline.errors import FolderBusy
 
 
@@ -45,6 +46,7 @@ def publish_temporary(tmp, path):
     mkstemp makes files 0600, but atc and ais_bench often run as another user (HwHiAiUser)
     than the one who converted the model.
     """
+    check_interrupted()  # never publish after Ctrl-C, also one whose KeyboardInterrupt Python swallowed
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o666 & ~mask)
@@ -52,8 +54,11 @@ def publish_temporary(tmp, path):
 
 
 def write_bytes_atomic(path, data):
-    """Write ``data`` to ``path`` so that ``path`` is either absent or complete (and fsynced)."""
-    with temporary_beside(path) as tmp:
+    """Write ``data`` to ``path`` so that ``path`` is either absent or complete (and fsynced).
+
+    An OSError names ``path`` (a full disk's ENOSPC carries no file name of its own).
+    """
+    with naming_errors(path), temporary_beside(path) as tmp:
         with os.fdopen(os.open(tmp, os.O_WRONLY), "wb") as f:
             f.write(data)
             f.flush()
@@ -65,8 +70,18 @@ def write_text_atomic(path, text):
     write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def json_text(obj, indent=2):
+    """JSON text that is valid UTF-8 even for file names that are not (their bytes, surrogate-escaped by
+    os.listdir, written as \\udcXX escapes): json.load gives the same str back, os.fsencode the same bytes."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json_text(obj) + "\n")
 
 
 @contextlib.contextmanager
@@ -78,9 +93,17 @@ def naming_errors(path):
     try:
         yield
     except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
+        named = exc.filename is not None and not is_temporary_of(exc.filename, path)
+        if named or exc.errno is None:
             raise
         raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+
+
+def is_temporary_of(name, path):
+    """Whether ``name`` is one of temporary_beside(path)'s files (``.NAME.XXXX.tmp`` beside it)."""
+    base = os.path.basename(os.fspath(name))
+    return isinstance(base, str) and base.startswith("." + os.path.basename(os.fspath(path)) + ".") \
+        and base.endswith(".tmp")
 
 
 def read_json(path):
@@ -145,6 +168,62 @@ def lock_path_for(folder):
     return os.path.join(os.path.dirname(folder), "." + os.path.basename(folder) + ".lock")
 
 
+def processes_using(path):
+    """PIDs of the live processes (this one aside) that have ``path`` open, from Linux's /proc; [] elsewhere.
+
+    A flock belongs to the open file, so after ``kill -9`` of the process that took it, the children
+    that inherited the descriptor (run_all.sh's running step) still hold it: these are they.
+    """
+    try:
+        target = os.stat(path)
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    except OSError:
+        return []
+    found = []
+    for pid in sorted(pids):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                found.append(pid)
+                break
+    return found
+
+
+def command_of(pid, width=100):
+    """The command line of a process, shortened to ``width`` characters; "" when unknown."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = [os.fsdecode(w) for w in f.read().split(b"\0") if w]
+    except OSError:
+        return ""
+    text = " ".join(os.path.basename(w) if i < 2 and os.sep in w else w for i, w in enumerate(words))
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def describe_lock_holder(path):
+    """Who holds the lock file ``path``, in words: the PID written in it when that process is alive, else the
+    live processes that still have it open (the steps of a killed run_all.sh), or "another process"."""
+    recorded = lock_holder(path)
+    if recorded and _pid_alive(recorded):
+        command = command_of(recorded)
+        return f"PID {recorded}" + (f" ({command})" if command else "")
+    users = processes_using(path)
+    if not users:
+        return f"PID {recorded}" if recorded else "another process"
+    command = command_of(users[0])
+    shown = f"PID {users[0]}" + (f" ({command})" if command else "")
+    if len(users) > 1:
+        shown += f" and {len(users) - 1} more process{'es' if len(users) > 2 else ''}"
+    return shown + (f", left running by PID {recorded}, which is no longer running" if recorded else "")
+
+
 def lock_holder(path):
     """The PID written in a lock file, or None."""
     try:
@@ -202,8 +281,7 @@ class FolderLock:
             return
         except BlockingIOError:
             pass
-        holder = lock_holder(self.path)
-        who = f"PID {holder}" if holder else "another process"
+        who = describe_lock_holder(self.path)
         if not self.wait:
             raise FolderBusy(f"{self.what} is in use by {who} (lock {self.path}); wait for it to finish, "
                              "or pass --wait_lock to wait")

@@ -115,8 +115,8 @@ def read_labels(path, num_classes=NUM_CLASSES, synset_mapping=None):
     """Read a label file into a LabelFile; PipelineFileError naming the file and line on any fault.
 
     Windows line endings, a UTF-8 BOM, trailing blanks and blank lines are
-    accepted; a name listed twice, a label that is not an integer in
-    [0, num_classes) or a line without a label is refused.  ImageNet's other
+    accepted, and names that are not UTF-8 are kept byte for byte; a name listed twice, a label that is not an
+    integer in [0, num_classes) or a line without a label is refused.  ImageNet's other
     forms (class folders, a synset mapping, Kaggle's CSV, the devkit's ground
     truth) are told apart by label_formats.detect and read there.
     """
@@ -129,14 +129,14 @@ def read_labels(path, num_classes=NUM_CLASSES, synset_mapping=None):
     if form != label_formats.GUIDE:
         return label_formats.read(path, form, num_classes, synset_mapping)
     try:
-        with open(path, encoding="utf-8-sig", newline=None) as f:
+        # Bytes that are not UTF-8 are surrogate-escaped, as os.listdir does with file names: an image whose
+        # name is not UTF-8 matches the entry written with the same bytes.
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline=None) as f:
             lines = f.read().splitlines()
     except FileNotFoundError as exc:
         raise PipelineFileError(f"{path}: label file not found") from exc
     except IsADirectoryError as exc:
         raise PipelineFileError(f"{path}: is a folder, not a label file") from exc
-    except UnicodeDecodeError as exc:
-        raise PipelineFileError(f"{path}: label file is not UTF-8 text ({exc})") from exc
     except OSError as exc:
         raise PipelineFileError(f"{path}: cannot read the label file ({exc.strerror or exc})") from exc
     entries, where = {}, {}

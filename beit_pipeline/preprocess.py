@@ -21,7 +21,7 @@ from PIL import Image
 from beit_pipeline import batches, cli, files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import EXIT_USAGE, PipelineFileError, UsageError
-from beit_pipeline.preprocess_transform import BadImageError, geometry, load_crop, shown, use_image_size
+from beit_pipeline.preprocess_transform import BadImageError, WideImage, geometry, load_crop, shown, use_image_size
 from beit_pipeline.preprocess_workers import (BatchRing, BatchWriter, Placement, decoded, fork_workers, ring_batches,
                                               usable_cpus, write_error)
 
@@ -162,7 +162,7 @@ def check_args(args):
 
 # ---------------------------------------------------------------- the output folder
 
-def make_manifest(args, names, fingerprint, batch_entries, skipped, complete):
+def make_manifest(args, names, fingerprint, batch_entries, skipped, complete, wide=None):
     geo = geometry()
     return {
         "format": batches.MANIFEST_FORMAT,
@@ -179,6 +179,8 @@ def make_manifest(args, names, fingerprint, batch_entries, skipped, complete):
         "transform": geo.description,
         "batches": batch_entries,
         "skipped": skipped,
+        # Images of more than 8 bits per channel: {name: PIL mode}; converted as torchvision does (clipped).
+        "high_bit_depth": dict(wide or {}),
     }
 
 
@@ -267,6 +269,7 @@ class RunPlan:
     todo: list               # the images still to decode, in order
     already_complete: bool = False
     resumed: int = 0         # batches an earlier run wrote (this run's batch k is file resumed + k)
+    wide: dict = dataclasses.field(default_factory=dict)  # {name: PIL mode} of images over 8 bits per channel
 
     @property
     def out(self):
@@ -282,7 +285,7 @@ class RunPlan:
         order = {name: i for i, name in enumerate(self.names)}
         self.skipped.sort(key=lambda s: order.get(s["name"], -1))
         return make_manifest(self.args, self.names, self.fingerprint, self.batches if complete else [],
-                             self.skipped, complete)
+                             self.skipped, complete, {n: self.wide[n] for n in sorted(self.wide)})
 
     def save(self, complete):
         path = os.path.join(self.out, batches.MANIFEST_NAME)
@@ -326,6 +329,7 @@ def plan_run(args, listing):
             f"{out}: an earlier run with --skip_bad skipped {len(skipped)} images there "
             f"({shown(skipped[0]['name'])}, ...); rerun with --skip_bad or delete the folder", exit_code=EXIT_USAGE)
     plan = RunPlan(args, names, fingerprint, skipped, [], [])
+    plan.wide = dict((old or {}).get("high_bit_depth") or {})  # those of the batches an earlier run wrote
     candidates = plan.candidates
     plan.batches = batches_on_disk(out, candidates, bs) if old is not None else []
     plan.todo = candidates[len(plan.batches) * bs:]
@@ -363,12 +367,15 @@ def batch_images(plan, decoder, writer, ring):
     placement, rows = Placement(), []
     with progress.bar(total=len(plan.todo), unit="img", desc="preprocess", file=sys.stderr,
               disable=not plan.todo) as bar:
-        for index, position, problem in decoder.images(placement, writer):
+        for index, position, outcome in decoder.images(placement, writer):
             bar.update(1)
             placement.consumed += 1
-            if problem is not None:
-                record_bad(plan, plan.todo[index], problem)
+            if isinstance(outcome, str):
+                record_bad(plan, plan.todo[index], outcome)
                 continue
+            if isinstance(outcome, WideImage):
+                plan.wide[plan.todo[index]] = outcome.mode
+                plan.save(False)  # before its batch is written: a resumed run's manifest names it too
             if position != placement.filled:
                 ring.row(placement.filled)[...] = ring.row(position)
             placement.filled += 1
@@ -406,6 +413,20 @@ def finish(plan):
 def report_skipped(plan):
     for s in plan.skipped:
         log.warning(f"skipped: {shown(s['error'])}")
+    report_wide(plan.wide)
+
+
+def report_wide(wide):
+    """One line for the images of more than 8 bits per channel (torchvision's loader clips them too)."""
+    if not wide:
+        return
+    names = sorted(wide)
+    modes = ", ".join(sorted(set(wide.values())))
+    log.warning(f"{len(names)} image{'s have' if len(names) != 1 else ' has'} more than 8 bits per channel "
+                f"(PIL mode {modes}: {', '.join(map(shown, names[:3]))}{', ...' if len(names) > 3 else ''}): "
+                "converted to RGB as torchvision's loader does, which clips values above 255 (mostly white); "
+                "listed under 'high_bit_depth' in the manifest; convert them to 8 bits first if that is not "
+                "what you want")
 
 
 def report(plan, workers, elapsed):

@@ -196,8 +196,26 @@ def to_float(crops_chw, out=None):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class WideImage:
+    """A decoded image whose file holds more than 8 bits per channel (PIL mode I;16, I or F)."""
+
+    mode: str
+
+
+def is_wide_mode(mode):
+    """PIL modes of more than 8 bits per channel, which convert("RGB") clips at 255: torchvision's loader does
+    the same (mostly white images), so the bytes are kept and the run warns."""
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
 def decode_rgb(path):
     """Open and fully decode an image as RGB; raise BadImageError naming the file."""
+    return decode_noting_mode(path)[0]
+
+
+def decode_noting_mode(path):
+    """(the image as RGB, its file's PIL mode); BadImageError naming the file."""
     path = os.fspath(path)
     try:
         # Our own file object: closed on every path out, also when Pillow fails half-way.
@@ -207,7 +225,7 @@ def decode_rgb(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(f)
             img.load()  # Pillow decodes lazily: force the whole file now so truncation shows
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return (img if img.mode == "RGB" else img.convert("RGB")), img.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImageError(f"{shown(path)}: refused as a possible decompression bomb ({exc}); "
                             "raise --max_pixels if the image is genuine") from exc

@@ -26,7 +26,8 @@ from PIL import Image
 from beit_pipeline import batches, files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineError
-from beit_pipeline.preprocess_transform import BadImageError, decode_rgb, geometry, resize_center_crop, shown, to_float
+from beit_pipeline.preprocess_transform import (BadImageError, WideImage, decode_noting_mode, geometry, is_wide_mode,
+                                                resize_center_crop, shown, to_float)
 
 WRITER_DEPTH = 2  # batches queued for the writer thread
 CHUNK = 8  # images per worker task
@@ -104,13 +105,15 @@ class BatchRing:
 # ---------------------------------------------------------------- decoding
 
 def decode_into(row, path):
-    """Decode ``path`` into ``row`` (float32 (3, S, S)); None, or the message of a bad image (row untouched)."""
+    """Decode ``path`` into ``row`` (float32 (3, S, S)).  Returns None; a WideImage (decoded, but its file has
+    more than 8 bits per channel); or the message of a bad image (row untouched)."""
     try:
-        crop = resize_center_crop(decode_rgb(path))
+        image, mode = decode_noting_mode(path)
+        crop = resize_center_crop(image)
     except BadImageError as exc:
         return str(exc)
     to_float(np.ascontiguousarray(crop.transpose(2, 0, 1)), out=row)  # converting a strided view is slower
-    return None
+    return WideImage(mode) if is_wide_mode(mode) else None
 
 
 def _worker_init(max_pixels, parent):
@@ -163,7 +166,8 @@ class SerialDecoder:
         self.paths, self.ring = paths, ring
 
     def images(self, placement, writer):
-        """Yield (index, position, problem) for every path in order; the row at ``position`` holds the image."""
+        """Yield (index, position, outcome) for every path in order (decode_into's outcome); the row at
+        ``position`` holds the image."""
         for index, path in enumerate(self.paths):
             position = placement.filled
             writer.wait_done(position // self.ring.batch_size - self.ring.count + 1)
@@ -203,7 +207,8 @@ class ParallelDecoder:
         self._hand_out(Placement(), 0)
 
     def images(self, placement, writer):
-        """Yield (index, position, problem) for every path in order; the row at ``position`` holds the image."""
+        """Yield (index, position, outcome) for every path in order (decode_into's outcome); the row at
+        ``position`` holds the image."""
         pending = self.pending
         while self.next_first < len(self.paths) or pending:
             self._hand_out(placement, writer.done)

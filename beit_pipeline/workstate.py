@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 
-from beit_pipeline import cli, files, fingerprint, onnx_files
+from beit_pipeline import cli, files, fingerprint, onnx_files, results
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineError, PipelineFileError, UsageError
 from beit_pipeline.variants import KNOWN_VARIANTS, image_size as variant_image_size, token_count
@@ -71,9 +71,24 @@ class RunParams:
     precision: str = "fp32"  # beit_infer.py's --precision (the ort backend)
     fidelity: bool = True  # run beit_fidelity.py as the last step
     image_size: int = DEFAULT_SIZE  # the model's input size: preprocessing, onnxsim and atc take it
+    providers: str = ""  # beit_infer.py's --providers (the ort backend; "": its default engine)
 
     def path(self, relative):
         return os.path.join(self.workdir, relative)
+
+    @property
+    def tag(self):
+        """``_bf16``, ``_cpu``, ...: a non-default engine or precision writes its own outputs and results."""
+        return results.result_tag(self.precision, self.providers) if self.backend == "ort" else ""
+
+    @property
+    def outputs_dir(self):
+        return f"ais_out/bs{self.batch_size}{self.tag}"
+
+    @property
+    def result_name(self):
+        """The guide's accuracy JSON of this run; its details are results.details_name(result_name)."""
+        return f"acc_bs{self.batch_size}{self.tag}.json"
 
 
 @dataclasses.dataclass
@@ -101,7 +116,9 @@ def step_specs(run):
     n = run.batch_size
     prep, onnx = f"prep_image_bs{n}", f"{run.model}.onnx"
     sim, mg, om = f"beit_onnxsim_bs{n}.onnx", f"beit_mg_bs{n}.onnx", f"beit_mg_bs{n}.om"
-    out, partial = f"ais_out/bs{n}", f"ais_out/bs{n}_partial"
+    out = run.outputs_dir
+    partial = f"{out}_partial"
+    acc = run.result_name
     infer_name = "ais_bench" if run.backend == "ascend" else "beit_infer"
     steps = [
         StepSpec("preprocess", [prep], {"the images": run.image_path},
@@ -112,11 +129,12 @@ def step_specs(run):
         StepSpec("graph_modify", with_data([mg]), {"the simplified model": run.path(sim)}, {"batch_size": n}),
         StepSpec(infer_name, [out, partial] + beside(out) + beside(partial),
                  {"the batches": run.path(prep), "the model": run.path(om if run.backend == "ascend" else mg)},
-                 {"batch_size": n, "backend": run.backend, "precision": run.precision},
-                 promote=[(partial, out)] + list(zip(beside(partial), beside(out))),
-                 keep_on_redo=[partial] + beside(partial)[1:] if run.backend == "ort" else []),
-        StepSpec("eval", [f"acc_bs{n}.json"], {"the outputs": run.path(out), "the label file": run.label_file,
-                                                "the batches": run.path(prep)}, {"batch_size": n}),
+                  {"batch_size": n, "backend": run.backend, "precision": run.precision, "providers": run.providers},
+                  promote=[(partial, out)] + list(zip(beside(partial), beside(out))),
+                  keep_on_redo=[partial] + beside(partial)[1:] if run.backend == "ort" else []),
+        StepSpec("eval", [acc, results.details_name(acc)], {"the outputs": run.path(out),
+                                                            "the label file": run.label_file,
+                                                            "the batches": run.path(prep)}, {"batch_size": n}),
     ]
     if run.backend == "ascend":
         steps.insert(4, atc_spec(run, mg, om))
@@ -333,7 +351,8 @@ def run_params(args):
     model, size = run_model(args.model, checkpoint, demo)
     return RunParams(workdir=workdir, batch_size=args.batch_size, backend=args.backend, model=model,
                      image_path=image_path, label_file=label_file, checkpoint=checkpoint, demo=demo,
-                     skip_bad=args.skip_bad, soc_version=args.soc_version, force=args.force, precision=args.precision, fidelity=not args.no_fidelity, image_size=size)
+                     skip_bad=args.skip_bad, soc_version=args.soc_version, force=args.force, precision=args.precision,
+                     fidelity=not args.no_fidelity, image_size=size, providers=args.providers)
 
 
 def unowned_outputs(run, state):
@@ -402,6 +421,8 @@ def redo_reason(run, spec, entry, key, parts):
         return "not made yet"
     if run.force:
         return "--force"
+    if entry.get("status") == "stale":
+        return entry.get("stale_reason") or "what it was made from was being remade when a step failed"
     if entry.get("status") != "complete":
         return "an earlier run stopped before it finished"
     if entry.get("key") != key:
@@ -453,6 +474,119 @@ def take_alias(run, partial, aliases):
         os.replace(run.path(found[0]), run.path(partial))
 
 
+# ---------------------------------------------------------------- fail: a step did not finish
+
+RESULT_STEPS = ("eval", "fidelity")  # the steps whose outputs are numbers a person reads
+FULL_BELOW = 1 << 20  # bytes free under which a failed step's file system is called full
+
+
+def fail(args):
+    """A step failed or was stopped: remove what it left half-made and the results that depended on it.
+
+    Prints one ``error:`` line naming the step, what of it was removed and, when its file system
+    is full, that; then which results were removed as out of date (they must never be taken for
+    this run's).  With ``--interrupted`` (run_all.sh prints its own line) only the latter.
+    """
+    run = load_run(args.workdir)
+    specs = step_specs(run)
+    spec = specs[args.step]
+    state = load_state(run.workdir) or {"format": STATE_FORMAT, "outputs": {}}
+    free = free_bytes(run.workdir)
+    left = [rel for rel in spec.outputs if rel not in spec.keep_on_redo and rel not in spec.shared
+            and os.path.lexists(run.path(rel))]
+    for relative in left:
+        remove(run.path(relative))
+    entry = state["outputs"].get(spec.product)
+    if entry is not None:
+        entry.update(status="failed", failed=now())
+    stale = remove_dependent_results(run, specs, spec, state)
+    save_state(run.workdir, state)
+    if not args.interrupted:
+        tool = f"step '{args.tool or spec.name}' failed (exit {args.exit_code}); see its message above"
+        removed = f"; removed what it left: {', '.join(left)}" if left else ""
+        full = (f"; the file system of {run.workdir} is full ({free // 1024} KiB free): free space and run "
+                "again" if free is not None and free < FULL_BELOW else "")
+        log.error(f"{tool}{removed}{full}")
+    if stale:
+        log.warning(f"removed the results that depended on step {spec.name}, now out of date: {', '.join(stale)}")
+
+
+def free_bytes(folder):
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def remove_dependent_results(run, specs, failed, state):
+    """Delete the recorded results (eval, fidelity) made from what ``failed`` was remaking; mark them stale."""
+    produced = {run.path(p) for p in failed.outputs}
+    order = list(specs)
+    stale = []
+    for name in order[order.index(failed.name) + 1:]:
+        spec = specs[name]
+        if not any(path in produced for path in spec.inputs.values()):
+            continue
+        produced |= {run.path(p) for p in spec.outputs}
+        entry = state["outputs"].get(spec.product)
+        if name not in RESULT_STEPS or entry is None:
+            continue
+        for relative in entry.get("owns", []):
+            if relative not in spec.shared and os.path.lexists(run.path(relative)):
+                remove(run.path(relative))
+                stale.append(relative)
+        entry.update(status="stale", stale_reason=f"step {failed.name}, which it depends on, failed in an "
+                                                  f"earlier run; its results were removed")
+    return stale
+
+
+# ---------------------------------------------------------------- questions before the first step
+
+def check_engine(args):
+    """Refuse (exit 2) a --precision or --providers that this CPU and these packages cannot run, before any
+    step: the engine choice is engines.choose_engine's, the providers must be in this onnxruntime."""
+    from beit_pipeline import engines
+    choice = engines.choose_engine(args.providers or None, args.precision)
+    if choice.engine == "onnxruntime" and args.providers:
+        import onnxruntime
+        from beit_pipeline.onnx_models import PROVIDERS
+        available = onnxruntime.get_available_providers()
+        for item in [p.strip() for p in args.providers.split(",") if p.strip()]:
+            name = PROVIDERS.get(item.lower(), item)
+            if name not in available:
+                raise UsageError(f"--providers {args.providers}: {item} ({name}) is not in this onnxruntime "
+                                 f"(available: {', '.join(available)}); it would run on the CPU instead")
+    print(f"{choice.engine} {choice.precision} ({choice.reason})")
+
+
+def check_workdir(args):
+    """Refuse (exit 2) a work folder that cannot be made or written, naming why, before any step."""
+    folder = os.path.abspath(args.workdir)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with files.temporary_beside(os.path.join(folder, ".run_all_probe")):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--workdir {folder}: cannot write there ({exc.strerror or exc}); choose another "
+                         "--workdir") from exc
+
+
+def num_classes(run):
+    """The width of the model's output (classes), read from the padded ONNX graph (its weights left unread)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    path = run.path(f"beit_mg_bs{run.batch_size}.onnx")
+    try:
+        dims = onnx.load(path, load_external_data=False).graph.output[0].type.tensor_type.shape.dim
+        classes = int(dims[-1].dim_value)
+    except (OSError, IndexError, ValueError, DecodeError) as exc:
+        raise PipelineFileError(f"{path}: cannot read the number of classes from its output ({exc})") from exc
+    if classes < 1:
+        raise PipelineFileError(f"{path}: its output's last axis has no fixed size (the number of classes)")
+    return classes
+
+
 # ---------------------------------------------------------------- the steps' output contracts
 
 def verify_product(run, spec):
@@ -487,9 +621,11 @@ def verify_inference(run, spec):
 
 
 def verify_eval(run, spec):
-    result = files.read_json(run.path(spec.product)) or {}
-    if not all(isinstance(result.get(k), (int, float)) for k in ("top1", "top5", "num_images")):
-        raise PipelineFileError(f"{run.path(spec.product)}: the result JSON lacks numeric top1, top5 or num_images")
+    """The guide's JSON (a title and three entries) and the details beside it, with numbers."""
+    guide = files.read_json(run.path(spec.product)) or {}
+    if guide.get("title") != "Overall statistical evaluation" or len(guide.get("value") or []) != 3:
+        raise PipelineFileError(f"{run.path(spec.product)}: not the guide's accuracy JSON (a title, three entries)")
+    results.read_details(run.path(spec.outputs[1]))
 
 
 def verify_fidelity(run, spec):
@@ -505,18 +641,17 @@ VERIFY = {"demo": verify_demo, "preprocess": verify_preprocess, "beit_infer": ve
 # ---------------------------------------------------------------- summary
 
 def summary(args):
-    """The closing table: backend, batch, images, Top-1, Top-5, throughput; notes for the demo and skips."""
+    """The closing table (backend, batch, images, Top-1, Top-5, throughput), then what the numbers are:
+    counts and intervals, the subset, what they were made from, their cost against the fp32 result."""
     run = load_run(args.workdir)
-    acc_path = run.path(f"acc_bs{run.batch_size}.json")
-    acc = files.read_json(acc_path) or {}
-    if not all(isinstance(acc.get(k), (int, float)) for k in ("top1", "top5", "num_images")):
-        raise PipelineFileError(f"{acc_path}: the result JSON lacks numeric 'top1', 'top5' or 'num_images'")
+    acc_path = run.path(run.result_name)
+    acc = results.read_details(run.path(results.details_name(run.result_name)))
     from beit_pipeline.inference_summary import run_figures
-    figures = run_figures(run.path(f"ais_out/bs{run.batch_size}"), run.path(f"prep_image_bs{run.batch_size}"))
+    figures = run_figures(run.path(run.outputs_dir), run.path(f"prep_image_bs{run.batch_size}"))
     tput = figures.table_value()  # img/s over the real images; ais_bench's formula in figures.describe()
     backend = run.backend
-    if run.backend == "ort":  # the engine and precision beit_infer.py really ran, from its figures
-        backend = f"cpu: {figures.engine or 'onnxruntime'} {figures.precision or 'fp32'}"
+    if run.backend == "ort":  # the engine and precision beit_infer.py really ran, as the details record them
+        backend = f"cpu: {results.describe_run(acc)}"
     row = "| {:<22} | {:>5} | {:>6} | {:>9} | {:>9} | {:>18} |"
     print()
     print(row.format("backend", "batch", "images", "Top-1 (%)", "Top-5 (%)", "throughput (img/s)"))
@@ -525,8 +660,60 @@ def summary(args):
                      tput))
     print(figures.describe())
     print_prediction(run, acc)
-    print_notes(run, acc, acc_path)
-    log.info(f"results: {acc_path}")
+    print_what_it_is(run, acc)
+    print_costs(run, acc)
+    print_notes(run, acc, run.path(results.details_name(run.result_name)))
+    log.info(f"results: {acc_path} (the guide's JSON) and {results.details_name(run.result_name)} beside it")
+
+
+def print_what_it_is(run, acc):
+    """Counts and 95% intervals, the subset statement, and what the numbers were made from."""
+    n = int(acc["num_images"])
+    images, labels = acc.get("images") or {}, acc.get("labels") or {}
+    made = [f"{name} {os.path.basename(rec['path'])} (sha256 {rec['sha256']})"
+            for name, rec in (("checkpoint", acc.get("checkpoint")), ("model", acc.get("model"))) if rec]
+    print(f"\nTop-1: {acc['top1_correct']}/{n} images (95% interval {interval(acc, 'top1')}); "
+          f"Top-5: {acc['top5_correct']}/{n} ({interval(acc, 'top5')})")
+    print(f"images: {acc.get('subset') or f'all {n} labelled images evaluated'}; image set "
+          f"{images.get('fingerprint')} ({images.get('source')})")
+    print(f"labels: {labels.get('path')} (sha256 {labels.get('sha256')})")
+    print("made by: " + ", ".join(made + [f"engine {results.describe_run(acc)}"]))
+
+
+def interval(acc, key):
+    low, high = acc.get(f"{key}_interval_95") or (float("nan"), float("nan"))
+    return f"{low:.2f}-{high:.2f}%"
+
+
+def recorded_results(run, state):
+    """{result name: details} of this batch size's complete, unchanged results in the record."""
+    found = {}
+    for product, entry in ((state or {}).get("outputs") or {}).items():
+        if entry.get("step") != "eval" or entry.get("status") != "complete":
+            continue
+        if not product.startswith(f"acc_bs{run.batch_size}") or not product.endswith(".json"):
+            continue
+        recorded = entry.get("outputs") or {}
+        if any(output_digest(run.path(rel)) != digest for rel, digest in recorded.items()):
+            continue  # changed by hand since: not ours to compare
+        data = files.read_json(run.path(results.details_name(product)))
+        if data is not None and isinstance(data.get("top1_hits"), str):
+            found[product] = data
+    return found
+
+
+def print_costs(run, acc):
+    """The Top-1 of every other engine or precision against the fp32 result, on the same images, labels and
+    checkpoint (what bf16 costs); nothing when there is no such pair."""
+    default = f"acc_bs{run.batch_size}.json"
+    known = recorded_results(run, load_state(run.workdir))
+    known[run.result_name] = acc
+    reference = known.get(default)
+    if reference is None or not isinstance(reference.get("top1_hits"), str):
+        return
+    others = [(name, d) for name, d in sorted(known.items()) if name != default and results.same_inputs(reference, d)]
+    for name, other in others:
+        print("\n" + results.cost_line(reference, other, default, name))
 
 
 def print_prediction(run, acc):
@@ -539,10 +726,7 @@ def print_prediction(run, acc):
     predicted = fidelity_report.read_prediction(report_path)
     if predicted is None:
         return
-    from beit_pipeline.inference_summary import run_figures
-    figures = run_figures(run.path(f"ais_out/bs{run.batch_size}"))
-    engine = "the OM on the NPU" if run.backend == "ascend" else \
-        f"cpu: {figures.engine or 'onnxruntime'} {figures.precision or 'fp32'}"
+    engine = "the OM on the NPU" if run.backend == "ascend" else f"cpu: {results.describe_run(acc)}"
     count = int(acc["num_images"])
     low, high = stats.percent_interval(stats.wilson(round(acc["top1"] * count / 100.0), count))
     same = " (the same images)" if predicted.every_image and predicted.num_images == count else ""
@@ -551,11 +735,11 @@ def print_prediction(run, acc):
     print(f"measured here ({engine}): Top-1 {acc['top1']:.2f}% (95% CI {low:.2f}-{high:.2f}) on {count} images")
 
 
-def print_notes(run, acc, acc_path):
+def print_notes(run, acc, details_path):
     skipped = acc.get("skipped") or []
     if skipped:
         print(f"\nnote: {len(skipped)} images could not be read and were skipped (--skip_bad), so they are not "
-              f"counted; they are listed under 'skipped' in {acc_path}")
+              f"counted; they are listed under 'skipped' in {details_path}")
     if run.demo:
         print("\nnote: this was the built-in demo: real photographs, but a randomly initialised model with no "
               "ImageNet\naccuracy, so its labels are the PyTorch model's own predictions and Top-1/Top-5\n"
@@ -573,8 +757,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-model", help="refuse a --model the pipeline cannot run (exit 2)")
     check.add_argument("model", help="BEiT variant name")
-    sub.add_parser("model-info", help="print the model (the ONNX file's name), input size and simplifier module "
-                                      "of the run in progress (after begin)")
+    sub.add_parser("model-info", help="print the model (the ONNX file's name), input size, simplifier module and "
+                                      "result tag (_bf16, or nothing) of the run in progress (after begin)")
     begin_p = sub.add_parser("begin", help="check the work folder and remember this run's parameters")
     begin_p.add_argument("--batch_size", type=int, required=True, help="the run's batch size")
     begin_p.add_argument("--backend", choices=("ascend", "ort"), required=True, help="the backend chosen")
@@ -587,6 +771,24 @@ def build_parser():
     begin_p.add_argument("--no_fidelity", action="store_true", help="the run has no fidelity step")
     begin_p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "int8"),
                          help="beit_infer.py's --precision (ort backend; part of the inference step's key)")
+    begin_p.add_argument("--providers", default="",
+                         help="beit_infer.py's --providers (ort backend; \"\": its default engine)")
+    fail_p = sub.add_parser("fail", help="a step failed or was stopped: remove what it left half-made and the "
+                                         "results that depended on it, and say so")
+    fail_p.add_argument("step", help="step name as run_all.sh logs it")
+    fail_p.add_argument("--exit_code", type=int, default=1, help="the exit code of the command that failed")
+    fail_p.add_argument("--tool", default="", help="the command that failed (onnx_check in step onnxsim)")
+    fail_p.add_argument("--interrupted", action="store_true",
+                        help="stopped by a signal: run_all.sh prints the error line itself")
+    holder = sub.add_parser("lock-holder", help="print who holds a lock file (after kill -9 of run_all.sh: its "
+                                                "step, still running)")
+    holder.add_argument("lock", help="the lock file")
+    engine = sub.add_parser("check-engine", help="exit 2 unless this CPU and these packages run --precision with "
+                                                 "--providers; print the engine that will run")
+    engine.add_argument("--precision", default="fp32", help="beit_infer.py's --precision")
+    engine.add_argument("--providers", default="", help="beit_infer.py's --providers (\"\": the default)")
+    sub.add_parser("check-workdir", help="exit 2 unless --workdir can be made and written")
+    sub.add_parser("num-classes", help="print the number of classes of the run's padded ONNX model (after begin)")
     for name, text in (("start", "0: run STEP now (old outputs removed); 10: skip, it is complete"),
                        ("finish", "check STEP's outputs and record them as complete")):
         sub.add_parser(name, help=text).add_argument("step", help="step name as run_all.sh logs it")
@@ -594,18 +796,23 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"begin": begin, "start": start, "finish": finish, "summary": summary,
+COMMANDS = {"begin": begin, "start": start, "finish": finish, "summary": summary, "fail": fail,
             "check-model": lambda args: check_model(args.model),
-            "model-info": lambda args: model_info(load_run(args.workdir))}
+            "model-info": lambda args: model_info(load_run(args.workdir)),
+            "lock-holder": lambda args: print(files.describe_lock_holder(args.lock)),
+            "check-engine": check_engine, "check-workdir": check_workdir,
+            "num-classes": lambda args: print(num_classes(load_run(args.workdir)))}
+NO_WORKDIR = ("check-model", "lock-holder", "check-engine")
 
 
 def model_info(run):
-    """run_all.sh's line: the ONNX file's name, the input size and the simplifier module."""
-    print(run.model, run.image_size, simplifier(run.model))
+    """run_all.sh's line: the ONNX file's name, the input size, the simplifier module and the result tag
+    (``_bf16``: the outputs and results of a non-default engine or precision get their own names)."""
+    print(run.model, run.image_size, simplifier(run.model), run.tag)
 
 
 def run(args):
-    if args.command != "check-model" and not args.workdir:
+    if args.command not in NO_WORKDIR and not args.workdir:
         raise UsageError("--workdir is required")
     return COMMANDS[args.command](args)
 

@@ -98,8 +98,13 @@ def argv(case, *extra, manifest=True, batch=True):
 
 
 def read_result(case):
+    """Our details, with the guide's JSON merged in (its title and three entries) and its exact text."""
+    with open(os.path.join(case["res"], "acc_details.json"), encoding="utf-8") as f:
+        res = json.load(f)
     with open(os.path.join(case["res"], "acc.json"), encoding="utf-8") as f:
-        return json.load(f)
+        res["guide_text"] = f.read()
+    res.update(json.loads(res["guide_text"]))
+    return res
 
 
 def check_expected(res, expected=EXPECTED):
@@ -109,10 +114,12 @@ def check_expected(res, expected=EXPECTED):
     assert res["top5_correct"] == expected["correct"][4]
     assert res["top1"] == pytest.approx(100.0 * expected["correct"][0] / n)
     assert res["top5"] == pytest.approx(100.0 * expected["correct"][4] / n)
-    table = {item["key"]: item["value"] for item in res["value"] + res["top_k"]}
+    assert res["correct"] == expected["correct"]
+    table = {item["key"]: item["value"] for item in res["value"]}
     assert table["Number of images"] == str(n)
+    assert table["Top1 accuracy"] == str(round(100.0 * expected["correct"][0] / n, 2)) + "%"
     for k in range(1, 6):
-        assert table[f"Top{k} accuracy"] == str(round(100.0 * expected["correct"][k - 1] / n, 2)) + "%"
+        assert res[f"top{k}"] == pytest.approx(100.0 * expected["correct"][k - 1] / n)
 
 
 # ---------------------------------------------------------------- pure functions
@@ -170,10 +177,13 @@ def test_exact_topk_with_manifest_all_formats(tmp_path, capsys, fmt):
     assert res["title"] == "Overall statistical evaluation"
     # The guide's entries in the guide's order, Top-1 last (its beit_eval_acc.py: topn=1); Top-2..5 apart.
     assert [v["key"] for v in res["value"]] == ["Number of images", "Number of classes", "Top1 accuracy"]
-    assert [v["key"] for v in res["top_k"]] == [f"Top{k} accuracy" for k in range(1, 6)]
     assert res["value"][1]["value"] == "1000" and res["num_classes"] == 1000
-    assert res["value"][-1]["value"] == "64.71%" and res["top_k"][4]["value"] == "88.24%"
+    assert res["value"][-1]["value"] == "64.71%" and res["top5"] == pytest.approx(100 * 15 / 17)
     assert res["skipped"] == case["manifest"]["skipped"]
+    # Issue 18 item 8: the guide's JSON exactly as its own script writes it (json.dump, one line, no newline).
+    assert res["guide_text"] == ('{"title": "Overall statistical evaluation", "value": [{"key": "Number of images", '
+                                 '"value": "17"}, {"key": "Number of classes", "value": "1000"}, {"key": "Top1 '
+                                 'accuracy", "value": "64.71%"}]}')
     out = capsys.readouterr()
     assert "Top-1 accuracy: 64.71%  Top-5 accuracy: 88.24%  images: 17" in out.out
     assert "1 images were skipped" in out.err
@@ -244,7 +254,8 @@ def test_help_explains_every_flag():
     options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
     assert {o for a in options for o in a.option_strings} == {
         "--folder_davinci_target", "--annotation_file_path", "--result_json_path", "--json_file_name",
-        "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes", "--synset_mapping"}
+        "--batch_size", "--batchsize", "--prep_image", "--manifest", "--num_classes", "--checkpoint", "--model_file",
+        "--synset_mapping"}
     for action in options:
         assert action.help and action.help != argparse.SUPPRESS and len(action.help.split()) >= 4, \
             action.option_strings
@@ -379,10 +390,13 @@ def test_error_batch_size_disagrees_with_manifest(tmp_path, capsys):
     expect_error(case, capsys, args, "manifest.json", "batch size is 4")
 
 
-def test_error_guide_rule_needs_batch_size(tmp_path, capsys):
+def test_guide_rule_takes_the_guides_default_batch_size_and_says_when_it_does_not_fit(tmp_path, capsys):
+    """Issue 18 item 8: the guide's defaults (its beit_eval_acc.py: --batch_size 8); outputs of 4 rows are
+    refused naming the flag, never read as batches of 8."""
     case = make_case(tmp_path, "bin", num_classes=10)
-    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False, batch=False), "--batch_size",
-                 code=2)
+    expect_error(case, capsys, argv(case, "--num_classes", "10", manifest=False, batch=False),
+                 "4 rows, but --batch_size is 8", "pass that --batch_size")
+    assert beit_eval_acc.build_parser().parse_args([]).json_file_name == "acc_bs8.json"
 
 
 @pytest.mark.parametrize("bad_line, needle", [
@@ -432,7 +446,7 @@ def test_error_leaves_existing_json_untouched(tmp_path, capsys):
     assert beit_eval_acc.main(argv(case, "--num_classes", "10")) == 1
     assert "input_00000_0.bin" in capsys.readouterr().err
     assert open(path, "rb").read() == before
-    assert os.listdir(case["res"]) == ["acc.json"]
+    assert sorted(os.listdir(case["res"])) == ["acc.json", "acc_details.json"]
 
 
 # ---------------------------------------------------------------- issue 10: label matching and the guide's rule
@@ -521,7 +535,8 @@ def test_write_error_names_the_result_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full_disk)
     err = expect_error(case, capsys, argv(case, "--num_classes", "10"))
-    assert err.splitlines()[-1] == f"error: {os.path.join(case['res'], 'acc.json')}: No space left on device"
+    # The details are written first: a guide JSON never stands without the file that says what it measured.
+    assert err.splitlines()[-1] == f"error: {os.path.join(case['res'], 'acc_details.json')}: No space left on device"
     assert os.listdir(case["res"]) == []  # the temporary is gone too
 
 
@@ -581,3 +596,91 @@ def test_a_bin_size_that_fits_no_dtype_is_refused(tmp_path, capsys, size, messag
     with open(os.path.join(case["out"], "input_00001_0.bin"), "wb") as f:
         f.write(b"\0" * size)
     expect_error(case, capsys, argv(case, "--num_classes", "10"), "input_00001_0.bin", message)
+
+
+# ---------------------------------------------------------------- issue 17: every number says what it is
+
+def test_a_subset_of_the_labelled_images_is_stated(tmp_path, capsys):
+    """Issue 17 item 6: a label file of 24 images with 12 of them present printed 100.00% on 12 images, with no
+    word that 12 labelled images were not evaluated (fine for a subset, as CI does, but say so)."""
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 25)]
+    case = sub_folder_case(tmp_path, [f"{n} {2 * (i % 5) + 1}" for i, n in enumerate(names)], names=names[:5])
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0
+    err = capsys.readouterr().err
+    assert "warning: 5 of 24 labelled images evaluated: the other 19 are not in these outputs (label file " in err
+    res = read_result(case)
+    assert (res["num_images"], res["labelled_images"], res["labelled_not_evaluated"]) == (5, 24, 19)
+    assert res["subset"].startswith("5 of 24 labelled images evaluated")
+    assert res["top1_interval_95"] == pytest.approx([56.55, 100.0], abs=0.01)  # Wilson, 5/5
+
+
+def test_the_details_say_what_made_the_number(tmp_path):
+    """Issue 17 item 1: the accuracy JSON carried no checkpoint, image set, label file, model, engine or
+    precision; they are in the details beside the guide's JSON."""
+    import hashlib
+    case = make_case(tmp_path, "txt")
+    checkpoint, model = tmp_path / "beit.pth", tmp_path / "beit_mg_bs4.onnx"
+    checkpoint.write_bytes(b"weights")
+    model.write_bytes(b"graph")
+    with open(case["out"] + "_summary.json", "w") as f:  # what beit_infer.py's summary says it ran
+        json.dump({"throughput": 1.0, "engine": "openvino", "precision": "bf16", "runner": "openvino 2026.4.1"}, f)
+    assert beit_eval_acc.main(argv(case, "--checkpoint", str(checkpoint), "--model_file", str(model))) == 0
+    res = read_result(case)
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (checkpoint, model, tmp_path / "val_label.txt")}
+    assert res["checkpoint"] == {"path": str(checkpoint), "sha256": sha[checkpoint]}
+    assert res["model"] == {"path": str(model), "sha256": sha[model]}
+    assert res["labels"] == {"path": case["labels"], "sha256": sha[tmp_path / "val_label.txt"]}
+    assert res["images"]["fingerprint"] == case["manifest"]["fingerprint"]
+    assert (res["outputs"]["engine"], res["outputs"]["precision"], res["outputs"]["backend"]) == ("openvino", "bf16",
+                                                                                                  "cpu")
+    # Outputs with no summary of ours came from ais_bench: the OM, at atc's precision.
+    os.remove(case["out"] + "_summary.json")
+    assert beit_eval_acc.main(argv(case)) == 0
+    res = read_result(case)
+    assert (res["outputs"]["engine"], res["outputs"]["backend"], res["checkpoint"]) == ("ais_bench", "ascend", None)
+
+
+def test_guide_percent_is_the_guides_arithmetic():
+    """The guide's str(round(np.cumsum(count_hit) / count * 100, 2)) + '%', numpy float64 rounding included."""
+    from beit_pipeline import results
+    for hits, count in [(17, 17), (11, 17), (1, 3), (2, 3), (84680, 100000), (42635, 50000), (0, 7)]:
+        accuracy = np.cumsum(np.zeros(1) + hits) / count
+        assert results.guide_percent(hits, count) == str(round(accuracy[0] * 100, 2)) + "%"
+    assert results.guide_percent(1, 3) == "33.33%" and results.guide_percent(17, 17) == "100.0%"
+
+
+def test_image_names_that_are_not_utf8_are_kept_and_matched(tmp_path, capsys):
+    """Issue 17 item 9: a non-UTF-8 image name wrote a raw byte into manifest.json (json.load then failed).
+    Names are recorded losslessly and matched with label entries written with the same bytes."""
+    import beit_preprocess
+    from PIL import Image
+    images = tmp_path / "images"
+    images.mkdir()
+    raw = [b"caf\xe9.JPEG", b"ILSVRC2012_val_00000002.JPEG", b"\xff\xfe odd.png"]
+    for i, name in enumerate(raw):
+        Image.new("RGB", (40 + 10 * i, 30), (30 * i, 60, 90)).save(os.path.join(os.fsencode(images), name),
+                                                                    format="PNG" if name.endswith(b".png") else "JPEG")
+    prep = tmp_path / "prep"
+    assert beit_preprocess.main(["--image_path", str(images), "--prep_image", str(prep), "--batch_size", "4",
+                                 "--workers", "1"]) == 0
+    text = (prep / "manifest.json").read_bytes().decode("utf-8")  # strict UTF-8: valid JSON for any reader
+    manifest = json.loads(text)
+    names = manifest["batches"][0]["images"]
+    assert sorted(os.fsencode(n) for n in names) == sorted(raw)
+    logits = np.zeros((4, 10), dtype=np.float32)
+    for row in range(3):
+        logits[row, row + 1] = 5.0
+    out = tmp_path / "out"
+    out.mkdir()
+    beit_outputs.write_output(out / "input_00000_0.txt", logits)
+    labels = tmp_path / "val_label.txt"
+    labels.write_bytes(b"".join(os.fsencode(n) + b" %d\n" % (row + 1) for row, n in enumerate(names)))
+    case = {"out": str(out), "prep": str(prep), "labels": str(labels), "res": str(tmp_path / "res")}
+    capsys.readouterr()
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 0, capsys.readouterr().err
+    res = read_result(case)
+    assert (res["num_images"], res["top1_correct"]) == (3, 3)
+    # A label file that names one of them with other bytes (the UTF-8 spelling) is an error naming it.
+    labels.write_bytes(labels.read_bytes().replace(b"caf\xe9", "café".encode()))
+    assert beit_eval_acc.main(argv(case, "--num_classes", "10", batch=False)) == 1
+    assert "no label for image caf\\xe9.JPEG" in capsys.readouterr().err

@@ -154,23 +154,44 @@ def test_bad_arguments(tiny_checkpoint, tmp_path, capsys, args, message):
     assert os.listdir(tmp_path) == []
 
 
+# The export hangs at its first fsync (files.write_bytes_atomic: the temporary beside --target is written,
+# nothing is published), so that SIGINT lands at one known moment; Ctrl-C as a foreground job gets it.
+HANG_AT_FSYNC = r'''
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if sys.argv and sys.argv[0].endswith("beit_pth2onnx.py"):
+    _real_fsync = os.fsync
+    def _fsync(fd):
+        _real_fsync(fd)
+        open(os.environ["HANG_FLAG"], "w").close()
+        time.sleep(120)
+    os.fsync = _fsync
+'''
+
+
 def test_ctrl_c_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
-    """SIGINT once the temporary beside --target exists: one error line, exit 130, no .tmp, no target."""
-    target = tmp_path / "m.onnx"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """SIGINT while the temporary beside --target exists: one error line, exit 130, no .tmp, no target.
+    (Deterministic, issue 17: it landed at a random moment and once was swallowed inside an import.)"""
+    site, out = tmp_path / "site", tmp_path / "out"
+    site.mkdir()
+    out.mkdir()
+    (site / "sitecustomize.py").write_text(HANG_AT_FSYNC)
+    flag = site / "hanging"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(site), HANG_FLAG=str(flag))
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "beit_pth2onnx.py"), "--source", tiny_checkpoint,
-                             "--target", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--target", str(out / "m.onnx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 120
-    while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+    while not flag.exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no temporary appeared"
-        time.sleep(0.002)
+        assert time.monotonic() < deadline, "the export did not reach its first fsync"
+        time.sleep(0.01)
+    assert any(n.endswith(".tmp") for n in os.listdir(out))
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out_text, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.count("error: ") == 1 and "error: interrupted" in err and "Traceback" not in err
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(out) == []
 
 
 # ---------------------------------------------------------------- bad checkpoints

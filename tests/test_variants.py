@@ -69,7 +69,7 @@ def test_large_512_runs_through_run_all(tmp_path):
         assert os.path.getsize(workdir / (name + ".data")) > 2 ** 31, name  # over protobuf's limit
         assert os.path.getsize(workdir / name) < 2 ** 20, name  # the graph alone
     assert not list(workdir.glob("*.partial*")) and not list(workdir.glob(".*.tmp"))
-    acc = json.loads((workdir / "acc_bs1.json").read_text())
+    acc = json.loads((workdir / "acc_bs1_details.json").read_text())
     assert (acc["num_images"], acc["top1"]) == (2, 100.0)
 
 
@@ -88,6 +88,6 @@ def test_published_size_runs_through_run_all(tmp_path, variant):
     assert f"tokens {tokens} -> {-(-tokens // 16) * 16}" in proc.stdout
     manifest = json.loads((workdir / "prep_image_bs2" / "manifest.json").read_text())
     assert (manifest["image_size"], manifest["resize_size"]) == (size, size)
-    acc = json.loads((workdir / "acc_bs2.json").read_text())
+    acc = json.loads((workdir / "acc_bs2_details.json").read_text())
     assert (acc["num_images"], acc["top1"]) == (3, 100.0)
     assert np.isclose(acc["top5"], 100.0)

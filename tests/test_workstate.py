@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from beit_pipeline import batches, workstate
+from beit_pipeline import batches, results, workstate
 
 BS = 2
 ORT_STEPS = ["preprocess", "pth2onnx", "onnxsim", "graph_modify", "beit_infer", "eval"]
@@ -33,6 +33,8 @@ class Work:
         self.checkpoint = root / "model.pth"
         self.checkpoint.write_bytes(b"checkpoint one")
         self.made = []
+        self.tag = ""  # results.result_tag of the run begun last
+        self.hits = None  # the per-image Top-1 hits make_acc records (None: all hits)
 
     def call(self, *args):
         code = workstate.main(["--workdir", str(self.workdir)] + [str(a) for a in args])
@@ -46,6 +48,8 @@ class Work:
                 "--label_file", self.labels, "--checkpoint", self.checkpoint] + list(extra)
         code = workstate.main([str(a) for a in args])
         out, err = self.capsys.readouterr()
+        flags = dict(zip(extra[::2], extra[1::2]))
+        self.tag = results.result_tag(flags.get("--precision", "fp32"), flags.get("--providers", ""))
         return code, out, err
 
     def run(self, *extra, **kwargs):
@@ -88,23 +92,34 @@ def make_file(name, content_from=None):
 
 
 def make_outputs(work):
-    out = work.path(f"ais_out/bs{BS}_partial")
+    out = work.path(f"ais_out/bs{BS}{work.tag}_partial")
     out.mkdir(parents=True)
     manifest = batches.load_manifest(str(work.path(f"prep_image_bs{BS}")))
     for stem, _ in batches.rows_from_manifest(manifest):
         (out / f"{stem}_0.txt").write_text("0.0 \n" * BS)
-    work.path(f"ais_out/bs{BS}_partial_summary.json").write_text(json.dumps({"throughput": 16.0}))  # ais_bench's
+    work.path(f"ais_out/bs{BS}{work.tag}_partial_summary.json").write_text(json.dumps({"throughput": 16.0}))
     # beit_infer.py's own figures beside it (inference_summary.run_figures reads them): 12.5 img/s over real images
-    work.path(f"ais_out/bs{BS}_partial_beit_summary.json").write_text(json.dumps(
-        {"format": 1, "engine": "openvino", "precision": "fp32", "resumed": False, "last_full_measurement": {
-            "throughput_real_images": 12.5, "throughput_ais_bench": 16.0, "real_images": 3,
-            "measured_at": "2026-11-27T10:00:00+00:00"}}))
+    work.path(f"ais_out/bs{BS}{work.tag}_partial_beit_summary.json").write_text(json.dumps(
+        {"format": 1, "engine": "openvino", "precision": work.tag[1:] or "fp32", "resumed": False,
+         "last_full_measurement": {"throughput_real_images": 12.5, "throughput_ais_bench": 16.0, "real_images": 3,
+                                   "measured_at": "2026-11-27T10:00:00+00:00"}}))
 
 
 def make_acc(work):
+    """The guide's JSON and our details, as beit_eval_acc.py writes them for the run's images."""
     n = len(os.listdir(work.images))
-    work.path(f"acc_bs{BS}.json").write_text(json.dumps({"top1": 100.0, "top5": 100.0, "num_images": n,
-                                                         "skipped": []}))
+    hits = [True] * n if work.hits is None else work.hits
+    name = f"acc_bs{BS}{work.tag}.json"
+    work.path(name).write_text(results.guide_json_text(n, 1000, sum(hits)))
+    details = {"num_images": n, "num_classes": 1000, "top1": 100.0 * sum(hits) / n, "top5": 100.0,
+               "top1_correct": sum(hits), "top5_correct": n, "top1_interval_95": results.wilson_interval(sum(hits), n),
+               "top5_interval_95": results.wilson_interval(n, n), "labelled_images": n, "subset": None, "skipped": [],
+               "images": {"fingerprint": "f1", "order": "o1", "source": str(work.images)},
+               "labels": {"path": str(work.labels), "sha256": "l1"},
+               "checkpoint": {"path": str(work.checkpoint), "sha256": "c1"},
+               "outputs": {"engine": "openvino", "precision": work.tag[1:] or "fp32"},
+               "top1_hits": results.pack_hits(hits)}
+    work.path(results.details_name(name)).write_text(json.dumps(details))
 
 
 MAKERS = {"preprocess": make_prep, "pth2onnx": make_file("beit_tiny_test_patch16_224.onnx"),
@@ -173,7 +188,7 @@ def test_images_added_redo_preprocessing_inference_and_eval(work):
     work.run()
     (work.images / "ILSVRC2012_val_00000004.JPEG").write_bytes(b"new")
     assert work.run() == ["preprocess", "beit_infer", "eval"]
-    assert json.loads(work.path(f"acc_bs{BS}.json").read_text())["num_images"] == 4
+    assert json.loads(work.path(f"acc_bs{BS}_details.json").read_text())["num_images"] == 4
 
 
 def test_an_image_rewritten_in_place_redoes_preprocessing(work):
@@ -281,10 +296,10 @@ def test_an_output_path_taken_by_a_user_file_after_a_run_is_refused(work):
 # ---------------------------------------------------------------- summary and model check
 
 def test_summary_table_and_notes(work):
+    work.hits = [True, False, True]
     work.run()
-    acc = work.path(f"acc_bs{BS}.json")
-    acc.write_text(json.dumps({"top1": 66.6666, "top5": 100.0, "num_images": 3,
-                               "skipped": [{"name": "bad.jpg", "error": "truncated"}]}))
+    details = work.path(f"acc_bs{BS}_details.json")
+    details.write_text(details.read_text().replace('"skipped": []', '"skipped": [{"name": "bad.jpg", "error": "x"}]'))
     code, out, _ = work.call("summary")
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith("| ")]
@@ -292,6 +307,31 @@ def test_summary_table_and_notes(work):
                                                                   "100.00", "12.50"]
     assert "note: 1 images could not be read and were skipped (--skip_bad)" in out
     assert "built-in demo" not in out
+    # Issue 17 item 1: what the number is (counts, interval) and what it was made from.
+    assert "Top-1: 2/3 images (95% interval 20.77-93.85%); Top-5: 3/3 (43.85-100.00%)" in out
+    assert "images: all 3 labelled images evaluated; image set f1 (" in out
+    assert f"labels: {work.labels} (sha256 l1)" in out
+    assert "made by: checkpoint model.pth (sha256 c1), engine openvino fp32" in out
+
+
+def test_a_bf16_run_has_its_own_results_and_prints_its_cost_against_fp32(work):
+    """Issue 17 items 1 and 3: --precision bf16 wrote over the fp32 acc_bs8.json (62.00 where fp32 gave 64.00)
+    and printed its cost nowhere.  Its outputs and results now have their own names, and the summary compares
+    it with the fp32 result image by image."""
+    work.run()
+    fp32 = {name: work.path(name).read_bytes() for name in (f"acc_bs{BS}.json", f"acc_bs{BS}_details.json")}
+    work.hits = [True, False, False]
+    assert work.run("--precision", "bf16") == ["beit_infer", "eval"]
+    assert work.path(f"ais_out/bs{BS}_bf16").is_dir() and work.path(f"ais_out/bs{BS}").is_dir()
+    assert {name: work.path(name).read_bytes() for name in fp32} == fp32
+    code, out, _ = work.call("summary")
+    assert code == 0
+    assert ("Top-1 cost: openvino bf16 (acc_bs2_bf16.json) against openvino fp32 (acc_bs2.json) on the same 3 "
+            "images: Top-1 33.33% vs 100.00% (-66.67 points; 2 images lost, 0 gained; exact McNemar p = 0.5)") in out
+    # Made from another checkpoint: not the same inputs, so no comparison.
+    details = work.path(f"acc_bs{BS}_bf16_details.json")
+    details.write_text(details.read_text().replace('"sha256": "c1"', '"sha256": "c2"'))
+    assert "Top-1 cost" not in work.call("summary")[1]
 
 
 def test_check_model_refuses_an_unknown_variant(capsys):
@@ -386,3 +426,118 @@ def test_a_dangling_symlink_among_the_images_is_left_to_preprocessing(work):
     work.begin()
     code, _, err = work.call("start", "preprocess")
     assert code == 0, err
+
+
+# ---------------------------------------------------------------- issue 17: a failed step, refusals before the first
+
+def test_a_failed_step_removes_what_it_left_and_the_results_made_from_it(work, monkeypatch):
+    """Issue 17 items 3 and 8: after a failed run the old acc_bs8.json stayed, looking like its answer; a full
+    disk left beit_onnxsim_bs8.partial.onnx and said only 'No space left on device'."""
+    work.run()
+    work.checkpoint.write_bytes(b"checkpoint two")
+    work.begin()
+    for step in ("preprocess", "pth2onnx"):
+        if work.call("start", step)[0] == 0:
+            MAKERS[step](work)
+            assert work.call("finish", step)[0] == 0
+    assert work.call("start", "onnxsim")[0] == 0
+    work.path(f"beit_onnxsim_bs{BS}.partial.onnx").write_bytes(b"half a model")  # what onnxsim left
+    monkeypatch.setattr(workstate, "free_bytes", lambda folder: 12 * 1024)
+    code, out, err = work.call("fail", "onnxsim", "--exit_code", "1")
+    assert code == 0
+    assert (f"error: step 'onnxsim' failed (exit 1); see its message above; removed what it left: "
+            f"beit_onnxsim_bs{BS}.partial.onnx; the file system of {work.workdir} is full (12 KiB free)") in err
+    assert (f"warning: removed the results that depended on step onnxsim, now out of date: acc_bs{BS}.json, "
+            f"acc_bs{BS}_details.json") in err
+    assert not work.path(f"acc_bs{BS}.json").exists() and not work.path(f"beit_onnxsim_bs{BS}.partial.onnx").exists()
+    assert work.path(f"beit_mg_bs{BS}.onnx").exists()  # not a number: kept, checked by its key on the next run
+    work.begin()
+    code, out, _ = work.call("start", "eval")
+    assert code == 0 and "redo eval: acc_bs2.json: step onnxsim, which it depends on, failed" in out
+
+
+def test_an_interrupted_step_removes_the_results_without_a_second_error_line(work):
+    work.run()
+    work.path(f"ais_out/bs{BS}").rename(work.path(f"ais_out/bs{BS}_gone"))
+    work.begin()
+    assert work.call("start", "beit_infer")[0] == 0
+    code, _, err = work.call("fail", "beit_infer", "--interrupted")
+    assert code == 0 and "error:" not in err
+    assert "removed the results that depended on step beit_infer, now out of date: acc_bs2.json" in err
+
+
+def tiny_classifier(path, classes):
+    """An ONNX graph whose output 'class' is (N, classes), as beit_mg_bs{N}.onnx's is."""
+    import onnx
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["class"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [BS, classes])],
+                              [helper.make_tensor_value_info("class", TensorProto.FLOAT, [BS, classes])])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_the_number_of_classes_is_read_from_the_model(work):
+    """Issue 17 item 8 (Why): a 10-class checkpoint stopped at eval, which assumed 1000 and had no flag."""
+    work.begin()
+    tiny_classifier(work.path(f"beit_mg_bs{BS}.onnx"), 10)
+    assert work.call("num-classes")[:2] == (0, "10\n")
+    work.path(f"beit_mg_bs{BS}.onnx").write_bytes(b"not a model")
+    code, _, err = work.call("num-classes")
+    assert code == 1 and "cannot read the number of classes" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "bf16"], "--precision bf16: this CPU has no bf16 instructions"),
+    (["--precision", "int8"], "--precision int8 is not built"),
+    (["--providers", "cuda"], "--providers cuda: cuda (CUDAExecutionProvider) is not in this onnxruntime"),
+    (["--providers", "cpu", "--precision", "bf16"], "--precision bf16: this CPU has no bf16 instructions"),
+])
+def test_engine_and_precision_are_refused_before_the_first_step(tmp_path, capsys, monkeypatch, flags, message):
+    """Issue 17 item 7: --precision fp16/int8 were offered and refused after four steps had run."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    monkeypatch.setenv("BEIT_CPUINFO", str(cpuinfo))
+    assert workstate.main(["check-engine"] + flags) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert workstate.main(["check-engine", "--providers", "cpu"]) == 0
+    assert capsys.readouterr().out == "onnxruntime fp32 (--providers cpu)\n"
+
+
+def test_a_work_folder_that_cannot_be_written_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    assert workstate.main(["--workdir", str(blocker / "work"), "check-workdir"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --workdir {blocker / 'work'}: cannot write there (Not a directory); choose another" in err
+    assert workstate.main(["--workdir", str(tmp_path / "new" / "work"), "check-workdir"]) == 0
+    assert os.listdir(tmp_path / "new" / "work") == []  # the probe left nothing
+
+
+def test_the_lock_message_names_the_step_still_running_after_kill_9(tmp_path):
+    """Issue 17 item 8: after kill -9 of run_all.sh the message named the dead shell, not the step holding the
+    lock it inherited."""
+    import signal
+    import subprocess
+    lock = tmp_path / ".run_all.lock"
+    shell = subprocess.Popen(["bash", "-c", f'exec 9<>"{lock}"; flock 9; echo $$ >"{lock}"; sleep 60 & echo $!; wait'],
+                             stdout=subprocess.PIPE, text=True)
+    step = int(shell.stdout.readline())
+    try:
+        os.kill(shell.pid, signal.SIGKILL)
+        shell.wait()
+        shown = workstate.files.describe_lock_holder(str(lock))
+        assert shown.startswith(f"PID {step} (sleep 60), left running by PID {shell.pid}, which is no longer running")
+    finally:
+        os.kill(step, signal.SIGKILL)
+
+
+def test_a_python_without_the_packages_is_one_line_naming_the_fix(capsys, monkeypatch):
+    """Issue 17 item 7: with no .venv on PATH the first step died with ModuleNotFoundError: No module named 'PIL'."""
+    from beit_pipeline import environment
+    real = environment.importlib.util.find_spec
+    monkeypatch.setattr(environment.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("PIL", "onnx") else real(name, *a))
+    assert environment.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: python3 ({os.sys.executable}) lacks pillow, onnx, ")
+    assert ".venv" in err
