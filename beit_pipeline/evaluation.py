@@ -327,7 +327,14 @@ def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, 
     labels = manifest_labels(label_file, plan)
     rows = manifest_rows(plan, manifest["batch_size"], num_classes, summary_output_dtype(folder))
     accuracy = evaluate(rows, labels, num_classes, label_file.path)
-    return Evaluation(accuracy, "manifest", list(manifest.get("skipped") or []), len(label_file.entries), manifest)
+    return Evaluation(accuracy, "manifest", list(manifest.get("skipped") or []), labelled_count(label_file, labels),
+                      manifest)
+
+
+def labelled_count(label_file, labels: dict) -> int:
+    """How many images the labels name: a label file's entries; class folders label just the images read."""
+    from beit_pipeline.label_formats import FolderLabels
+    return len(labels) if isinstance(label_file, FolderLabels) else len(label_file.entries)
 
 
 def evaluate_with_guide_rule(folder, outputs, label_file, batch_size, num_classes):

@@ -224,13 +224,17 @@ def load_blocks(workdir: str, batch_size: int) -> list:
     return found
 
 
-def load_throughput(workdir: str) -> list:
-    """One row per output folder of ais_out: our figures where beit_infer.py wrote them, else ais_bench's."""
+def load_throughput(workdir: str, batch_size: int) -> list:
+    """One row per output folder of this batch size in ais_out (bs{N}, and bs{N}_<tag> for another engine or
+    precision): our figures where beit_infer.py wrote them, else ais_bench's.  Other batch sizes have their own
+    report, so that a run at one batch size never changes another's page."""
     rows = {}
     for path in sorted(glob.glob(os.path.join(workdir, "ais_out", "*_summary.json"))):
         name = os.path.basename(path)
         ours = name.endswith("_beit_summary.json")
         folder = name[: -len("_beit_summary.json") if ours else -len("_summary.json")]
+        if folder != f"bs{batch_size}" and not folder.startswith(f"bs{batch_size}_") or folder.endswith("_partial"):
+            continue
         data = read_json(path)
         if not isinstance(data, dict) or (folder in rows and not ours):
             continue
@@ -284,7 +288,7 @@ def load(workdir: str, batch_size: int) -> ReportData:
     workdir = os.path.abspath(workdir)
     stages, fidelity_images = load_stages(workdir, batch_size)
     data = ReportData(workdir, batch_size, load_inputs(workdir, batch_size), load_accuracy(workdir, batch_size),
-                      stages, fidelity_images, load_blocks(workdir, batch_size), load_throughput(workdir),
+                      stages, fidelity_images, load_blocks(workdir, batch_size), load_throughput(workdir, batch_size),
                       load_keep(workdir, batch_size), [])
     for found, sentence in ((data.accuracy, f"no accuracy result (acc_bs{batch_size}.json)"),
                             (data.stages, f"no fidelity report (fidelity_bs{batch_size}.json: beit_fidelity.py)"),

@@ -81,6 +81,8 @@ def crafted_workdir(root):
         "format": 1, "engine": "openvino", "precision": "bf16", "provider": "CPU",
         "last_full_measurement": {"throughput_real_images": 11.2, "real_images": 200,
                                   "measured_at": "2026-11-26T17:01:00+00:00"}})
+    # Another batch size's figures: its own report's, never this one's (a bs16 run must not change this page).
+    write_json(work / "ais_out" / "bs16_summary.json", {"throughput": 777.25, "engine": "openvino", "precision": "fp32"})
     write_json(work / f"keep_dtype_bs{BS}.json", {"keep": ["/blocks.0/attn/Softmax"], "why": "block 0's scores "
                "saturate in fp16", "operators": [{"kind": "softmax", "position": "block 0, attention softmax",
                                                    "nodes": ["/blocks.0/attn/Softmax"]}]})
@@ -129,6 +131,7 @@ def test_report_of_a_crafted_folder_renders_in_chromium(tmp_path, capsys):
     assert "<td class=label>7</td><td class=num>9.250</td>" in text  # the label marked in pytorch's top-5
     assert text.count("data:image/jpeg;base64,") == 3 and text.count("(image not found)") == 2
     assert "11.20" in text and "bf16" in text and "/blocks.0/attn/Softmax" in text
+    assert "777.25" not in text
     result, console, shot = check_in_chromium(path, tmp_path)
     assert result == {"images": 5, "broken": 0, "errors": []}  # 3 thumbnails, 2 plots
     assert console == []
