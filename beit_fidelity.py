@@ -16,7 +16,17 @@ when the model they are made from changes.
 --locate STAGE instead finds where STAGE's model starts to differ from the stage
 before it (onnxsim <- onnx, graph_modify and guide_padding <- onnxsim, om_emulation <-
 graph_modify, guide_om_emulation <- guide_padding), tensor by tensor, on the first batch,
-and prints the error after each block.  It writes no report.
+and prints the error after each block; for an emulated stage it also names the first
+node whose fp16 rounding saturates (the 310P clamps overflow to +-65504).  It writes no
+report.
+
+--keep_dtype FILE builds the om_emulation stage with atc's keep_dtype file (the
+operators it lists compute and store fp32), as run_all.sh --keep_dtype builds the OM.
+
+--suggest_keep_dtype instead finds a small set of operators of beit_mg_bs{N}.onnx to
+keep in fp32 so that the emulated OM is back within its ordinary error of fp32, and
+writes keep_dtype_bs{N}.cfg (atc's format) and keep_dtype_bs{N}.json, then prints the
+atc command line with --keep_dtype (an empty list when nothing needs keeping).
 
 Exit status: 0 done; 1 a file the report needs is missing or malformed (nothing written);
 2 usage.
@@ -25,7 +35,7 @@ Exit status: 0 done; 1 a file the report needs is missing or malformed (nothing 
 import argparse
 import sys
 
-from beit_pipeline import cli, fidelity, fidelity_locate
+from beit_pipeline import cli, fidelity, fidelity_locate, fp16_overflow, keep_dtype, keep_suggestion
 from beit_pipeline.cli import log
 
 
@@ -48,13 +58,24 @@ def build_parser():
     p.add_argument("--locate", metavar="STAGE", choices=sorted(fidelity_locate.PREVIOUS),
                    help="find the first node where STAGE departs from the stage before it (cosine < "
                         f"{fidelity_locate.COSINE_LIMIT} or max|a-b|/max|b| > {fidelity_locate.REL_LIMIT:g}) and "
-                        "print the error after each block; writes no report")
+                        "print the error after each block (and, for an emulated stage, the first node whose fp16 "
+                        "rounding saturates); writes no report")
+    p.add_argument("--keep_dtype", metavar="FILE",
+                   help="atc's keep_dtype file (a node name of beit_mg_bs{N}.onnx or OpType::TypeName per line): the "
+                        "om_emulation stage keeps those operators in fp32, as atc --keep_dtype does")
+    p.add_argument("--suggest_keep_dtype", action="store_true",
+                   help="find operators to keep in fp32 so the emulated OM is back within its ordinary error of "
+                        "fp32; writes keep_dtype_bs{N}.cfg and .json and prints the atc command line; no report")
     return p
 
 
 def check_args(args):
     cli.check(args.batch_size >= 1, "--batch_size must be at least 1")
     cli.check(args.max_images >= 1, "--max_images must be at least 1")
+    cli.check(not (args.locate and args.suggest_keep_dtype), "--locate and --suggest_keep_dtype are two modes; "
+                                                               "give one")
+    if args.keep_dtype:
+        keep_dtype.read(args.keep_dtype)  # a missing or malformed file is refused before any work
 
 
 def run_locate(wf, stage):
@@ -67,12 +88,21 @@ def run_locate(wf, stage):
     cand_path = fidelity.ensure_model(wf, stage, record)
     found = fidelity_locate.locate(ref_path, cand_path, stage, reference, images.batches[0][0], images.image_size)
     fidelity_locate.report(found)
+    if stage in fp16_overflow.EMULATED_STAGES:  # issue 20: where fp16 overflows, if it does
+        batch_path, rows = images.batches[0]
+        keep, _ = keep_dtype.for_stage(wf.keep_dtype, stage)
+        first = fp16_overflow.first_saturation(ref_path, keep, images.read(batch_path), images.names[:rows])
+        log.info(f"first saturating node: {fp16_overflow.describe(first)}" if first else
+                 "no fp16 rounding saturates on this batch")
 
 
 def run(args):
     wf = fidelity.work_folder(args, scoring=not args.locate)
     if args.locate:
         return run_locate(wf, args.locate)
+    if args.suggest_keep_dtype:
+        keep_suggestion.run(wf, args.max_images)
+        return None
     requested = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else []
     stages = fidelity.choose_stages(wf, requested)
     results = fidelity.run_report(wf, stages, args.max_images)

@@ -20,11 +20,12 @@ the logits against pytorch, and the images whose Top-1 differs from pytorch's.
 import dataclasses
 import os
 import time
+from typing import Optional
 
 import numpy as np
 
-from beit_pipeline import (batches, files, graph_padding, inference_record, labels, om_emulation, onnx_files,
-                           onnx_models)
+from beit_pipeline import (batches, files, fp16_overflow, graph_padding, inference_record, keep_dtype, labels,
+                           om_emulation, onnx_files, onnx_models)
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError, UsageError
@@ -39,7 +40,7 @@ CPU_PRECISION_STAGES = {"cpu_bf16": "bf16"}
 DEFAULT_MAX_IMAGES = 64
 STATE_NAME, RUN_NAME = "run_all_state.json", ".run_all_run.json"
 DERIVED_RECORD = ".fidelity_derived.json"
-DERIVED_VERSION = 1  # bump when graph_padding's guide edits or om_emulation change what they write
+DERIVED_VERSION = 2  # bump when graph_padding's guide edits or om_emulation change what they write (2: saturation)
 DEFAULT_MODEL = "beit_base_patch16_224"
 
 
@@ -51,6 +52,7 @@ class WorkFolder:
     checkpoint: str
     label_file: str
     model: str
+    keep_dtype: str = ""  # issue 20: the atc keep_dtype file the om_emulation stage is built with ("": none)
 
     def path(self, relative):
         return os.path.join(self.workdir, relative)
@@ -81,6 +83,7 @@ class StageResult:
     flipped: list
     source: str = ""
     seconds: float = 0.0
+    saturated_nodes: Optional[list] = None  # issue 20: emulated stages: fp16 roundings that clamp (fp16_overflow)
 
 
 # ---------------------------------------------------------------- where the inputs are
@@ -113,7 +116,8 @@ def work_folder(args, scoring=True):
         raise UsageError(f"{args.workdir}: run_all.sh's record names no label file (no eval step for batch size "
                          f"{args.batch_size}); give --label_file")
     return WorkFolder(os.path.abspath(args.workdir), args.batch_size, os.path.abspath(checkpoint or ""),
-                      os.path.abspath(label_file or ""), args.model or model or DEFAULT_MODEL)
+                      os.path.abspath(label_file or ""), args.model or model or DEFAULT_MODEL,
+                      os.path.abspath(args.keep_dtype) if getattr(args, "keep_dtype", None) else "")
 
 
 def cli_check_folder(workdir):
@@ -229,11 +233,11 @@ def make_guide(src, dst, batch_size):
     return dict(result.counts)
 
 
-def make_emulation(src, dst, batch_size):
-    """The fp16 emulation (om_emulation.emulate) of a padded model."""
+def make_emulation(src, dst, batch_size, keep=None):
+    """The fp16 emulation (om_emulation.emulate) of a padded model, with an atc keep_dtype list (issue 20)."""
     import onnx
 
-    emulation = om_emulation.emulate(onnx.load(src))
+    emulation = om_emulation.emulate(onnx.load(src), keep)
     onnx_files.write_model(emulation.model, dst)
     return dict(emulation.counts)
 
@@ -263,14 +267,15 @@ def ensure_model(wf, stage, record):
     src, dst = ensure_model(wf, parent, record), wf.file(stage)
     rel = wf.files()[stage]
     made = record.get(rel) or {}
+    keep, keep_digest = keep_dtype.for_stage(wf.keep_dtype, stage)  # issue 20: the keep list decides too
     if os.path.isfile(dst) and made.get("source") == _stat(src) and made.get("made") == _stat(dst) \
-            and made.get("version") == DERIVED_VERSION:
+            and made.get("version") == DERIVED_VERSION and made.get("keep", "") == keep_digest:
         return dst
     start = time.perf_counter()
-    counts = make(src, dst, wf.batch_size)
+    counts = make(src, dst, wf.batch_size, **({"keep": keep} if keep else {}))
     log.info(f"made {rel} from {os.path.basename(src)} in {time.perf_counter() - start:.1f} s: "
              + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    record[rel] = {"source": _stat(src), "made": _stat(dst), "version": DERIVED_VERSION}
+    record[rel] = {"source": _stat(src), "made": _stat(dst), "version": DERIVED_VERSION, "keep": keep_digest}
     files.write_json_atomic(wf.path(DERIVED_RECORD), record)
     return dst
 
@@ -323,6 +328,16 @@ def stage_logits(wf, stage, images, record):
     return onnx_logits(path, images), path
 
 
+def emulated_stage_logits(wf, stage, images, record):
+    """Issue 20: an emulated stage's (logits, model file, saturated nodes), run with saturation probes."""
+    path = ensure_model(wf, stage, record)
+    src = ensure_model(wf, DERIVED[stage][0], record)
+    pixels = np.concatenate([images.read(p)[:rows] for p, rows in images.batches])
+    keep, _ = keep_dtype.for_stage(wf.keep_dtype, stage)
+    logits, saturated = fp16_overflow.emulated_stage(src, keep, pixels, wf.batch_size, images.names)
+    return logits, path, saturated
+
+
 # ---------------------------------------------------------------- the numbers
 
 def cosines(a, b):
@@ -354,10 +369,15 @@ def run_report(wf, stages, max_images):
     results, reference = [], None
     for stage in stages:
         start = time.perf_counter()
-        logits, source = stage_logits(wf, stage, images, record)
+        saturated = None
+        if stage in fp16_overflow.EMULATED_STAGES:  # issue 20: run with saturation probes
+            logits, source, saturated = emulated_stage_logits(wf, stage, images, record)
+        else:
+            logits, source = stage_logits(wf, stage, images, record)
         reference = logits if reference is None else reference
         result = score(stage, logits, reference, images)
         result.source, result.seconds = os.path.relpath(source, wf.workdir), time.perf_counter() - start
+        result.saturated_nodes = saturated
         log.info(f"  {stage}: Top-1 {result.top1:.2f}%, agrees with pytorch on {result.agree_top1:.2f}%, "
                  f"max rel err {result.max_rel_err:.3e} ({result.seconds:.1f} s)")
         results.append(result)
@@ -385,6 +405,8 @@ def markdown(wf, results, max_images):
     if predicted is not None:
         lines.append(f"Predicted OM Top-1 (om_emulation): {predicted.top1:.2f}% against pytorch's "
                      f"{results[0].top1:.2f}% on the same images.")
+    lines += [fp16_overflow.markdown_line(r.name, r.saturated_nodes) for r in results
+              if r.saturated_nodes is not None]  # issue 20
     for r in results:
         if r.flipped:
             shown = ", ".join(r.flipped[:10]) + (f" and {len(r.flipped) - 10} more" if len(r.flipped) > 10 else "")

@@ -1,0 +1,126 @@
+"""beit_fidelity.py --suggest_keep_dtype: the keep_dtype file for atc, found on the CPU.
+
+On the fidelity report's images it emulates the OM of beit_mg_bs{N}.onnx (the model
+given to atc, whose node names the file holds), finds a small set of operators to
+keep in fp32 (fp16_overflow.suggest) and writes
+
+* ``keep_dtype_bs{N}.cfg``: atc's format, a ``#`` line saying what made it, one node
+  name per line, and ``OpType::`` alternatives commented out;
+* ``keep_dtype_bs{N}.json``: the list, the emulated stage with it and without it
+  (``top1``, ``agree_top1``, ``max_rel_err``, ``min_cosine``, ``num_images``), the
+  share of the model's FLOPs the list keeps in fp32, and why;
+
+then prints the atc command line with ``--keep_dtype``.  An empty list is an answer:
+the files are written and the reason is printed.
+"""
+
+import dataclasses
+import logging
+import os
+import tempfile
+
+import numpy as np
+import onnx
+
+from beit_pipeline import fidelity, fp16_overflow, keep_dtype
+from beit_pipeline.errors import PipelineFileError
+from beit_pipeline.graph_index import GraphIndex, node_key
+
+log = logging.getLogger("beit." + __name__)
+
+STAGE_KEYS = ("top1", "agree_top1", "max_rel_err", "min_cosine", "num_images")
+
+
+def paths(wf: fidelity.WorkFolder) -> tuple:
+    """(keep_dtype_bs{N}.cfg, keep_dtype_bs{N}.json) in the work folder."""
+    return wf.path(f"keep_dtype_bs{wf.batch_size}.cfg"), wf.path(f"keep_dtype_bs{wf.batch_size}.json")
+
+
+def run(wf: fidelity.WorkFolder, max_images: int) -> dict:
+    """Search, write the two files, print the atc command line; returns the JSON record."""
+    fidelity.require_stage(wf, "graph_modify")
+    images = fidelity.select_images(wf, max_images)
+    record = fidelity.read_derived_record(wf)
+    mg_path = fidelity.ensure_model(wf, "graph_modify", record)
+    model = onnx.load(mg_path)
+    pixels = np.concatenate([images.read(p)[:rows] for p, rows in images.batches])
+    log.info(f"suggest keep_dtype: {len(images.names)} images of {wf.files()['prep']}, {os.path.basename(mg_path)}")
+    reference = fidelity.pytorch_logits(wf, images)
+    fp32 = fidelity.onnx_logits(mg_path, images)
+    with tempfile.TemporaryDirectory(prefix=".keep_dtype_", dir=wf.workdir) as folder:
+        baseline = fp16_overflow.run_emulated(model, keep_dtype.KeepList([]), pixels, wf.batch_size, folder)
+        found = fp16_overflow.suggest(model, pixels, fp32, wf.batch_size, folder, baseline)
+        final = baseline if not found.operators else fp16_overflow.run_emulated(
+            model, found.keep, pixels, wf.batch_size, folder)
+    result = build_record(wf, model, mg_path, found, images, reference, fp32, baseline, final)
+    write(wf, result, found)
+    announce(wf, result, mg_path, images)
+    return result
+
+
+def stage_numbers(name: str, logits: np.ndarray, reference: np.ndarray, images) -> dict:
+    scored = dataclasses.asdict(fidelity.score(name, logits, reference, images))
+    return {k: scored[k] for k in ("name",) + STAGE_KEYS}
+
+
+def build_record(wf, model, mg_path, found, images, reference, fp32, baseline, final) -> dict:
+    """The JSON record of a suggestion (see the module's docstring)."""
+    gi = GraphIndex(model)
+    operators = baseline.emulation.operators
+    kept_keys = {node_key(op.last) for op in found.operators}
+    positions = fp16_overflow.readable_positions(model)
+    verdict = fp16_overflow.judge(final, fp32)
+    names = {n.name for n in model.graph.node}
+    missing = keep_dtype.check_names(found.keep, names, mg_path)
+    if missing:
+        raise PipelineFileError(f"{mg_path}: the suggested names {missing} are not in the model atc is given")
+    alternatives = fp16_overflow.optype_alternatives(found.operators)
+    return {
+        "model": os.path.basename(mg_path), "batch_size": wf.batch_size,
+        "keep": found.keep.lines(),
+        "operators": [{"kind": op.kind, "nodes": [n.name for n in op.nodes], "position": positions.get(op.output, "?"),
+                       "fp32_flops_share": fp16_overflow.flops_share(gi, operators, {node_key(op.last)})}
+                      for op in found.operators],
+        "fp32_flops_share": fp16_overflow.flops_share(gi, operators, kept_keys),
+        "why": ("nothing needs keeping: " if not found.operators else "") + verdict.why,
+        "good": verdict.good,
+        "stage": stage_numbers("om_emulation", final.logits, reference, images),
+        "without_keep_dtype": stage_numbers("om_emulation", baseline.logits, reference, images),
+        "fp32": stage_numbers("graph_modify", fp32, reference, images),
+        "saturated_without_keep_dtype": [dataclasses.asdict(s) for s in fp16_overflow.saturated_nodes(
+            baseline, images.names, positions)],
+        "search": {"images": [images.names[i] for i in found.images], "trials": found.trials,
+                   "ordinary_rel_err": fp16_overflow.ORDINARY_REL_ERR},
+        "optype_alternatives": [{"line": keep_dtype.OPTYPE_PREFIX + t, "keeps_operators": sum(
+            keep_dtype.ASCEND_TYPES.get(op.kind) == t for op in operators)} for t in alternatives],
+        "names_checked_against": os.path.basename(mg_path),
+    }
+
+
+def write(wf, result: dict, found) -> None:
+    cfg, js = paths(wf)
+    made_by = (f"made by beit_fidelity.py --suggest_keep_dtype for {result['model']} on "
+               f"{result['stage']['num_images']} images: {result['why']}")
+    keep_dtype.write_files(cfg, js, found.keep, made_by, result,
+                           [a["line"][len(keep_dtype.OPTYPE_PREFIX):] for a in result["optype_alternatives"]])
+
+
+def announce(wf, result: dict, mg_path: str, images) -> None:
+    """Print what was found and the atc command line."""
+    cfg, js = paths(wf)
+    before, after = result["without_keep_dtype"], result["stage"]
+    if result["keep"]:
+        log.info(f"keep in fp32: {len(result['operators'])} operator(s), {len(result['keep'])} node name(s), "
+                 f"{100 * result['fp32_flops_share']:.3f}% of the model's FLOPs")
+        for op in result["operators"]:
+            log.info(f"  {op['kind']} at {op['position']}: {', '.join(op['nodes'])}")
+    else:
+        log.info(result["why"])
+    log.info(f"emulated OM without the list: Top-1 agrees with pytorch on {before['agree_top1']:.2f}%, max rel err "
+             f"{before['max_rel_err']:.3e}; with it: {after['agree_top1']:.2f}%, {after['max_rel_err']:.3e} "
+             f"(fp32: {result['fp32']['agree_top1']:.2f}%; {after['num_images']} images)")
+    log.info(f"wrote {cfg} and {js}")
+    size = getattr(images, "image_size", 224)
+    command = keep_dtype.atc_command(os.path.basename(mg_path), os.path.basename(mg_path)[:-len(".onnx")],
+                                     wf.batch_size, size, os.path.basename(cfg))
+    log.info(f"atc with it (in {wf.workdir}; --soc_version as npu-smi reports):\n  {command}")
