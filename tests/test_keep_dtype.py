@@ -344,8 +344,9 @@ def test_run_all_builds_the_om_with_the_keep_file(overflow_work, suggestion, tmp
     assert f"--keep_dtype={cfg}" in atc and "--precision_mode=force_fp16" in atc
     assert "--keep_dtype" in re.search(r"step fidelity:.*", proc.stdout).group(0)
     report = json.loads((tmp_path / "w" / "fidelity_bs8.json").read_text())
-    stages = {s["name"]: s for s in report["stages"]}
-    assert stages["om_emulation"]["saturated_nodes"] == [] and stages["om"]["agree_top1"] == 100.0
+    assert {s["name"]: s for s in report["stages"]}["om_emulation"]["saturated_nodes"] == []
+    # the stand-in OM (the emulation with the list) scores what PyTorch scores: 81.25% without the list
+    assert json.loads((tmp_path / "w" / "acc_bs8.json").read_text())["top1"] == 100.0
     cfg.write_text(cfg.read_text() + "# changed\n")
     again = run_script(args, env=env, check=True)
     assert "[run_all] redo atc: " in again.stdout and "the keep_dtype file changed" in again.stdout
