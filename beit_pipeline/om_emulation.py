@@ -81,7 +81,8 @@ class FusedOp:
 
     @property
     def fused(self) -> bool:
-        return len(self.nodes) > 1 or self.kind != self.nodes[0].op_type
+        """One of the operators atc fuses (LayerNorm, Gelu, Softmax, MatMul + bias), not a plain node."""
+        return self.kind in (LAYERNORM, GELU, SOFTMAX, MATMUL_BIAS)
 
 
 @dataclass

@@ -350,3 +350,30 @@ def test_run_all_builds_the_om_with_the_keep_file(overflow_work, suggestion, tmp
     cfg.write_text(cfg.read_text() + "# changed\n")
     again = run_script(args, env=env, check=True)
     assert "[run_all] redo atc: " in again.stdout and "the keep_dtype file changed" in again.stdout
+
+
+@pytest.mark.slow
+def test_beit_base_needs_nothing_kept(onnx_models, base_checkpoint, tmp_path, capsys):
+    """BEiT-base with random weights: no fp16 rounding saturates and the suggestion is an empty list, with why.
+    (slow: BEiT-base's export, onnxsim and three runs of 8 images take minutes on 2 shared cores)"""
+    work = tmp_path
+    write_image_set(work / "images", BS, seed=3)
+    assert beit_preprocess.main(["--image_path", str(work / "images"), "--prep_image", str(work / "prep_image_bs8"),
+                                 "--batch_size", str(BS)]) == 0
+    model = onnx.load(onnx_models.simplified("base", 11, BS))
+    graph_padding.modify(model, BS)
+    onnx.save(model, str(work / "beit_mg_bs8.onnx"))
+    names = json.loads((work / "prep_image_bs8" / "manifest.json").read_text())["batches"][0]["images"]
+    (work / "val_label.txt").write_text("".join(f"{n} 0\n" for n in names))
+    capsys.readouterr()
+    rc = beit_fidelity.main(["--workdir", str(work), "--batch_size", str(BS), "--checkpoint", base_checkpoint,
+                             "--label_file", str(work / "val_label.txt"), "--suggest_keep_dtype"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    result = json.loads((work / "keep_dtype_bs8.json").read_text())
+    assert result["keep"] == [] and result["operators"] == [] and result["fp32_flops_share"] == 0
+    assert result["saturated_without_keep_dtype"] == []
+    assert result["why"].startswith("nothing needs keeping: no rounding saturates, max rel err")
+    assert result["stage"] == result["without_keep_dtype"] and result["stage"]["max_rel_err"] < 5e-3
+    assert [line for line in (work / "keep_dtype_bs8.cfg").read_text().splitlines() if not line.startswith("#")] == []
+    assert "nothing needs keeping" in text
