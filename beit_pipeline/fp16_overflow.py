@@ -36,7 +36,8 @@ import onnx
 from beit_pipeline import onnx_files, onnx_models
 from beit_pipeline.graph_index import GraphIndex, node_key
 from beit_pipeline.keep_dtype import ASCEND_TYPES, FUSED_KINDS, KeepList
-from beit_pipeline.om_emulation import GELU, LAYERNORM, MATMUL_BIAS, SOFTMAX, Emulation, FusedOp, emulate
+from beit_pipeline.om_emulation import (FP16_OVERFLOW, GELU, LAYERNORM, MATMUL_BIAS, SOFTMAX, Emulation, FusedOp,
+                                        add_count_probes, emulate)
 
 log = logging.getLogger("beit." + __name__)
 
@@ -48,7 +49,8 @@ EMULATED_STAGES = ("om_emulation", "guide_om_emulation")  # the fidelity report'
 
 @dataclasses.dataclass
 class EmulatedRun:
-    """One run of an emulated OM on N images: its logits and, per rounding, the values clamped per image."""
+    """One run of an emulated OM on N images: its logits and, per rounding, the values clamped per image
+    (counted; or 1 for "at least one" when the run was not asked to count)."""
     emulation: Emulation
     logits: np.ndarray  # (N, classes)
     clamped: np.ndarray  # (roundings, N)
@@ -73,33 +75,63 @@ class SaturatedNode:
 
 # ---------------------------------------------------------------- running the emulation
 
-def run_emulated(model: onnx.ModelProto, keep: KeepList, images: np.ndarray, batch_size: int,
-                 folder: str) -> EmulatedRun:
-    """Emulate ``model`` with ``keep`` and probes, and run it on ``images`` (N, 3, S, S) in batches."""
+def run_emulated(model: onnx.ModelProto, keep: KeepList, images: np.ndarray, batch_size: int, folder: str,
+                 count: bool = False) -> EmulatedRun:
+    """Emulate ``model`` with ``keep`` and run it on ``images`` (N, 3, S, S) in batches, with probes: each
+    rounding's per-image extremes (and NaNs) show where it saturates; ``count``: a second pass over the
+    saturating roundings and images counts the values clamped."""
     emulation = emulate(model, keep, probes=True)
-    path = os.path.join(folder, "probed_emulation.onnx")
-    onnx_files.save_model(emulation.model, path)
+    outputs = _run_batches(emulation.model, [], images, batch_size, os.path.join(folder, "probed_emulation.onnx"))
+    logits, extra = outputs[0], dict(zip(outputs[1], outputs[2]))
+    clamped = np.zeros((len(emulation.roundings), len(images)), np.int64)
+    for k, r in enumerate(emulation.roundings):
+        if not r.probes:  # a result in fp16's range by construction
+            continue
+        peak = np.maximum(extra[r.probes["max"]], -extra[r.probes["min"]])
+        clamped[k] = (peak >= FP16_OVERFLOW) | (extra[r.probes["nan"]] > 0 if "nan" in r.probes else False)
+    if count and clamped.any():
+        _count(emulation, clamped, images, batch_size, folder)
+    return EmulatedRun(emulation, logits, clamped)
+
+
+def _count(emulation: Emulation, clamped: np.ndarray, images: np.ndarray, batch_size: int, folder: str) -> None:
+    """Replace the saturating rows of ``clamped`` by the values clamped, from a run over the images that saturate."""
+    rows = [int(k) for k in np.flatnonzero(clamped.sum(axis=1) > 0)]
+    hit = np.flatnonzero(clamped.sum(axis=0) > 0)
+    counted = onnx.ModelProto()
+    counted.CopyFrom(emulation.model)
+    names = add_count_probes(counted, [emulation.roundings[k] for k in rows])
+    outputs = _run_batches(counted, names, images[hit], batch_size, os.path.join(folder, "counted_emulation.onnx"))
+    found = dict(zip(outputs[1], outputs[2]))
+    for k, name in zip(rows, names):
+        clamped[k, hit] = found[name]
+
+
+def _run_batches(model: onnx.ModelProto, wanted: list, images: np.ndarray, batch_size: int, path: str) -> tuple:
+    """(logits, output names, [per-image values]) of ``model`` on ``images`` in zero-padded batches; the outputs
+    after the first (``wanted``, or all of them), each as one value per real image."""
+    onnx_files.save_model(model, path)
     session = onnx_models.open_session(path)
     name = session.get_inputs()[0].name
-    logits, clamped = [], []
+    names = wanted or [o.name for o in session.get_outputs()[1:]]
+    logits, values = [], {n: [] for n in names}
     for start in range(0, len(images), batch_size):
         rows = images[start:start + batch_size]
         batch = np.zeros((batch_size,) + images.shape[1:], np.float32)
         batch[:len(rows)] = rows
-        outputs = session.run(None, {name: batch})
-        logits.append(outputs[0][:len(rows)])
-        clamped.append(np.stack([_per_image(o, len(rows)) for o in outputs[1:]]) if outputs[1:]
-                       else np.zeros((0, len(rows))))
-    del session  # the file is rewritten by the next run in ``folder``, removed with it
-    return EmulatedRun(emulation, np.concatenate(logits), np.concatenate(clamped, axis=1).astype(np.int64))
+        out = session.run([session.get_outputs()[0].name] + names, {name: batch})
+        logits.append(out[0][:len(rows)])
+        for n, v in zip(names, out[1:]):
+            values[n].append(_per_image(v, len(rows)))
+    del session  # the file is rewritten by the next run in its folder, removed with it
+    stacked = [np.concatenate(values[n]) if values[n] else np.zeros(0) for n in names]
+    return np.concatenate(logits) if logits else np.zeros((0, 0)), names, stacked
 
 
-def _per_image(counts: np.ndarray, rows: int) -> np.ndarray:
-    """A probe's counts for the real rows of a batch; a tensor without a batch axis counts for every row."""
-    counts = np.asarray(counts).reshape(-1)
-    if counts.size >= rows:
-        return counts[:rows]
-    return np.full(rows, counts.sum())
+def _per_image(values: np.ndarray, rows: int) -> np.ndarray:
+    """A probe's values for the real rows of a batch; a tensor without a batch axis gives one value for all."""
+    values = np.asarray(values).reshape(-1)
+    return values[:rows] if values.size >= rows else np.full(rows, values.max(initial=0))
 
 
 def readable_positions(model: onnx.ModelProto) -> dict:
@@ -146,7 +178,7 @@ def emulated_stage(model_path: str, keep: KeepList, images: np.ndarray, batch_si
     model = onnx.load(model_path)
     with tempfile.TemporaryDirectory(prefix=".fp16_overflow_", dir=os.path.dirname(os.path.abspath(model_path))) \
             as folder:
-        run = run_emulated(model, keep, images, batch_size, folder)
+        run = run_emulated(model, keep, images, batch_size, folder, count=True)
     found = saturated_nodes(run, names, readable_positions(model))
     for node in found[:3]:
         log.info(f"  fp16 saturates: {describe(node)}")
@@ -170,7 +202,7 @@ def first_saturation(model_path: str, keep: KeepList, batch: np.ndarray, names: 
     model = onnx.load(model_path)
     with tempfile.TemporaryDirectory(prefix=".fp16_overflow_", dir=os.path.dirname(os.path.abspath(model_path))) \
             as folder:
-        run = run_emulated(model, keep, batch[:len(names)], batch.shape[0], folder)
+        run = run_emulated(model, keep, batch[:len(names)], batch.shape[0], folder, count=True)
     found = saturated_nodes(run, names, readable_positions(model))
     return found[0] if found else None
 

@@ -48,7 +48,8 @@ def run(wf: fidelity.WorkFolder, max_images: int) -> dict:
     reference = fidelity.pytorch_logits(wf, images)
     fp32 = fidelity.onnx_logits(mg_path, images)
     with tempfile.TemporaryDirectory(prefix=".keep_dtype_", dir=wf.workdir) as folder:
-        baseline = fp16_overflow.run_emulated(model, keep_dtype.KeepList([]), pixels, wf.batch_size, folder)
+        baseline = fp16_overflow.run_emulated(model, keep_dtype.KeepList([]), pixels, wf.batch_size, folder,
+                                              count=True)
         found = fp16_overflow.suggest(model, pixels, fp32, wf.batch_size, folder, baseline)
         final = baseline if not found.operators else fp16_overflow.run_emulated(
             model, found.keep, pixels, wf.batch_size, folder)

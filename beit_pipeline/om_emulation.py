@@ -58,6 +58,10 @@ FP16_OVERFLOW = 65520.0
 # values stay below 4.3e9, sums of 3072 of them below 1.4e13), so the NaN->0 step is added only after these
 # and after fp32 (kept) results; the graph input gets it too.
 NAN_SOURCES = frozenset({"Div", "Sqrt", "Log", "Pow", "Mod", "Acos", "Asin", "Acosh", "Atanh", "Reciprocal"})
+# Operators whose result from finite fp16 inputs is within fp16's range by construction (Softmax in [0, 1];
+# |Gelu(x)| <= |x| <= 65504; Sigmoid, Tanh, Erf in [-1, 1]): their rounding needs no clamp and cannot saturate.
+# They hold BEiT's largest tensors (attention weights, the MLP's hidden layer): half of the clamps' cost.
+BOUNDED = frozenset({"Softmax", "Gelu", "Sigmoid", "Tanh", "Erf"})
 # Operators that move or select values without arithmetic: exact on fp16 tensors.
 MOVES = frozenset({"Reshape", "Transpose", "Concat", "Slice", "Split", "Squeeze", "Unsqueeze", "Gather",
                    "Flatten", "Identity", "Expand"})
@@ -97,7 +101,10 @@ class Rounding:
     tensor: str
     operator: Optional[FusedOp] = None
     readers: list = field(default_factory=list)
-    probe: str = ""  # the graph output counting its clamped values per image (emulate(probes=True))
+    nan: bool = False  # NaN can arise here (NaN -> 0 is applied)
+    bounded: bool = False  # the operator's result is within fp16's range by construction: no clamp, no probe
+    rank: int = 0  # of the tensor (0: unknown)
+    probes: dict = field(default_factory=dict)  # graph outputs per image: "max", "min", "nan" (emulate(probes=True))
 
     @property
     def fixers(self) -> list:
@@ -272,12 +279,15 @@ class Fp16Graph:
             self.bounds = (self._const32("om_fp16_min", -FP16_MAX), self._const32("om_fp16_max", FP16_MAX),
                            self._const32("om_zero", 0.0))
         lo, hi, zero = self.bounds
+        rounding.nan, rounding.rank = nan, len(self.gi.shape(rounding.tensor) or [])
+        rounding.bounded = rounding.operator is not None and rounding.operator.kind in BOUNDED and not nan
         value = src
         if nan:
             isnan = self._node("IsNaN", [src], self.gi.unique_name(src + "_isnan"))
             value = self._node("Where", [isnan, zero, src], self.gi.unique_name(src + "_nan0"))
-        clipped = self._node("Clip", [value, lo, hi], self.gi.unique_name(src + "_sat"))
-        self._node("Cast", [clipped], dst, to=FP16)
+        if not rounding.bounded:
+            value = self._node("Clip", [value, lo, hi], self.gi.unique_name(src + "_sat"))
+        self._node("Cast", [value], dst, to=FP16)
         self.roundings.append(rounding)
 
     def _cast32(self, src: str, base: str) -> str:
@@ -414,9 +424,11 @@ def _copy_node(node: NodeProto) -> NodeProto:
 def emulate(model: onnx.ModelProto, keep: Optional[KeepList] = None, probes: bool = False) -> Emulation:
     """The fp16 emulation of ``model`` (a new ModelProto; ``model`` is not changed), with counts.
 
-    ``keep``: the operators an atc keep_dtype file keeps in fp32.  ``probes``: add one graph
-    output per rounding counting, per image, the values it clamps (fp16_overflow reads them);
-    off for the model that is written and timed.
+    ``keep``: the operators an atc keep_dtype file keeps in fp32.  ``probes``: add graph outputs
+    per rounding, per image: the largest and smallest value it rounds (read-only reductions, so
+    that a run with them costs little more) and, where NaN can arise, the NaNs; fp16_overflow
+    reads them and counts the clamped values with add_count_probes where they saturate.  Off
+    for the model that is written and timed.
     """
     keep = keep or KeepList([])
     gi = GraphIndex(model)
@@ -442,9 +454,11 @@ def emulate(model: onnx.ModelProto, keep: Optional[KeepList] = None, probes: boo
     g.finish_outputs()
     out = _assemble(model, g)
     counts["weights stored as fp16"] = sum(t.data_type == FP16 for t in out.graph.initializer)
-    counts["fp16 roundings (saturating: +-65504, NaN -> 0)"] = len(g.roundings)
+    counts["fp16 roundings (saturating: +-65504, NaN -> 0)"] = sum(not r.bounded for r in g.roundings)
+    counts["fp16 roundings of results in range by construction (Softmax, Gelu, ...)"] = sum(
+        r.bounded for r in g.roundings)
     if probes:
-        add_probes(out, g.roundings, gi)
+        add_peak_probes(out, g.roundings)
     _warn_unmatched(keep, model)
     return Emulation(out, counts, g.roundings, kept, operators)
 
@@ -483,30 +497,70 @@ def _assemble(model: onnx.ModelProto, g: Fp16Graph) -> onnx.ModelProto:
     return out
 
 
-def add_probes(model: onnx.ModelProto, roundings: list, gi: GraphIndex) -> None:
-    """Per rounding, a graph output: how many values of each image (axis 0) would not be finite in fp16
-    (|x| >= 65520, or NaN), i.e. how many the 310P clamps.  Set on each Rounding as ``probe``."""
-    opset = opset_version(model) or 11
-    batch = gi.shape(next(i.name for i in gi.graph.input if i.name not in gi.inits)) or [None]
-    limit = gi.unique_name("om_probe_limit")
-    model.graph.initializer.append(numpy_helper.from_array(np.array(FP16_OVERFLOW, np.float32), limit))
-    axes = gi.unique_name("om_probe_axes")
-    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axes))
+class _ProbeWriter:
+    """Appends probe nodes and per-image outputs to a model (names unique in it)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.opset = model, opset_version(model) or 11
+        self.names = {n.name for n in model.graph.node} | {o for n in model.graph.node for o in n.output}
+        self.names |= {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def node(self, op_type: str, inputs: list, base: str, **attrs) -> str:
+        out = self.unique(base)
+        self.model.graph.node.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.unique(base)
+        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def per_image(self, op_type: str, x: str, rank: int, base: str) -> str:
+        """A graph output: ``op_type`` (ReduceMax/Min/Sum) of ``x`` over every axis but the first, (B,)."""
+        axes = list(range(1, rank)) if rank >= 2 else None
+        as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        inputs = [x] + ([self.const(base + "_axes", np.array(axes, np.int64))] if as_input and axes else [])
+        attrs = {"keepdims": 0 if axes else 1, **({"axes": axes} if axes and not as_input else {})}
+        out = self.node(op_type, inputs, base, **attrs)
+        if not axes:  # rank 0/1 or unknown: one value for the whole batch
+            out = self.node("Reshape", [out, self.const(base + "_flat", np.array([-1], np.int64))], base + "_flat")
+        self.model.graph.output.append(helper.make_tensor_value_info(out, FP32, None))
+        return out
+
+
+def add_peak_probes(model: onnx.ModelProto, roundings: list) -> None:
+    """Per rounding, per image: its largest and smallest fp32 value (a value past +-65520 is clamped) and,
+    where NaN can arise, how many NaNs; the output names go into ``Rounding.probes``."""
+    w = _ProbeWriter(model)
     for k, r in enumerate(roundings):
-        base = f"om_probe_{k}"
-        steps = [("Abs", [r.source]), ("Less", ["@", limit]), ("Not", ["@"]), ("Cast", ["@"]), ("Flatten", ["@"])]
-        previous = None
-        for op_type, inputs in steps:
-            out = gi.unique_name(f"{base}_{op_type.lower()}")
-            attrs = {"to": FP32} if op_type == "Cast" else {"axis": 1} if op_type == "Flatten" else {}
-            model.graph.node.append(helper.make_node(op_type, [previous if i == "@" else i for i in inputs], [out],
-                                                     name=out, **attrs))
-            previous = out
-        r.probe = gi.unique_name(base)
-        reduce_inputs = [previous, axes] if opset >= 13 else [previous]
-        reduce_attrs = {"keepdims": 0} if opset >= 13 else {"keepdims": 0, "axes": [1]}
-        model.graph.node.append(helper.make_node("ReduceSum", reduce_inputs, [r.probe], name=r.probe, **reduce_attrs))
-        model.graph.output.append(helper.make_tensor_value_info(r.probe, FP32, [batch[0]]))
+        if r.bounded:
+            continue
+        r.probes = {"max": w.per_image("ReduceMax", r.source, r.rank, f"om_probe_{k}_max"),
+                    "min": w.per_image("ReduceMin", r.source, r.rank, f"om_probe_{k}_min")}
+        if r.nan:
+            isnan = w.node("Cast", [w.node("IsNaN", [r.source], f"om_probe_{k}_isnan")], f"om_probe_{k}_nanf", to=FP32)
+            r.probes["nan"] = w.per_image("ReduceSum", isnan, r.rank, f"om_probe_{k}_nan")
+
+
+def add_count_probes(model: onnx.ModelProto, roundings: list) -> list:
+    """A graph output per rounding in ``roundings``: how many values of each image the 310P clamps (|x| >= 65520,
+    or NaN); returns the output names, in order.  For the roundings the peak probes found saturating."""
+    w = _ProbeWriter(model)
+    limit = w.const("om_count_limit", np.array(FP16_OVERFLOW, np.float32))
+    names = []
+    for k, r in enumerate(roundings):
+        inside = w.node("Not", [w.node("Less", [w.node("Abs", [r.source], f"om_count_{k}_abs"), limit],
+                                       f"om_count_{k}_less")], f"om_count_{k}_out")
+        values = w.node("Cast", [inside], f"om_count_{k}_outf", to=FP32)
+        names.append(w.per_image("ReduceSum", values, r.rank, f"om_count_{k}"))
+    return names
 
 
 def fp16_matmul_weights(model: onnx.ModelProto) -> tuple:

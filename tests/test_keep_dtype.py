@@ -82,16 +82,24 @@ def test_overflow_saturates_to_65504_where_fp16_gives_inf(tmp_path):
 def test_probes_count_what_is_clamped_and_leave_the_output(tmp_path):
     n = helper.make_node
     model = graph_model([n("Mul", ["x", "c"], ["y"], name="scale")], {"c": 2.0}, (3, 4))
-    # per row: 2x = 65510 rounds to 65504 (not clamped); 32760.5 * 2 = 65521 and 1e5 are clamped
+    # per row (image): 2x = 65510 rounds to 65504 (not clamped); 32760.5 * 2 = 65521 and +-1e5 are clamped
     x = np.array([[1.0, 32755.0, 2.0, 3.0], [32760.5, 5e4, -5e4, 1.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
-    plain = run_model(om_emulation.emulate(model).model, x, tmp_path, "plain.onnx")
+    plain = run_model(om_emulation.emulate(model).model, x, tmp_path, "plain.onnx")[0]
+    np.testing.assert_array_equal(plain[1], [65504, 65504, -65504, 2])
     probed = om_emulation.emulate(model, probes=True)
-    outputs = run_model(probed.model, x, tmp_path, "probed.onnx")
-    np.testing.assert_array_equal(outputs[0], plain[0])
-    by_tensor = {r.tensor: out for r, out in zip(probed.roundings, outputs[1:])}
-    np.testing.assert_array_equal(by_tensor["y"], [0, 3, 0])
-    np.testing.assert_array_equal(by_tensor["x"], [0, 0, 0])  # the input rounding: nothing out of range
-    np.testing.assert_array_equal(plain[0][1], [65504, 65504, -65504, 2])
+    np.testing.assert_array_equal(run_model(probed.model, x, tmp_path, "probed.onnx")[0], plain)
+    rows = x  # three images of 4 values at batch size 1: the probes read one image at a time
+    for count, expected in ((False, [0, 1, 0]), (True, [0, 3, 0])):
+        run = fp16_overflow.run_emulated(graph_model([n("Mul", ["x", "c"], ["y"], name="scale")], {"c": 2.0},
+                                                     (1, 4)), KeepList([]), rows, 1, str(tmp_path), count=count)
+        by_tensor = dict(zip((r.tensor for r in run.emulation.roundings), run.clamped))
+        np.testing.assert_array_equal(by_tensor["y"], expected)
+        np.testing.assert_array_equal(by_tensor["x"], [0, 0, 0])  # the input rounding: nothing out of range
+        np.testing.assert_array_equal(run.logits, plain)
+    nan = graph_model([n("Div", ["x", "x"], ["y"], name="self_ratio")], {}, (1, 4))  # 0 / 0 in the third image
+    run = fp16_overflow.run_emulated(nan, KeepList([]), rows, 1, str(tmp_path), count=True)
+    np.testing.assert_array_equal(dict(zip((r.tensor for r in run.emulation.roundings), run.clamped))["y"], [0, 0, 4])
+    np.testing.assert_array_equal(run.logits[2], [0, 0, 0, 0])
 
 
 def test_kept_operator_computes_and_stores_fp32(tmp_path):
