@@ -11,7 +11,7 @@ where a tool outside (atc's keep_dtype file) names nodes.
 """
 
 from collections import defaultdict
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -126,7 +126,7 @@ class GraphIndex:
         users = self.consumers.get(node.output[0], [])
         return users[0] if len(users) == 1 and users[0].op_type == op_type else None
 
-    def sole_consumer(self, name: str, op_types, pattern: str) -> NodeProto:
+    def sole_consumer(self, name: str, op_types: Sequence[str], pattern: str) -> NodeProto:
         """The one reader of tensor ``name``, of one of ``op_types``; PatternError naming ``pattern`` otherwise."""
         users = self.consumers.get(name, [])
         if len(users) != 1 or users[0].op_type not in op_types:
@@ -140,7 +140,8 @@ class GraphIndex:
         keys = {node_key(n) for n in nodes}
         return all(node_key(r) in keys for n in nodes[:-1] for r in self.readers(n))
 
-    def match_parent_path(self, node: NodeProto, op_types, input_indices=None) -> Optional[list]:
+    def match_parent_path(self, node: NodeProto, op_types: Sequence[str],
+                          input_indices: Optional[Sequence[Optional[int]]] = None) -> Optional[list]:
         """The parents of ``node`` along a path of ``op_types`` (nearest first), else None.
 
         As ONNX Runtime's fusion helper of the same name: step k follows input
@@ -164,7 +165,7 @@ class GraphIndex:
             current = parent
         return path
 
-    def match_child_path(self, node: NodeProto, op_types) -> Optional[list]:
+    def match_child_path(self, node: NodeProto, op_types: Sequence[str]) -> Optional[list]:
         """The chain of sole readers after ``node`` with types ``op_types`` (nearest first), else None."""
         path, current = [], node
         for op_type in op_types:
@@ -197,7 +198,7 @@ class GraphIndex:
         self.names.add(name)
         return name
 
-    def add_const(self, base: str, array) -> str:
+    def add_const(self, base: str, array: Any) -> str:
         name = self.unique_name(base)
         tensor = numpy_helper.from_array(np.asarray(array), name)
         self.graph.initializer.append(tensor)
@@ -307,7 +308,7 @@ def inferred_shapes(model: onnx.ModelProto) -> dict:
     return shapes
 
 
-def attr(node: NodeProto, name: str, default=None):
+def attr(node: NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)

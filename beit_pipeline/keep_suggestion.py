@@ -59,12 +59,14 @@ def run(wf: fidelity.WorkFolder, max_images: int) -> dict:
     return result
 
 
-def stage_numbers(name: str, logits: np.ndarray, reference: np.ndarray, images) -> dict:
+def stage_numbers(name: str, logits: np.ndarray, reference: np.ndarray, images: fidelity.ImageSet) -> dict:
     scored = dataclasses.asdict(fidelity.score(name, logits, reference, images))
     return {k: scored[k] for k in ("name",) + STAGE_KEYS}
 
 
-def build_record(wf, model, mg_path, found, images, reference, fp32, baseline, final) -> dict:
+def build_record(wf: fidelity.WorkFolder, model: onnx.ModelProto, mg_path: str, found: fp16_overflow.Suggestion,
+                 images: fidelity.ImageSet, reference: np.ndarray, fp32: np.ndarray,
+                 baseline: fp16_overflow.EmulatedRun, final: fp16_overflow.EmulatedRun) -> dict:
     """The JSON record of a suggestion (see the module's docstring)."""
     gi = GraphIndex(model)
     operators = baseline.emulation.operators
@@ -98,7 +100,7 @@ def build_record(wf, model, mg_path, found, images, reference, fp32, baseline, f
     }
 
 
-def write(wf, result: dict, found) -> None:
+def write(wf: fidelity.WorkFolder, result: dict, found: fp16_overflow.Suggestion) -> None:
     cfg, js = paths(wf)
     made_by = (f"made by beit_fidelity.py --suggest_keep_dtype for {result['model']} on "
                f"{result['stage']['num_images']} images: {result['why']}")
@@ -106,7 +108,7 @@ def write(wf, result: dict, found) -> None:
                            [a["line"][len(keep_dtype.OPTYPE_PREFIX):] for a in result["optype_alternatives"]])
 
 
-def announce(wf, result: dict, mg_path: str, images) -> None:
+def announce(wf: fidelity.WorkFolder, result: dict, mg_path: str, images: fidelity.ImageSet) -> None:
     """Print what was found and the atc command line."""
     cfg, js = paths(wf)
     before, after = result["without_keep_dtype"], result["stage"]

@@ -28,13 +28,22 @@ Original tensor names are kept for the fp16 tensors (the fidelity report matches
 intermediate tensors across the fp32 and fp16 graphs by name).  Scalar constants
 inside a fused operator (LayerNorm's epsilon) stay exact fp32, as the attributes
 of a fused operator are.
+
+Overflow is the 310P's: it runs only in saturation mode (CANN's aclrtFloatOverflowMode:
+an inf result becomes the largest finite value, a NaN becomes 0), so every rounding to
+fp16 is a Clip to +-65504 before its Cast (NaN -> 0 where NaN can arise), and weights
+are stored clamped.  Each rounding is recorded (``Rounding``: which operator, what would
+remove it); ``emulate(probes=True)`` adds per-image outputs that show where one clamps
+(fp16_overflow reads them).  An atc keep_dtype list (keep_dtype.KeepList) keeps the
+operators it names in fp32: inputs read in fp32, weights in fp32, result stored fp32,
+rounded (saturating) only where an fp16 operator reads it.
 """
 
 import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import onnx
@@ -208,7 +217,7 @@ def find_fused_ops(gi: GraphIndex) -> list:
     return found
 
 
-def schedule(gi: GraphIndex, fused: list):
+def schedule(gi: GraphIndex, fused: list) -> Iterator:
     """(node, FusedOp or None) in graph order: a fused operator once, at its last node; every other
     arithmetic node as a one-node FusedOp; moves and Constants with None."""
     owner = {node_key(n): op for op in fused for n in op.nodes}
