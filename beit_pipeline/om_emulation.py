@@ -162,9 +162,10 @@ def find_layernorm(gi: GraphIndex, mean: NodeProto) -> Optional[FusedOp]:
 
 def find_gelu(gi: GraphIndex, erf: NodeProto) -> Optional[FusedOp]:
     """The exported Gelu x * 0.5 * (1 + erf(x / sqrt 2)) around ``erf``, or None."""
-    scale = gi.producer.get(erf.input[0])
-    if scale is None or scale.op_type not in ("Div", "Mul"):
+    path = gi.match_parent_path(erf, ("Div",), (0,)) or gi.match_parent_path(erf, ("Mul",), (0,))
+    if path is None:
         return None
+    scale = path[0]
     want = math.sqrt(2.0) if scale.op_type == "Div" else 1.0 / math.sqrt(2.0)
     value = gi.const_scalar(scale)
     if value is None or abs(value - want) > 1e-4 or gi.is_const(scale.input[0]):

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from timm.models.beit import checkpoint_filter_fn
 
 from helpers import BASE, TINY, run_script
@@ -24,7 +24,7 @@ from beit_pipeline import graph_padding, graph_patterns
 from beit_pipeline import onnx_models as ort_models  # the name onnx_models is conftest's fixture
 from beit_pipeline import model as beit_model
 from beit_pipeline.export import export
-from beit_pipeline.graph_index import infer_shapes
+from beit_pipeline.graph_index import GraphIndex, infer_shapes, node_key
 
 TOKENS, PADDED = 197, 208
 INT64_MAX = np.iinfo(np.int64).max
@@ -254,6 +254,40 @@ def test_base_padding_is_exact(models, tmp_path, capsys):
     errors = ort_models.output_errors(logits(out, batch), logits(src, batch))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
     check_padded_shapes(out, 8, BASE)
+
+
+# ---------------------------------------------------------------- the graph toolkit
+
+def index_maps(gi):
+    """The producer and consumer maps of a GraphIndex, by node key, comparable across indexes."""
+    producers = {t: node_key(n) for t, n in gi.producer.items()}
+    consumers = {t: sorted(node_key(n) for n in users) for t, users in gi.consumers.items() if users}
+    return producers, consumers
+
+
+def test_graph_index_stays_correct_through_a_rewrite(models):
+    """Issue 22's toolkit: after graph_modify's passes (inserts, rewired inputs) and a removal, the index that
+    made them describes the graph exactly as a fresh index of it does; paths match from an anchor op."""
+    model = onnx.load(models.simplified("tiny", 11, 8))
+    gi, plan = graph_patterns.plan_padding(model, 8, 16)
+    graph_padding.pad_token_stream(gi, plan)
+    for rewrite in (graph_padding.pad_attention, graph_padding.pad_token_reshapes, graph_padding.restrict_pooling):
+        rewrite(gi, plan, True)
+    assert len(gi.inserted) == 1 and gi.inserted[0].op_type == "Concat"  # the token padding
+    assert index_maps(gi) == index_maps(GraphIndex(model, shapes=False))
+    softmax = plan.blocks[0].softmax
+    add, scores = gi.match_parent_path(softmax, ("Add", "MatMul"), (0, None))
+    assert add is plan.blocks[0].bias_add and scores is graph_patterns.scores_matmul(gi, plan.blocks[0])
+    assert gi.match_parent_path(softmax, ("Add", "MatMul"), (0, 1)) is None  # the bias is a constant
+    assert [n.op_type for n in gi.match_child_path(softmax, ("MatMul", "Transpose", "Reshape"))] == \
+        ["MatMul", "Transpose", "Reshape"]
+    identity = gi.insert_before(softmax, helper.make_node("Identity", [softmax.input[0]], ["scores_copy"],
+                                                          name="copy"))
+    gi.set_input(softmax, 0, "scores_copy")
+    assert gi.producer["scores_copy"] is identity and gi.consumers["scores_copy"] == [softmax]
+    gi.set_input(softmax, 0, identity.input[0])
+    gi.remove(identity)
+    assert "scores_copy" not in gi.producer and index_maps(gi) == index_maps(GraphIndex(model, shapes=False))
 
 
 # ---------------------------------------------------------------- why the mask matters
