@@ -229,8 +229,9 @@ def first_saturation(model_path: str, keep: KeepList, batch: np.ndarray, names: 
     with tempfile.TemporaryDirectory(prefix=".fp16_overflow_", dir=os.path.dirname(os.path.abspath(model_path))) \
             as folder:
         run = run_emulated(model, keep, batch[:len(names)], batch.shape[0], folder, count=True)
-    found = saturated_nodes(run, names, readable_positions(model))
-    return found[0] if found else None
+    if not run.saturating:
+        return None
+    return saturated_nodes(run, names, readable_positions(model))[0]
 
 
 # ---------------------------------------------------------------- judging a keep list

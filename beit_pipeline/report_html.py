@@ -2,8 +2,9 @@
 
 No network and no script: the style is inline, the plots are matplotlib PNGs and the thumbnails JPEGs,
 all as ``data:`` URIs.  It shows the accuracy with what it was computed on, the fidelity table with
-intervals and a one-line verdict per stage (and a legend of the stage names), the error after each block
-from ``beit_fidelity.py --locate``, the images whose Top-1 flipped with both top-5 lists, the throughput
+intervals and a one-line verdict per stage (and a legend of the stage names), where the emulated stages'
+fp16 roundings saturate, the error after each block from ``beit_fidelity.py --locate`` (with the first
+saturating node), the images whose Top-1 flipped with both top-5 lists, the throughput
 per engine and precision, and atc's keep_dtype suggestion.  The data comes from report_data.py, which
 tolerates missing files; a section without data says how to get it.
 
