@@ -94,7 +94,9 @@ def build_parser():
                         "om_emulation stage keeps those operators in fp32, as atc --keep_dtype does")
     p.add_argument("--suggest_keep_dtype", action="store_true",
                    help="find operators to keep in fp32 so the emulated OM is back within its ordinary error of "
-                        "fp32; writes keep_dtype_bs{N}.cfg and .json and prints the atc command line; no report")
+                        "fp32, measured on the images where it can change Top-1 or Top-5 (the screen's audit and "
+                        "near-ties; --max_images, --seed, --audit_images, --sample_size, --no_screen, --fresh apply); "
+                        "writes keep_dtype_bs{N}.cfg and .json and prints the atc command line; no report")
     return p
 
 
