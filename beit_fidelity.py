@@ -20,17 +20,33 @@ fidelity_logits_bs{N}/, so an interrupted report run again goes on where it stop
 --locate STAGE instead finds where STAGE's model starts to differ from the stage before it
 (onnxsim <- onnx, graph_modify and guide_padding <- onnxsim, om_emulation <- graph_modify,
 guide_om_emulation <- guide_padding), tensor by tensor, on the first batch, and prints the
-error after each block.  It writes no report.
+error after each block; for an emulated stage it also names the first node whose fp16
+rounding saturates (the 310P clamps overflow to +-65504).  It writes no report, only
+locate_{STAGE}_bs{N}.json for the HTML report.
+
+The emulated stages report ``saturated_nodes``: the fp16 roundings that clamp on the images
+they ran (fp16_overflow.py).  --keep_dtype FILE builds the om_emulation stage with atc's
+keep_dtype file (the operators it lists compute and store fp32), as run_all.sh --keep_dtype
+builds the OM.
+
+--suggest_keep_dtype instead finds a small set of operators of beit_mg_bs{N}.onnx to keep in
+fp32 so that the emulated OM is back within its ordinary error of fp32, measured on the images
+where the emulated OM can matter (the screen's: the audit and the images whose margins it can
+flip), and writes keep_dtype_bs{N}.cfg (atc's format) and keep_dtype_bs{N}.json, then prints
+the atc command line with --keep_dtype (an empty list when nothing needs keeping).
 
 Exit status: 0 done; 1 a file the report needs is missing or malformed (nothing written);
 2 usage; 4 another report holds fidelity_logits_bs{N}/.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from beit_pipeline import cli, fidelity, fidelity_locate, fidelity_report, fidelity_screen
+from beit_pipeline import (cli, fidelity, fidelity_locate, fidelity_report, fidelity_screen, fp16_overflow, keep_dtype,
+                           keep_suggestion)
+from beit_pipeline.batches import read_batch
 from beit_pipeline.cli import log
 
 
@@ -71,7 +87,16 @@ def build_parser():
     p.add_argument("--locate", metavar="STAGE", choices=sorted(fidelity_locate.PREVIOUS),
                    help="find the first node where STAGE departs from the stage before it (cosine < "
                         f"{fidelity_locate.COSINE_LIMIT} or max|a-b|/max|b| > {fidelity_locate.REL_LIMIT:g}) and "
-                        "print the error after each block; writes no report")
+                        "print the error after each block (and, for an emulated stage, the first node whose fp16 "
+                        "rounding saturates); writes no report")
+    p.add_argument("--keep_dtype", metavar="FILE",
+                   help="atc's keep_dtype file (a node name of beit_mg_bs{N}.onnx or OpType::TypeName per line): the "
+                        "om_emulation stage keeps those operators in fp32, as atc --keep_dtype does")
+    p.add_argument("--suggest_keep_dtype", action="store_true",
+                   help="find operators to keep in fp32 so the emulated OM is back within its ordinary error of "
+                        "fp32, measured on the images where it can change Top-1 or Top-5 (the screen's audit and "
+                        "near-ties; --max_images, --seed, --audit_images, --sample_size, --no_screen, --fresh apply); "
+                        "writes keep_dtype_bs{N}.cfg and .json and prints the atc command line; no report")
     return p
 
 
@@ -81,6 +106,12 @@ def check_args(args):
     cli.check(args.audit_images >= 1, "--audit_images must be at least 1")
     cli.check(args.sample_size is None or args.sample_size >= 1, "--sample_size must be at least 1")
     cli.check(args.seed >= 0, "--seed must be 0 or more")
+    cli.check(not (args.locate and args.suggest_keep_dtype), "--locate and --suggest_keep_dtype are two modes; "
+                                                               "give one")
+    cli.check(not (args.keep_dtype and args.suggest_keep_dtype), "--suggest_keep_dtype searches from an empty "
+                                                                   "keep list; give no --keep_dtype with it")
+    if args.keep_dtype:
+        keep_dtype.read(args.keep_dtype)  # a missing or malformed file is refused before any work
 
 
 def run_locate(wf, stage):
@@ -93,9 +124,22 @@ def run_locate(wf, stage):
     cand_path = fidelity.ensure_model(wf, stage, record)
     found = fidelity_locate.locate(ref_path, cand_path, stage, reference, images.first_batch, images.image_size)
     fidelity_locate.report(found)
+    extra = {"first_saturating": first_saturation(wf, stage, ref_path, images)} \
+        if stage in fp16_overflow.EMULATED_STAGES else {}
     saved = os.path.join(wf.workdir, f"locate_{stage}_bs{wf.batch_size}.json")  # issue 21: for the HTML report
-    fidelity_locate.save(found, saved)
+    fidelity_locate.save(found, saved, extra)
     log.info(f"wrote {saved}")
+
+
+def first_saturation(wf, stage, src_path, images):
+    """Issue 20: the first node whose fp16 rounding saturates on the first batch (logged), as a dict, or None."""
+    rows = sum(1 for path, _ in images.locations if path == images.first_batch)
+    keep, _ = keep_dtype.for_stage(wf.keep_dtype, stage)
+    batch = read_batch(images.first_batch, image_size=images.image_size)
+    first = fp16_overflow.first_saturation(src_path, keep, batch, images.names[:rows])
+    log.info(f"first saturating node: {fp16_overflow.describe(first)}" if first else
+             "no fp16 rounding saturates on this batch")
+    return dataclasses.asdict(first) if first else None
 
 
 def options_of(args) -> fidelity.Options:
@@ -107,6 +151,9 @@ def run(args):
     wf = fidelity.work_folder(args, scoring=not args.locate)
     if args.locate:
         return run_locate(wf, args.locate)
+    if args.suggest_keep_dtype:
+        keep_suggestion.run(wf, options_of(args))
+        return None
     requested = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else []
     stages = fidelity.choose_stages(wf, requested)
     report = fidelity_report.run_report(wf, stages, options_of(args))

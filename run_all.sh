@@ -15,7 +15,7 @@ readonly EXIT_SKIP=10 EXIT_BUSY=4
 
 # Options, named after their flags (parse_args sets --image_path in IMAGE_PATH).
 BATCH_SIZE="" IMAGE_PATH="" LABEL_FILE="" CHECKPOINT="" WORKDIR="./work" BACKEND="auto"
-SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0 NO_FIDELITY=0 PRECISION="fp32" PROVIDERS=""
+SOC_VERSION="" DEVICE="0" MODEL="" FORCE=0 SKIP_BAD=0 WAIT_LOCK=0 NO_FIDELITY=0 PRECISION="fp32" PROVIDERS="" KEEP_DTYPE=""
 MODEL_FILE="" SIZE=224 SIMPLIFIER=onnxsim TAG=""
 STEP_PID="" STEP_NAME="" STATE_STEP="" FAILED_TOOL=""
 
@@ -51,6 +51,9 @@ Options:
   --model NAME          BEiT variant, also the ONNX file's name (default: read from the checkpoint);
                         base/large at 224, 384 and 512 px: the steps take its input size
   --skip_bad            leave out images that cannot be decoded (counted in the summary)
+  --keep_dtype FILE     atc's keep_dtype file (one node name of beit_mg_bs{N}.onnx or OpType::TypeName
+                        per line; beit_fidelity.py --suggest_keep_dtype writes one): passed to atc with
+                        --precision_mode=force_fp16, and to the fidelity step's emulated OM
   --force               redo every step; deletes only the files a recorded run made
   --wait_lock           wait while another run_all.sh uses the work folder (default: refuse)
   --no_fidelity         skip the last step, beit_fidelity.py (every stage scored, the OM's fp16 emulated)
@@ -76,7 +79,7 @@ parse_args() {
       -h | --help) usage && exit 0 ;;
       --force | --skip_bad | --wait_lock | --no_fidelity) [[ "$1" == "${opt}" ]] || die "${opt} takes no value" && val=1 ;;
       --batch_size | --batchsize | --image_path | --label_file | --checkpoint | --workdir | --backend | \
-        --soc_version | --device | --model | --precision | --providers)
+        --soc_version | --device | --model | --precision | --providers | --keep_dtype)
         if [[ "$1" == "${opt}" ]]; then
           (($# >= 2)) || die "${opt} needs a value (see --help)"
           val="$2" && shift
@@ -104,6 +107,10 @@ parse_args() {
     [[ -e "${CHECKPOINT}" ]] || die "--checkpoint ${CHECKPOINT}: file not found"
     IMAGE_PATH="$(realpath -- "${IMAGE_PATH}")" LABEL_FILE="$(realpath -- "${LABEL_FILE}")"
     CHECKPOINT="$(realpath -- "${CHECKPOINT}")"
+  fi
+  if [[ -n "${KEEP_DTYPE}" ]]; then
+    [[ -f "${KEEP_DTYPE}" ]] || die "--keep_dtype ${KEEP_DTYPE}: file not found"
+    KEEP_DTYPE="$(realpath -- "${KEEP_DTYPE}")"
   fi
   # Absolute paths: the steps run in the work folder, and no path may look like an option.
   WORKDIR="$(realpath -m -- "${WORKDIR}")"
@@ -222,11 +229,15 @@ run_demo_step() {
 }
 
 run_pipeline() {
-  local n="${BATCH_SIZE}" w="${WORKDIR}" prep_args=() export_args=() infer=() model
+  local n="${BATCH_SIZE}" w="${WORKDIR}" prep_args=() export_args=() infer=() model atc_keep=() fidelity_keep=()
   local prep="${w}/prep_image_bs${n}" onnx="${w}/${MODEL_FILE}.onnx" sim="${w}/beit_onnxsim_bs${n}.onnx"
   local mg="${w}/beit_mg_bs${n}.onnx" om="${w}/beit_mg_bs${n}.om"
   if ((SKIP_BAD)); then prep_args+=(--skip_bad); fi
   if [[ -n "${MODEL}" ]]; then export_args+=(--model "${MODEL}"); fi
+  if [[ -n "${KEEP_DTYPE}" ]]; then
+    atc_keep=(--keep_dtype="${KEEP_DTYPE}" --precision_mode=force_fp16)
+    fidelity_keep=(--keep_dtype "${KEEP_DTYPE}")
+  fi
   step preprocess run_step preprocess python3 "${SCRIPT_DIR}/beit_preprocess.py" --image_path "${IMAGE_PATH}" \
     --prep_image "${prep}" --batch_size "${n}" --image_size "${SIZE}" "${prep_args[@]}"
   # The ONNX file has a dynamic batch axis shared by every batch size; tracing at 1 is fastest.
@@ -238,7 +249,7 @@ run_pipeline() {
   if [[ "${BACKEND}" == ascend ]]; then
     step atc run_step atc atc --framework=5 --model="${mg}" --output="${om%.om}_partial" --input_format=NCHW \
       --input_shape="image:${n},3,${SIZE},${SIZE}" --log=error --soc_version="${SOC_VERSION}" \
-      --optypelist_for_implmode="Gelu" --op_select_implmode=high_performance
+      --optypelist_for_implmode="Gelu" --op_select_implmode=high_performance "${atc_keep[@]}"
     infer=(ais_bench python3 -m ais_bench --model "${om}" --device "${DEVICE}")
     if [[ -n "${AIS_INFER:-}" ]]; then infer=(ais_bench python3 "${AIS_INFER}" "${infer[@]:4}"); fi
     model="${om}"
@@ -253,7 +264,8 @@ run_pipeline() {
     --annotation_file_path "${LABEL_FILE}" --result_json_path "${w}" --json_file_name "acc_bs${n}${TAG}.json" \
     --batch_size "${n}" --prep_image "${prep}" --checkpoint "${CHECKPOINT}" --model_file "${model}"
   ((NO_FIDELITY)) || step fidelity run_step fidelity python3 "${SCRIPT_DIR}/beit_fidelity.py" --workdir "${w}" \
-    --batch_size "${n}" --checkpoint "${CHECKPOINT}" --label_file "${LABEL_FILE}" --model "${MODEL_FILE}"
+    --batch_size "${n}" --checkpoint "${CHECKPOINT}" --label_file "${LABEL_FILE}" --model "${MODEL_FILE}" \
+    "${fidelity_keep[@]}"
 }
 
 # Every refusal that can be made before the first step (exit 2): the Python, the model, the backend,
@@ -288,7 +300,7 @@ main() {
   [[ "${BACKEND}" != ascend || -n "${SOC_VERSION}" ]] || SOC_VERSION="$(pkg ascend soc-version)"
   flags=(--batch_size "${BATCH_SIZE}" --backend "${BACKEND}" --image_path "${IMAGE_PATH}" --label_file "${LABEL_FILE}"
     --checkpoint "${CHECKPOINT}" --soc_version "${SOC_VERSION}" --model "${MODEL}" --precision "${PRECISION}"
-    --providers "${PROVIDERS}")
+    --providers "${PROVIDERS}" --keep_dtype "${KEEP_DTYPE}")
   if ((SKIP_BAD)); then flags+=(--skip_bad); fi
   if ((FORCE)); then flags+=(--force); fi
   if ((NO_FIDELITY)); then flags+=(--no_fidelity); fi

@@ -8,7 +8,8 @@ Stages, in pipeline order (each included when what it needs is in the work folde
     graph_modify        beit_mg_bs{N}.onnx (this pipeline's exact, masked padding), fp32
     cpu_bf16            beit_mg_bs{N}.onnx on OpenVINO in bf16 (only where the CPU has bf16 instructions)
     guide_padding       beit_guide_bs{N}.onnx: the guide's own graph_modify.py reproduced (made here from onnxsim)
-    om_emulation        beit_om_emulation_bs{N}.onnx: graph_modify in fp16 as atc builds the OM (om_emulation.py)
+    om_emulation        beit_om_emulation_bs{N}.onnx: graph_modify in fp16 as atc builds the OM (om_emulation.py:
+                        saturating as the 310P does; with the --keep_dtype list, WorkFolder.keep_dtype, in fp32)
     guide_om_emulation  beit_guide_om_emulation_bs{N}.onnx: the same emulation of the guide's graph
     om                  the real OM's outputs, when ais_out/bs{N} was written by ais_bench
 
@@ -22,7 +23,8 @@ every stage on every image (the brute-force check).  Per stage: Top-1 / Top-5 ag
 labels and Top-1 agreement with pytorch with 95% intervals, the images gained and lost
 against pytorch with a paired interval on the difference (stats.py), the images whose Top-1
 differs from pytorch's with both top-5 lists, and max|a-b|/max|b| and the lowest cosine on
-the images both ran.
+the images both ran; for the emulated stages, the fp16 roundings that saturate on the images
+they ran (``saturated_nodes``, fp16_overflow.py).
 
 This module holds the work folder, the stages, the images and the models the report makes;
 fidelity_runners.py runs stages and finds the base, fidelity_screen.py decides what runs where,
@@ -35,8 +37,8 @@ import time
 
 import numpy as np
 
-from beit_pipeline import (batches, files, fidelity_screen, fingerprint, graph_padding, inference_record, labels,
-                           om_emulation, onnx_files)
+from beit_pipeline import (batches, files, fidelity_screen, fingerprint, graph_padding, inference_record, keep_dtype,
+                           labels, om_emulation, onnx_files)
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError, UsageError
@@ -49,7 +51,7 @@ CPU_PRECISION_STAGES = {"cpu_bf16": "bf16"}
 FILE_STAGES = ("om",)  # read from output files, not run: every image, nothing to screen
 STATE_NAME, RUN_NAME = "run_all_state.json", ".run_all_run.json"
 DERIVED_RECORD = ".fidelity_derived.json"
-DERIVED_VERSION = 1  # bump when graph_padding's guide edits or om_emulation change what they write
+DERIVED_VERSION = 2  # bump when graph_padding's guide edits or om_emulation change what they write (2: saturation)
 DEFAULT_MODEL = "beit_base_patch16_224"
 
 
@@ -61,6 +63,7 @@ class WorkFolder:
     checkpoint: str
     label_file: str
     model: str
+    keep_dtype: str = ""  # issue 20: the atc keep_dtype file the om_emulation stage is built with ("": none)
 
     def path(self, relative):
         return os.path.join(self.workdir, relative)
@@ -118,6 +121,7 @@ class StageResult:
     bound_images: int = 0  # the images it was measured on
     sample: object = None  # {"size", "seed"} when sampled
     flipped_detail: list = None  # per flipped image: its label and both top-5 [class, logit] lists
+    saturated_nodes: list = None  # emulated stages: fp16 roundings that clamp on the images it ran (issue 20)
 
 
 # ---------------------------------------------------------------- where the inputs are
@@ -150,7 +154,8 @@ def work_folder(args, scoring=True) -> WorkFolder:
         raise UsageError(f"{args.workdir}: run_all.sh's record names no label file (no eval step for batch size "
                          f"{args.batch_size}); give --label_file")
     return WorkFolder(os.path.abspath(args.workdir), args.batch_size, os.path.abspath(checkpoint or ""),
-                      os.path.abspath(label_file or ""), args.model or model or DEFAULT_MODEL)
+                      os.path.abspath(label_file or ""), args.model or model or DEFAULT_MODEL,
+                      os.path.abspath(args.keep_dtype) if getattr(args, "keep_dtype", None) else "")
 
 
 def cli_check_folder(workdir):
@@ -268,11 +273,11 @@ def make_guide(src, dst, batch_size):
     return dict(result.counts)
 
 
-def make_emulation(src, dst, batch_size):
-    """The fp16 emulation (om_emulation.emulate) of a padded model."""
+def make_emulation(src, dst, batch_size, keep=None):
+    """The fp16 emulation (om_emulation.emulate) of a padded model, with an atc keep_dtype list (issue 20)."""
     import onnx
 
-    emulation = om_emulation.emulate(onnx.load(src))
+    emulation = om_emulation.emulate(onnx.load(src), keep)
     onnx_files.write_model(emulation.model, dst)
     return dict(emulation.counts)
 
@@ -302,14 +307,15 @@ def ensure_model(wf, stage, record):
     src, dst = ensure_model(wf, parent, record), wf.file(stage)
     rel = wf.files()[stage]
     made = record.get(rel) or {}
+    keep, keep_digest = keep_dtype.for_stage(wf.keep_dtype, stage)  # issue 20: the keep list decides too
     if os.path.isfile(dst) and made.get("source") == _stat(src) and made.get("made") == _stat(dst) \
-            and made.get("version") == DERIVED_VERSION:
+            and made.get("version") == DERIVED_VERSION and made.get("keep", "") == keep_digest:
         return dst
     start = time.perf_counter()
-    counts = make(src, dst, wf.batch_size)
+    counts = make(src, dst, wf.batch_size, **({"keep": keep} if keep else {}))
     log.info(f"made {rel} from {os.path.basename(src)} in {time.perf_counter() - start:.1f} s: "
              + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    record[rel] = {"source": _stat(src), "made": _stat(dst), "version": DERIVED_VERSION}
+    record[rel] = {"source": _stat(src), "made": _stat(dst), "version": DERIVED_VERSION, "keep": keep_digest}
     files.write_json_atomic(wf.path(DERIVED_RECORD), record)
     return dst
 

@@ -323,8 +323,10 @@ def report(found):
 
 
 # Issue 21: --locate's figures kept for the HTML report (report_data.load_blocks reads them).
-def save(found, path):
-    """Write ``found`` (a Located) as JSON: the first departing tensor, the worst, the error after each block."""
+def save(found, path, extra=None):
+    """Write ``found`` (a Located) as JSON: the first departing tensor, the worst, the error after each block,
+    and the keys of ``extra`` (for an emulated stage, ``first_saturating``: the first node whose fp16 rounding
+    saturates, fp16_overflow.SaturatedNode as a dict, None when none does on the batch)."""
     from beit_pipeline import files
 
     def entry(err):
@@ -332,4 +334,4 @@ def save(found, path):
 
     files.write_json_atomic(path, {"stage": found.stage, "reference": found.reference, "compared": found.compared,
                                    "first": entry(found.first), "worst": entry(found.worst),
-                                   "blocks": [entry(e) for e in found.blocks]})
+                                   "blocks": [entry(e) for e in found.blocks], **(extra or {})})

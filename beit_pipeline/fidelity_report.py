@@ -11,7 +11,8 @@ would have given the same (fidelity_screen's comment; ``--no_screen`` checks it 
 The JSON keeps the keys of the first report (``batch_size``, ``max_images``, ``num_images``,
 ``checkpoint``, ``label_file``, ``stages`` with ``name``, ``top1``, ``top5``, ``agree_top1``,
 ``max_rel_err``, ``min_cosine``, ``num_images``, ``flipped``, ``source``, ``seconds``) and adds
-the sample, the audit, the base and, per stage, how it ran and its intervals (README).
+the sample, the audit, the base and, per stage, how it ran, its intervals and, for the emulated
+stages, ``saturated_nodes`` on the images they ran (README).
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ import time
 
 import numpy as np
 
-from beit_pipeline import fidelity, fidelity_runners, fidelity_screen, files, stats
+from beit_pipeline import fidelity, fidelity_runners, fidelity_screen, files, fp16_overflow, stats
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError
 
@@ -133,7 +134,8 @@ def score_stage(plan: fidelity_screen.Plan, stage: str, runners: dict) -> fideli
         bound=bound.abs if bound else None, bound_rel=bound.rel if bound else None,
         bound_images=bound.images if bound else 0,
         sample={"size": count, "seed": plan.seed} if plan.modes[stage] == "sampled" else None,
-        flipped_detail=flipped_detail(plan, runner, reference, flipped))
+        flipped_detail=flipped_detail(plan, runner, reference, flipped),
+        saturated_nodes=runner.saturated_nodes())
 
 
 @dataclasses.dataclass
@@ -145,6 +147,7 @@ class Report:
     results: list
     seconds: float = 0.0
     phases: dict = None  # seconds of: choosing the images, finding the base, running the stages, scoring
+    runners: dict = None  # {stage: its StageRunner (closed), with the logits it holds}: for --suggest_keep_dtype
 
 
 def run_report(wf: fidelity.WorkFolder, stages: list, options: fidelity.Options = None) -> Report:
@@ -172,7 +175,8 @@ def run_report(wf: fidelity.WorkFolder, stages: list, options: fidelity.Options 
     for r in results:
         log.info(f"  {r.name}: Top-1 {r.top1:.2f}% on {r.num_images} images ({r.mode}, {r.images_run} run), "
                  f"agrees with pytorch on {r.agree_top1:.2f}%, max rel err {r.max_rel_err:.3e} ({r.seconds:.1f} s)")
-    return Report(wf, options, plan, results, clock.total(), clock.laps)
+        fp16_overflow.log_saturation(r.name, r.saturated_nodes or [])
+    return Report(wf, options, plan, results, clock.total(), clock.laps, runners)
 
 
 class Clock:
@@ -260,6 +264,8 @@ def markdown(report: Report) -> str:
         where = f"its sample of {predicted.num_images} images" if predicted.mode == "sampled" else \
             describe_images(report)
         lines.append(f"Predicted OM Top-1 (om_emulation): {prediction_line(predicted, where)}.")
+    lines += [fp16_overflow.markdown_line(r.name, r.saturated_nodes, r.images_run) for r in results
+              if r.saturated_nodes is not None]
     for r in results:
         if r.flipped:
             shown = ", ".join(r.flipped[:10]) + (f" and {len(r.flipped) - 10} more" if len(r.flipped) > 10 else "")

@@ -5,7 +5,8 @@ more on demand, in model batches of the run's batch size gathered from any batch
 pad a static model's last batch).  Its model is loaded on first need and dropped by close();
 what it computes also goes to the stage's LogitStore (fidelity_logits_bs{N}/<stage>/), so a
 rerun, or an interrupted report run again, computes only what is missing.  The om stage is read
-from ais_bench's output files instead (OutputReader).
+from ais_bench's output files instead (OutputReader); the emulated stages run their emulation
+with saturation probes and keep the values clamped beside the logits (EmulatedRunner).
 
 The base (fidelity_screen.py) is the run's own fp32 logits of the graph_modify model: the
 outputs beit_infer.py wrote in ais_out/bs{N} when its record says fp32, that model, and these
@@ -15,20 +16,24 @@ its LogitStore, and then is also that stage's own full run.
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
 
-from beit_pipeline import fingerprint, inference_record, onnx_models
+from beit_pipeline import (fingerprint, fp16_overflow, inference_record, keep_dtype, om_emulation, onnx_files,
+                           onnx_models)
 from beit_pipeline import outputs as output_files
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.evaluation import summary_output_dtype
-from beit_pipeline.fidelity import (CPU_PRECISION_STAGES, FILE_STAGES, ImageSet, Options, WorkFolder, ensure_model,
-                                    inputs_digest, model_digest, read_derived_record)
+from beit_pipeline.fidelity import (CPU_PRECISION_STAGES, DERIVED, FILE_STAGES, ImageSet, Options, WorkFolder,
+                                    ensure_model, inputs_digest, model_digest, read_derived_record)
 from beit_pipeline.logit_store import LogitStore
 
 PROGRESS_SECONDS = 30.0
+SATURATION_SUFFIX = "_saturation"  # fidelity_logits_bs{N}/<stage>_saturation/: an emulated stage's clamp counts
 
 
 def _torch_model(checkpoint):
@@ -44,10 +49,11 @@ def _torch_model(checkpoint):
     return run, False  # (run, static batch?)
 
 
-def _onnx_model(path, providers="cpu", precision="fp32"):
+def _onnx_model(path, providers="cpu", precision="fp32", every_output=False):
+    """(run, static batch?) of an ONNX file; ``run(batch)`` gives the first output (``every_output``: all)."""
     session = onnx_models.open_session(path, providers, precision=precision)
     static = isinstance(session.get_inputs()[0].shape[0], int)
-    return (lambda batch: onnx_models.run_session(session, batch, path)), static
+    return (lambda batch: onnx_models.run_session(session, batch, path, every_output)), static
 
 
 def read_image(path: str, row: int, size: int) -> np.ndarray:
@@ -60,6 +66,32 @@ def read_image(path: str, row: int, size: int) -> np.ndarray:
     if image.size != count:
         raise PipelineFileError(f"{path}: too short for row {row} of {size}x{size} images")
     return image.reshape(3, size, size)
+
+
+class ImageRows:
+    """Some images of an ImageSet as an (N, 3, S, S) array read on demand (fp16_overflow runs its emulations on
+    it in batches, so that --suggest_keep_dtype holds no more than a batch of pixels): a slice reads those rows,
+    an index array gives the ImageRows of those images."""
+
+    def __init__(self, images: ImageSet, indices):
+        self.images, self.indices = images, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple:
+        size = self.images.image_size
+        return (len(self.indices), 3, size, size)
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            return ImageRows(self.images, self.indices[np.asarray(key, dtype=np.int64)])
+        chosen = self.indices[key]
+        out = np.empty((len(chosen),) + self.shape[1:], np.float32)
+        for k, i in enumerate(chosen):
+            out[k] = read_image(*self.images.locations[i], self.images.image_size)
+        return out
 
 
 class StageRunner:
@@ -111,18 +143,29 @@ class StageRunner:
             return 0
         if self._store is None:  # its key may make the model (the derived stages): a fixed cost, as loading
             start = time.perf_counter()
-            self._store = LogitStore(os.path.join(self.wf.file("logits"), self.stage), self.store_key(),
-                                     fresh=self.options.fresh)
-            self._stored = self._store.load()
+            self._open_stores()
             self.load_seconds += time.perf_counter() - start
-        kept = [i for i in todo if self.images.names[i] in self._stored]
-        for i in kept:
-            self.logits[i] = self._stored[self.images.names[i]]
+        kept = [i for i in todo if self._reuse(i)]
         self.reused += len(kept)
         todo = [i for i in todo if i not in self.logits]
         if todo:
             self._compute(todo)
         return len(kept) + len(todo)
+
+    def _open_stores(self) -> dict:
+        """Open the stage's LogitStore (fidelity_logits_bs{N}/<stage>/) and read what it keeps; returns its key."""
+        key = self.store_key()
+        self._store = LogitStore(os.path.join(self.wf.file("logits"), self.stage), key, fresh=self.options.fresh)
+        self._stored = self._store.load()
+        return key
+
+    def _reuse(self, i) -> bool:
+        """Take image ``i``'s logits from what an earlier run kept; False when it kept none."""
+        row = self._stored.get(self.images.names[i])
+        if row is None:
+            return False
+        self.logits[i] = row
+        return True
 
     def _compute(self, todo):
         if self._model is None:
@@ -135,16 +178,27 @@ class StageRunner:
                 out = run(self._assemble(group, n if static else len(group)))[:len(group)]
                 for i, row in zip(group, out):
                     self.logits[i] = np.asarray(row, np.float32)
-                self._store.add([self.images.names[i] for i in group], out)
+                self._keep(group, out)
                 done += len(group)
                 if time.perf_counter() - shown > PROGRESS_SECONDS and done < len(todo):
                     rate = done / (time.perf_counter() - start)
                     log.info(f"  {self.stage}: {done}/{len(todo)} images, {rate:.2f} img/s, about "
                              f"{(len(todo) - done) / rate / 60:.0f} min left")
                     shown = time.perf_counter()
+            self._finish()
         finally:  # Ctrl-C, SIGTERM: what was computed is kept (an atomic chunk), the rerun goes on from it
-            self._store.flush()
+            self._flush()
             self.run_seconds += time.perf_counter() - start
+
+    def _keep(self, group, out):
+        """Keep the logits ``out`` of the images ``group`` on disk (written a chunk at a time)."""
+        self._store.add([self.images.names[i] for i in group], out)
+
+    def _finish(self):
+        """After the last batch of a _compute: nothing more for a plain stage."""
+
+    def _flush(self):
+        self._store.flush()
 
     def _assemble(self, group, rows):
         """One model batch: the images of ``group`` (zero rows after them up to ``rows``)."""
@@ -156,11 +210,15 @@ class StageRunner:
 
     def close(self):
         if self._store is not None:
-            self._store.flush()
+            self._flush()
         self._model = None
 
     def array(self, indices) -> np.ndarray:
         return np.stack([self.logits[i] for i in indices]) if len(indices) else np.zeros((0, 0), np.float32)
+
+    def saturated_nodes(self) -> list:
+        """fp16 roundings that clamp on the images this stage ran: None, it has no fp16 emulation."""
+        return None
 
 
 class OutputReader(StageRunner):
@@ -189,8 +247,148 @@ class OutputReader(StageRunner):
         return len(todo)
 
 
+def probe_code_digest() -> str:
+    """What decides the clamp counts besides the model: the emulation's and the probes' code."""
+    return "+".join(fingerprint.file_digest(m.__file__, "") for m in (om_emulation, fp16_overflow))
+
+
+class EmulatedRunner(StageRunner):
+    """An emulated OM stage (fp16_overflow.EMULATED_STAGES): its logits, and per image the values each fp16
+    rounding clamps to +-65504, as the 310P saturates an overflow.
+
+    It runs the emulation with peak probes (om_emulation.emulate(probes=True): per image, each
+    rounding's largest and smallest value) in place of the plain model file, so the emulation runs
+    once.  The probes only read tensors: the logits are the plain model's bit for bit (tested), and
+    the LogitStore's key, the plain file's digest, still says what made them.  The images where a
+    probe saw a clamp run a second time, through the emulation with count probes for those roundings
+    only (fp16_overflow.ClampCounter: exact counts).  The counts are kept beside the logits in a second
+    LogitStore (<stage>_saturation/, the same key plus the probing code's digest); an image counts as
+    kept only when both stores hold it, so a rerun that reuses the logits still reports saturation.
+    """
+
+    def __init__(self, wf, stage, images, record, options):
+        super().__init__(wf, stage, images, record, options)
+        self.clamps = {}  # image index: values clamped per rounding (one per Rounding of the emulation)
+        self._emulation = self._flags = self._clamp_store = self._stored_clamps = self._scratch = None
+        self._pending = {}  # image index: its clamp flags, until _finish counts them
+
+    def emulation(self) -> om_emulation.Emulation:
+        """The probed emulation of the stage's source model with its keep list (made on first need)."""
+        if self._emulation is None:
+            import onnx
+
+            src = ensure_model(self.wf, DERIVED[self.stage][0], self.record)
+            keep, _ = keep_dtype.for_stage(self.wf.keep_dtype, self.stage)
+            self._emulation = om_emulation.emulate(onnx.load(src), keep, probes=True)
+        return self._emulation
+
+    def _scratch_folder(self) -> str:
+        """A temporary folder for the probed models, in the stage's store folder (a leftover is removed there)."""
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix=".", suffix=".tmp",
+                                             dir=os.path.join(self.wf.file("logits"), self.stage))
+        return self._scratch
+
+    def _open(self):
+        start = time.perf_counter()
+        self.source = ensure_model(self.wf, self.stage, self.record)  # the plain model: what the key names
+        emulation = self.emulation()
+        path = os.path.join(self._scratch_folder(), f"{self.stage}_probed.onnx")
+        onnx_files.save_model(emulation.model, path)
+        run, static = _onnx_model(path, "cpu", "fp32", every_output=True)
+        outputs = [o.name for o in emulation.model.graph.output]
+
+        def probed(batch):
+            values = run(batch)
+            probes = {n: fp16_overflow.per_image(v, len(batch)) for n, v in zip(outputs[1:], values[1:])}
+            self._flags = fp16_overflow.clamp_flags(emulation, probes, len(batch))
+            return values[0]
+        self.load_seconds += time.perf_counter() - start
+        return probed, static
+
+    def _open_stores(self) -> dict:
+        key = super()._open_stores()
+        self._clamp_store = LogitStore(os.path.join(self.wf.file("logits"), self.stage + SATURATION_SUFFIX),
+                                       {**key, "values": "fp16 values clamped per rounding",
+                                        "code": probe_code_digest()}, fresh=self.options.fresh)
+        self._stored_clamps = self._clamp_store.load()
+        return key
+
+    def _reuse(self, i) -> bool:
+        row = self._stored_clamps.get(self.images.names[i])
+        if row is None or not super()._reuse(i):
+            return False
+        self.clamps[i] = row
+        return True
+
+    def _keep(self, group, out):
+        super()._keep(group, out)
+        clean = []
+        for k, i in enumerate(group):
+            if self._flags[:, k].any():
+                self._pending[i] = self._flags[:, k]
+            else:
+                clean.append(i)
+                self.clamps[i] = np.zeros(len(self._flags), np.float32)
+        self._clamp_store.add([self.images.names[i] for i in clean], [self.clamps[i] for i in clean])
+
+    def _finish(self):
+        """The second pass: exact counts on the images where a probe saw a clamp, for those roundings only."""
+        if not self._pending:
+            return
+        pending, n = sorted(self._pending), self.wf.batch_size
+        rows = sorted({int(k) for i in pending for k in np.flatnonzero(self._pending[i])})
+        log.info(f"  {self.stage}: fp16 saturates on {len(pending)} images; counting the values clamped")
+        counter = fp16_overflow.ClampCounter(self.emulation(), rows,
+                                             os.path.join(self._scratch_folder(), f"{self.stage}_counted.onnx"))
+        for first in range(0, len(pending), n):
+            group = pending[first:first + n]
+            counts = np.zeros((len(group), len(self.emulation().roundings)), np.float32)
+            counts[:, rows] = counter.count(self._assemble(group, n), len(group)).T
+            for i, row in zip(group, counts):
+                self.clamps[i] = row
+                del self._pending[i]
+            self._clamp_store.add([self.images.names[i] for i in group], counts)
+
+    def _flush(self):
+        super()._flush()
+        self._clamp_store.flush()
+
+    def close(self):
+        super().close()
+        self._emulation = None  # its model is the size of the stage's: made again if saturated_nodes needs it
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def clamp_array(self, indices) -> np.ndarray:
+        """(images, roundings): the values each rounding clamps on the images ``indices`` (all ran)."""
+        return np.stack([self.clamps[i] for i in indices]).astype(np.int64)
+
+    def saturated_nodes(self) -> list:
+        """[SaturatedNode as a dict] of the roundings that clamp on the images this stage ran, in graph order."""
+        ran = sorted(self.logits)
+        clamped = self.clamp_array(ran).T if ran else np.zeros((0, 0), np.int64)
+        if not clamped.any():
+            return []
+        import onnx
+
+        emulation = self.emulation()
+        if len(emulation.roundings) != len(clamped):
+            raise PipelineFileError(f"{self.wf.file('logits')}: clamp counts of {len(clamped)} roundings, the "
+                                    f"emulation has {len(emulation.roundings)}; run again with --fresh")
+        positions = fp16_overflow.readable_positions(onnx.load(ensure_model(self.wf, DERIVED[self.stage][0],
+                                                                            self.record)))
+        run = fp16_overflow.EmulatedRun(emulation, None, clamped)
+        found = fp16_overflow.saturated_nodes(run, [self.images.names[i] for i in ran], positions)
+        self._emulation = None
+        return [dataclasses.asdict(node) for node in found]
+
+
 def make_runner(wf: WorkFolder, stage: str, images: ImageSet, record: dict, options: Options) -> StageRunner:
-    return (OutputReader if stage in FILE_STAGES else StageRunner)(wf, stage, images, record, options)
+    kind = OutputReader if stage in FILE_STAGES else EmulatedRunner if stage in fp16_overflow.EMULATED_STAGES \
+        else StageRunner
+    return kind(wf, stage, images, record, options)
 
 
 # ---------------------------------------------------------------- the base

@@ -71,8 +71,8 @@ def modify_as_guide(model, batch_size, pad_to=DEFAULT_PAD_TO):
     counts.update(append_zero_tokens(gi, plan))
     for rewrite in (pad_attention, pad_token_constants, zero_padded_keys, restrict_pooling):
         counts.update(rewrite(gi, plan, False))
-    slice_ends = {n.input[2] for n in model.graph.node
-                  if n.op_type == "Slice" and n.name.startswith("graph_modify_guide_key_slice")}
+    keys = {key.tensor for key in plan.key_branches}
+    slice_ends = {n.input[2] for n in gi.inserted if n.op_type == "Slice" and n.input[0] in keys}
     drop_unused_initializers(model)
     check_result(model, plan.stream, plan.stream.name, exempt=slice_ends)
     return PaddingResult(counts, plan.stream.tokens, plan.stream.padded)
@@ -116,7 +116,7 @@ def append_zero_tokens(gi, plan):
     """The guide's token padding: a zero (B, P - T, D) third input of the cls-token Concat itself."""
     s = plan.stream
     zeros = np.zeros((s.batch_size, s.padded - s.tokens, s.dim), dtype=np.float32)
-    s.concat.input.append(gi.add_const("graph_modify_guide_token_pad", zeros))
+    gi.add_input(s.concat, gi.add_const("graph_modify_guide_token_pad", zeros))
     return Counter({"guide: zero tokens appended to the cls-token Concat": 1})
 
 
@@ -171,7 +171,7 @@ def insert_mask_add(gi, softmax, mask_name):
     add = helper.make_node("Add", [softmax.input[0], mask_name], [masked],
                            name=gi.unique_name("graph_modify_mask_add"))
     gi.insert_before(softmax, add)
-    softmax.input[0] = masked
+    gi.set_input(softmax, 0, masked)
 
 
 def pad_token_constants(gi, plan, mask):
@@ -181,7 +181,7 @@ def pad_token_constants(gi, plan, mask):
         grown = np.zeros((1, padded, const.value.shape[2]), dtype=const.value.dtype)
         grown[:, :plan.stream.tokens] = const.value
         new_name = gi.add_const(f"{const.name}_padded{padded}", grown)
-        const.node.input[list(const.node.input).index(const.name)] = new_name
+        gi.replace_input(const.node, const.name, new_name)
         counts["per-token constant (position embedding) padded"] += 1
     return counts
 
@@ -192,8 +192,8 @@ def pad_token_reshapes(gi, plan, mask):
     for reshape in plan.token_reshapes:
         new = reshape.shape.copy()
         new[1] = padded
-        reshape.node.input[1] = gi.add_const(f"{reshape.node.input[1]}_tokens{padded}",
-                                             new.astype(reshape.shape.dtype))
+        gi.set_input(reshape.node, 1, gi.add_const(f"{reshape.node.input[1]}_tokens{padded}",
+                                                   new.astype(reshape.shape.dtype)))
         counts[f"{reshape.role} Reshape {tokens}->{padded}"] += 1
     return counts
 
@@ -207,8 +207,8 @@ def restrict_pooling(gi, plan, mask):
         return Counter({"pooling: mean left over all tokens (guide)": 1})
     if pooling.slice is not None:
         ends = gi.const(pooling.slice.input[2])
-        pooling.slice.input[2] = gi.add_const(f"{pooling.slice.input[2]}_end{tokens}",
-                                              np.array([tokens], dtype=ends.dtype))
+        gi.set_input(pooling.slice, 2, gi.add_const(f"{pooling.slice.input[2]}_end{tokens}",
+                                                    np.array([tokens], dtype=ends.dtype)))
         return Counter({f"pooling Slice end -> {tokens}": 1})
     cut = gi.unique_name(pooling.node.input[0] + "_real_tokens")
     bounds = [gi.add_const(f"graph_modify_pool_{what}", np.array([value], np.int64))
@@ -216,7 +216,7 @@ def restrict_pooling(gi, plan, mask):
     sl = helper.make_node("Slice", [pooling.node.input[0], *bounds], [cut],
                           name=gi.unique_name("graph_modify_pool_slice"))
     gi.insert_before(pooling.node, sl)
-    pooling.node.input[0] = cut
+    gi.set_input(pooling.node, 0, cut)
     return Counter({f"pooling Slice [0:{tokens}] inserted": 1})
 
 
@@ -224,8 +224,7 @@ def pooling_end(gi, plan, mask):
     """The constant that holds the token count on purpose after restrict_pooling (the Slice end), or None."""
     if plan.pooling.kind != "mean" or not mask:
         return None
-    feeding = next(n for n in gi.graph.node if n.output and n.output[0] == plan.pooling.node.input[0])
-    return feeding.input[2]
+    return gi.producer[plan.pooling.node.input[0]].input[2]
 
 
 # ---------------------------------------------------------------- checks

@@ -112,18 +112,19 @@ def random_batch(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def run_session(session, batch, path="model"):
-    """The first output of ``session`` on ``batch``."""
+def run_session(session, batch, path="model", every_output=False):
+    """The first output of ``session`` on ``batch`` (``every_output``: the list of all its outputs)."""
     name = session.get_inputs()[0].name
     want = session_input_shape(session)
     if len(want) != batch.ndim or any(w is not None and w != b for w, b in zip(want, batch.shape)):
         shown = tuple(w if w is not None else "?" for w in want)
         raise OnnxCheckError(f"{path}: takes input shape {shown}, cannot run a batch of shape {batch.shape}")
     try:
-        return session.run(None, {name: batch})[0]
+        outputs = session.run(None, {name: batch})
     except Exception as exc:
         raise OnnxCheckError(f"{path}: ONNX Runtime failed on a batch of shape {batch.shape} "
                              f"({_first_line(exc)})") from exc
+    return outputs if every_output else outputs[0]
 
 
 def compare_models(ref_path, cand_path, batch, seed=0):

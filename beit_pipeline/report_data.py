@@ -9,7 +9,8 @@ the report says what it could not find instead.  The files, and who writes them:
   min_cosine, num_images, flipped, and where present the 95% intervals (``top1_ci95``, ``agree_top1_ci95``,
   ``delta_top1_ci95``), ``flipped_detail`` (image, label, both top-5 ``[class, logit]`` lists) and
   ``saturated_nodes``; intervals missing there are computed here (Wilson) from the counts;
-- ``locate_{stage}_bs{N}.json`` (beit_fidelity.py --locate): the error after each block;
+- ``locate_{stage}_bs{N}.json`` (beit_fidelity.py --locate): the error after each block and, for an emulated
+  stage, the first node whose fp16 rounding saturates (``first_saturating``);
 - ``ais_out/*_summary.json`` and ``ais_out/*_beit_summary.json`` (beit_infer.py, ais_bench): engine,
   precision and throughput per output folder;
 - ``keep_dtype_bs{N}.json`` / ``.cfg`` (beit_fidelity.py --suggest_keep_dtype);
@@ -101,7 +102,8 @@ class Stage:
     num_images: int | None
     flipped: list  # image names
     flips: list  # [Flip] where the file has the top-5 lists
-    saturated: list  # saturated_nodes entries (dicts), where recorded
+    saturated: list | None  # saturated_nodes entries (dicts); None where the stage records none (not emulated, older)
+    images_run: int | None = None  # the images the stage ran (saturated_nodes is about those)
 
 
 @dataclasses.dataclass
@@ -110,6 +112,7 @@ class BlockErrors:
     reference: str
     first: str | None  # "Softmax at block 0, attention softmax"
     blocks: list  # [(rel_err, cosine)], block 0 first
+    saturating: dict | None = None  # the first node whose fp16 rounding saturates (emulated stages; {} for none)
 
 
 @dataclasses.dataclass
@@ -187,6 +190,11 @@ def load_flips(stage: dict) -> list:
     return flips
 
 
+def _int(value) -> int | None:
+    found = number(value)
+    return int(found) if found is not None else None
+
+
 def load_stage(stage: dict) -> Stage:
     count = number(stage.get("num_images"))
     count = int(count) if count else None
@@ -199,7 +207,8 @@ def load_stage(stage: dict) -> Stage:
     return Stage(str(stage.get("name", "?")), top1, top1_ci, agree, agree_ci, number(stage.get("delta_top1")),
                  interval(stage.get("delta_top1_ci95")), number(stage.get("max_rel_err")),
                  number(stage.get("min_cosine")), count, flipped, load_flips(stage),
-                 [s for s in stage.get("saturated_nodes") or [] if isinstance(s, dict)])
+                 [s for s in stage["saturated_nodes"] if isinstance(s, dict)]
+                 if isinstance(stage.get("saturated_nodes"), list) else None, _int(stage.get("images_run")))
 
 
 def load_stages(workdir: str, batch_size: int) -> tuple[list, int | None]:
@@ -220,7 +229,10 @@ def load_blocks(workdir: str, batch_size: int) -> list:
         blocks = [(number(b.get("rel_err")), number(b.get("cosine"))) for b in data["blocks"] if isinstance(b, dict)]
         first = data.get("first") if isinstance(data.get("first"), dict) else None
         where = f"{first.get('op_type', '?')} at {first.get('position', '?')}" if first else None
-        found.append(BlockErrors(str(data.get("stage", "?")), str(data.get("reference", "?")), where, blocks))
+        saturating = data.get("first_saturating", False)  # absent: not looked for; None: none on the batch
+        saturating = saturating if isinstance(saturating, dict) else {} if saturating is None else None
+        found.append(BlockErrors(str(data.get("stage", "?")), str(data.get("reference", "?")), where, blocks,
+                                 saturating))
     return found
 
 

@@ -2,8 +2,9 @@
 
 No network and no script: the style is inline, the plots are matplotlib PNGs and the thumbnails JPEGs,
 all as ``data:`` URIs.  It shows the accuracy with what it was computed on, the fidelity table with
-intervals and a one-line verdict per stage (and a legend of the stage names), the error after each block
-from ``beit_fidelity.py --locate``, the images whose Top-1 flipped with both top-5 lists, the throughput
+intervals and a one-line verdict per stage (and a legend of the stage names), where the emulated stages'
+fp16 roundings saturate, the error after each block from ``beit_fidelity.py --locate`` (with the first
+saturating node), the images whose Top-1 flipped with both top-5 lists, the throughput
 per engine and precision, and atc's keep_dtype suggestion.  The data comes from report_data.py, which
 tolerates missing files; a section without data says how to get it.
 
@@ -168,7 +169,26 @@ def fidelity_section(data: report_data.ReportData) -> str:
     return (f"<h2>Fidelity: every stage against PyTorch</h2><table><tr>{head}</tr>{rows}</table>"
             "<p class=muted>Intervals: 95%, in brackets (Wilson for rates; paired for &Delta; Top-1 where the "
             "report gives it). Relative error is max|a&minus;b|/max|b| over all logits.</p>"
-            f"<table><tr><th>stage</th><th>what runs</th></tr>{legend}</table>")
+            f"{saturation_list(data)}<table><tr><th>stage</th><th>what runs</th></tr>{legend}</table>")
+
+
+def saturation_line(s: report_data.Stage) -> str:
+    """One item: where an emulated stage's fp16 roundings saturate (the 310P clamps overflow to +-65504)."""
+    on = f" on the {s.images_run} images it ran" if s.images_run else ""
+    if not s.saturated:
+        return f"<li class=ok>{esc(s.name)}: no fp16 rounding saturates{on}</li>"
+    first = s.saturated[0]
+    images = first.get("num_images") or len(first.get("images") or [])
+    return (f"<li class=bad>{esc(s.name)}: fp16 saturates at {len(s.saturated)} node(s){on}; first "
+            f"{esc(first.get('op_type', '?'))} <code>{esc(first.get('node', '?'))}</code> at "
+            f"{esc(first.get('position', '?'))}: {esc(first.get('values_clamped', '?'))} values clamped to "
+            f"&plusmn;65504 on {images} image(s) (<code>--suggest_keep_dtype</code> finds operators to keep in "
+            "fp32)</li>")
+
+
+def saturation_list(data: report_data.ReportData) -> str:
+    items = "".join(saturation_line(s) for s in data.stages if s.saturated is not None)
+    return f"<p>fp16 overflow, saturated as the 310P does:</p><ul>{items}</ul>" if items else ""
 
 
 def blocks_figure(located: list) -> str:
@@ -196,11 +216,22 @@ def blocks_section(data: report_data.ReportData) -> str:
     if not located:
         return ("<h2>Error after each block</h2><p>Not located yet: <code>beit_fidelity.py --workdir W "
                 f"--batch_size {data.batch_size} --locate om_emulation</code> writes it.</p>")
-    firsts = "".join(f"<li>{esc(b.stage)} departs from {esc(b.reference)} first at {esc(b.first)}</li>"
-                     if b.first else f"<li>{esc(b.stage)}: no tensor departs from {esc(b.reference)}</li>"
-                     for b in located)
+    firsts = "".join((f"<li>{esc(b.stage)} departs from {esc(b.reference)} first at {esc(b.first)}"
+                      if b.first else f"<li>{esc(b.stage)}: no tensor departs from {esc(b.reference)}")
+                     + first_saturating(b) + "</li>" for b in located)
     return (f"<h2>Error after each block</h2><img alt='error after each block' src='{blocks_figure(located)}'>"
             f"<ul>{firsts}</ul>")
+
+
+def first_saturating(b: report_data.BlockErrors) -> str:
+    """The locate file's first saturating node, as the rest of its line ("" where it was not looked for)."""
+    if b.saturating is None:
+        return ""
+    if not b.saturating:
+        return "; no fp16 rounding saturates on the batch"
+    node = b.saturating
+    return (f"; fp16 first saturates at {esc(node.get('op_type', '?'))} <code>{esc(node.get('node', '?'))}</code> "
+            f"({esc(node.get('position', '?'))})")
 
 
 def top5_table(flip: report_data.Flip, stage: str) -> str:

@@ -72,6 +72,7 @@ class RunParams:
     fidelity: bool = True  # run beit_fidelity.py as the last step
     image_size: int = DEFAULT_SIZE  # the model's input size: preprocessing, onnxsim and atc take it
     providers: str = ""  # beit_infer.py's --providers (the ort backend; "": its default engine)
+    keep_dtype: str = ""  # issue 20: atc's keep_dtype file (run_all.sh --keep_dtype), read by atc and fidelity
 
     def path(self, relative):
         return os.path.join(self.workdir, relative)
@@ -165,6 +166,7 @@ def fidelity_spec(run, made):
     n = run.batch_size
     inputs = {role: run.path(name) for role, name in made.items()}
     inputs.update({"the checkpoint": run.checkpoint, "the label file": run.label_file})
+    inputs.update(keep_dtype_input(run))  # issue 20
     if run.backend == "ascend":
         inputs["the OM's outputs"] = run.path(f"ais_out/bs{n}")
     outputs = with_data([f"fidelity_bs{n}.json", f"fidelity_bs{n}.md", f"beit_guide_bs{n}.onnx",
@@ -177,9 +179,15 @@ def atc_spec(run, mg, om):
     """atc writes beit_mg_bs{N}_partial.om, or (CANN >= 7.0) ..._partial_linux_<arch>.om: either is promoted."""
     from beit_pipeline.ascend import om_candidates
     partial, *suffixed = om_candidates(om[:-3] + "_partial")
-    return StepSpec("atc", [om, partial, "fusion_result.json"] + suffixed, {"the padded model": run.path(mg)},
+    return StepSpec("atc", [om, partial, "fusion_result.json"] + suffixed,
+                    {"the padded model": run.path(mg), **keep_dtype_input(run)},
                     {"batch_size": run.batch_size, "soc_version": run.soc_version}, promote=[(partial, om)],
                     aliases={partial: suffixed}, shared=["fusion_result.json"])
+
+
+def keep_dtype_input(run):
+    """Issue 20: the keep_dtype file as an input (its content is part of the key of atc and fidelity)."""
+    return {"the keep_dtype file": run.keep_dtype} if run.keep_dtype else {}
 
 
 def code_digest():
@@ -352,7 +360,8 @@ def run_params(args):
     return RunParams(workdir=workdir, batch_size=args.batch_size, backend=args.backend, model=model,
                      image_path=image_path, label_file=label_file, checkpoint=checkpoint, demo=demo,
                      skip_bad=args.skip_bad, soc_version=args.soc_version, force=args.force, precision=args.precision,
-                     fidelity=not args.no_fidelity, image_size=size, providers=args.providers)
+                     fidelity=not args.no_fidelity, image_size=size, providers=args.providers,
+                     keep_dtype=os.path.abspath(args.keep_dtype) if args.keep_dtype else "")
 
 
 def unowned_outputs(run, state):
@@ -769,6 +778,7 @@ def build_parser():
     begin_p.add_argument("--skip_bad", action="store_true", help="preprocessing skips unreadable images")
     begin_p.add_argument("--force", action="store_true", help="redo every step (deleting only recorded outputs)")
     begin_p.add_argument("--no_fidelity", action="store_true", help="the run has no fidelity step")
+    begin_p.add_argument("--keep_dtype", default="", help="atc's keep_dtype file (part of atc's and fidelity's key)")
     begin_p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "int8"),
                          help="beit_infer.py's --precision (ort backend; part of the inference step's key)")
     begin_p.add_argument("--providers", default="",

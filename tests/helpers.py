@@ -114,3 +114,18 @@ def copy_work_folder(src, dst):
                 with open(path, "w") as f:
                     json.dump(record, f)
     return dst
+
+
+def stored_logits(folder):
+    """{image name: row} of every chunk of a fidelity LogitStore folder (fidelity_logits_bs{N}/<stage>/), whatever
+    its record says: what the report kept, read as logit_store writes it."""
+    import glob
+    import json
+
+    import numpy as np
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(folder, "chunk_*.npz"))):
+        with np.load(path) as data:
+            found.update(zip(json.loads(data["names"].tobytes().decode("ascii")), data["logits"]))
+    return found

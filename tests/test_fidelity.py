@@ -316,8 +316,8 @@ def test_an_interrupted_report_goes_on_where_it_stopped(tiny_work, tmp_path, mon
     from beit_pipeline import fidelity_runners
     work, real, calls = copy_work(tiny_work, tmp_path), fidelity_runners._onnx_model, []
 
-    def interrupted(path, providers="cpu", precision="fp32"):
-        run, static = real(path, providers, precision)
+    def interrupted(path, providers="cpu", precision="fp32", every_output=False):
+        run, static = real(path, providers, precision, every_output)  # om_emulation runs its probed emulation
 
         def counted(batch):
             calls.append(path)
@@ -335,6 +335,11 @@ def test_an_interrupted_report_goes_on_where_it_stopped(tiny_work, tmp_path, mon
     assert rc == 0, text
     assert stages_of(data)["om_emulation"]["images_reused"] == 2 * BS  # the two batches before the Ctrl-C
     assert stages_of(data)["om_emulation"]["images_run"] == IMAGES
+    # its clamp counts were kept with those logits: nothing saturates in the tiny BEiT, said for every image
+    assert stages_of(data)["om_emulation"]["saturated_nodes"] == []
+    assert stages_of(data)["pytorch"]["saturated_nodes"] is None  # no fp16 emulation there
+    assert f"- om_emulation: no fp16 rounding saturates (the 310P clamps overflow to +-65504) on the {IMAGES} " \
+           "images this stage ran." in (work / "fidelity_bs8.md").read_text()
 
 
 def test_logit_store_keeps_whole_chunks_and_drops_a_store_of_other_inputs(tmp_path, monkeypatch):
@@ -428,6 +433,9 @@ class FakeRunner:
 
     def close(self):
         pass
+
+    def saturated_nodes(self):
+        return None
 
 
 def synthetic_plan(seed=1, count=2000, classes=20):
@@ -748,7 +756,7 @@ def test_help_explains_every_flag(capsys):
         beit_fidelity.main(["--help"])
     out = capsys.readouterr().out
     for flag in ("--max_images", "--seed", "--no_screen", "--audit_images", "--sample_size", "--fresh",
-                 "--stages", "--locate"):
+                 "--stages", "--locate", "--keep_dtype", "--suggest_keep_dtype"):
         assert flag in out
     assert "seeded random sample" in out and "brute force" in out
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from timm.models.beit import checkpoint_filter_fn
 
 from helpers import BASE, TINY, run_script
@@ -24,6 +24,7 @@ from beit_pipeline import graph_padding, graph_patterns
 from beit_pipeline import onnx_models as ort_models  # the name onnx_models is conftest's fixture
 from beit_pipeline import model as beit_model
 from beit_pipeline.export import export
+from beit_pipeline.graph_index import GraphIndex, infer_shapes, node_key
 
 TOKENS, PADDED = 197, 208
 INT64_MAX = np.iinfo(np.int64).max
@@ -82,10 +83,10 @@ def printed_verification(text):
 
 
 def inferred(path):
+    """(the model, {tensor: shape}), the shapes inferred with the weights as typed inputs (fast on BEiT-base)."""
     model = onnx.load(str(path))
-    model = onnx.shape_inference.infer_shapes(model)
     shapes = {}
-    for vi in list(model.graph.value_info) + list(model.graph.output):
+    for vi in list(infer_shapes(model).graph.value_info) + list(model.graph.output):
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     return model, shapes
 
@@ -134,8 +135,9 @@ def modify(src, out, batch_size, *extra, capsys):
 
 # ---------------------------------------------------------------- exactness
 
-@pytest.mark.parametrize("batch_size", [1, 8, 16])
-@pytest.mark.parametrize("opset", [11, 17])
+# Batch sizes 1, 2, 8, 16 and opsets 11 and 17, each at least once, on the simplified models other tests use
+# too (each pair costs an onnxsim run; the full 2 x 3 grid repeated what these show).
+@pytest.mark.parametrize("opset, batch_size", [(11, 2), (11, 8), (17, 1), (17, 8), (17, 16)])
 def test_tiny_padding_is_exact(models, tmp_path, capsys, opset, batch_size):
     src = models.simplified("tiny", opset, batch_size)
     out = tmp_path / "mod.onnx"
@@ -197,6 +199,31 @@ def test_output_is_deterministic(models, tmp_path, capsys):
     assert outs[0].read_bytes() != open(src, "rb").read()
 
 
+def node_names(model):
+    return [(n.name, n.op_type) for n in model.graph.node]
+
+
+@pytest.mark.parametrize("flag", [None, "--guide"])
+def test_node_names_survive_and_are_the_same_after_a_rebuild(models, tiny_model, tmp_path, capsys, flag):
+    """Issue 20: a keep_dtype file names nodes of beit_mg_bs{N}.onnx; every node graph_modify does not add keeps
+    its exported name and op type, and the model rebuilt from the same checkpoint (export, onnxsim, graph_modify
+    again) has exactly the same node names, so the file stays valid."""
+    src = models.simplified("tiny", 11, 8)
+    extra = [flag] if flag else []
+    assert modify(src, tmp_path / "a.onnx", 8, "--no_verify", *extra, capsys=capsys)[0] == 0
+    before, after = node_names(onnx.load(src)), node_names(onnx.load(str(tmp_path / "a.onnx")))
+    assert all(name for name, _ in before) and len({name for name, _ in before}) == len(before)
+    added = [pair for pair in after if pair not in before]
+    assert [pair for pair in after if pair not in added] == before  # same names, same op types, same order
+    assert added and all(name.startswith("graph_modify_") for name, _ in added)
+    if flag:
+        return
+    export(tiny_model, str(tmp_path / "again.onnx"), batch_size=1, img_size=224, opset=11, dynamic=True)
+    ort_models.simplify(str(tmp_path / "again.onnx"), str(tmp_path / "again_sim.onnx"), 8)
+    assert modify(tmp_path / "again_sim.onnx", tmp_path / "b.onnx", 8, "--no_verify", capsys=capsys)[0] == 0
+    assert node_names(onnx.load(str(tmp_path / "b.onnx"))) == after
+
+
 def test_mask_value_is_exact_and_finite_in_fp16():
     value = graph_padding.MASK_VALUE
     assert float(np.float16(value)) == value
@@ -227,6 +254,40 @@ def test_base_padding_is_exact(models, tmp_path, capsys):
     errors = ort_models.output_errors(logits(out, batch), logits(src, batch))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
     check_padded_shapes(out, 8, BASE)
+
+
+# ---------------------------------------------------------------- the graph toolkit
+
+def index_maps(gi):
+    """The producer and consumer maps of a GraphIndex, by node key, comparable across indexes."""
+    producers = {t: node_key(n) for t, n in gi.producer.items()}
+    consumers = {t: sorted(node_key(n) for n in users) for t, users in gi.consumers.items() if users}
+    return producers, consumers
+
+
+def test_graph_index_stays_correct_through_a_rewrite(models):
+    """Issue 22's toolkit: after graph_modify's passes (inserts, rewired inputs) and a removal, the index that
+    made them describes the graph exactly as a fresh index of it does; paths match from an anchor op."""
+    model = onnx.load(models.simplified("tiny", 11, 8))
+    gi, plan = graph_patterns.plan_padding(model, 8, 16)
+    graph_padding.pad_token_stream(gi, plan)
+    for rewrite in (graph_padding.pad_attention, graph_padding.pad_token_reshapes, graph_padding.restrict_pooling):
+        rewrite(gi, plan, True)
+    assert len(gi.inserted) == 1 and gi.inserted[0].op_type == "Concat"  # the token padding
+    assert index_maps(gi) == index_maps(GraphIndex(model, shapes=False))
+    softmax = plan.blocks[0].softmax
+    add, scores = gi.match_parent_path(softmax, ("Add", "MatMul"), (0, None))
+    assert add is plan.blocks[0].bias_add and scores is graph_patterns.scores_matmul(gi, plan.blocks[0])
+    assert gi.match_parent_path(softmax, ("Add", "MatMul"), (0, 1)) is None  # the bias is a constant
+    assert [n.op_type for n in gi.match_child_path(softmax, ("MatMul", "Transpose", "Reshape"))] == \
+        ["MatMul", "Transpose", "Reshape"]
+    identity = gi.insert_before(softmax, helper.make_node("Identity", [softmax.input[0]], ["scores_copy"],
+                                                          name="copy"))
+    gi.set_input(softmax, 0, "scores_copy")
+    assert gi.producer["scores_copy"] is identity and gi.consumers["scores_copy"] == [softmax]
+    gi.set_input(softmax, 0, identity.input[0])
+    gi.remove(identity)
+    assert "scores_copy" not in gi.producer and index_maps(gi) == index_maps(GraphIndex(model, shapes=False))
 
 
 # ---------------------------------------------------------------- why the mask matters

@@ -67,13 +67,18 @@ def crafted_workdir(root):
         {"name": "om_emulation", "top1": 85.0, "top5": 97.5, "agree_top1": 99.5, "max_rel_err": 7.9e-4,
          "min_cosine": 0.99999, "num_images": 200, "flipped": [names[0]], "flipped_detail": [flip],
          "delta_top1": -0.5, "delta_top1_ci95": [-2.8, 1.6],
-         "saturated_nodes": []},
+         "saturated_nodes": [], "images_run": 37},
+        {"name": "guide_om_emulation", "top1": 85.5, "top5": 97.5, "agree_top1": 100.0, "max_rel_err": 9e-2,
+         "min_cosine": 0.99, "num_images": 200, "flipped": [], "images_run": 40, "saturated_nodes": [
+             {"node": "/blocks.0/attn/MatMul_1", "op_type": "MatMul", "position": "block 0, attention scores q @ k^T",
+              "images": [names[0]], "values_clamped": 316190, "nodes": ["/blocks.0/attn/MatMul_1"], "where": "output",
+              "num_images": 12}]},
         {"name": "guide_padding", "top1": 84.0, "top5": 97.0, "agree_top1": 98.0, "max_rel_err": 8.3e-2,
          "min_cosine": 0.995, "num_images": 200, "flipped": [names[1], names[2], "gone.JPEG", "n1/x.JPEG"]},
     ]
     write_json(work / f"fidelity_bs{BS}.json", {"batch_size": BS, "num_images": 200, "stages": stages})
     write_json(work / f"locate_om_emulation_bs{BS}.json", {
-        "stage": "om_emulation", "reference": "graph_modify", "compared": 40, "first": None,
+        "stage": "om_emulation", "reference": "graph_modify", "compared": 40, "first": None, "first_saturating": None,
         "worst": {"op_type": "Softmax", "position": "block 1, attention softmax", "rel_err": 2e-3, "cosine": 0.9999},
         "blocks": [{"rel_err": 8e-4, "cosine": 0.99999}, {"rel_err": 1.2e-3, "cosine": 0.99998}]})
     write_json(work / "ais_out" / f"bs{BS}_summary.json", {"throughput": 5.1, "engine": "openvino", "precision": "fp32"})
@@ -127,7 +132,12 @@ def test_report_of_a_crafted_folder_renders_in_chromium(tmp_path, capsys):
     assert "[79.9, 89.7]" in text and "-0.50 <span class=muted>[-2.8, 1.6]</span>" in text  # intervals as given
     assert "Predicted OM Top-1 (om_emulation, on 200 images): <b>85.00%</b>" in text
     assert report_html.esc(report_html.STAGE_LEGEND["guide_padding"]) in text
-    assert "om_emulation: no tensor departs from graph_modify" in text
+    assert "om_emulation: no tensor departs from graph_modify; no fp16 rounding saturates on the batch" in text
+    assert "om_emulation: no fp16 rounding saturates on the 37 images it ran" in text  # issue 20's saturated_nodes
+    assert ("guide_om_emulation: fp16 saturates at 1 node(s) on the 40 images it ran; first MatMul <code>"
+            "/blocks.0/attn/MatMul_1</code> at block 0, attention scores q @ k^T: 316190 values clamped to "
+            "&plusmn;65504 on 12 image(s)") in text
+    assert "guide_padding: no fp16" not in text  # a stage without an fp16 emulation says nothing of it
     assert "<td class=label>7</td><td class=num>9.250</td>" in text  # the label marked in pytorch's top-5
     assert text.count("data:image/jpeg;base64,") == 3 and text.count("(image not found)") == 2
     assert "11.20" in text and "bf16" in text and "/blocks.0/attn/Softmax" in text
