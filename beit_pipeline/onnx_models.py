@@ -181,8 +181,9 @@ def model_input_shape(path):
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
 
 
-def simplify(in_path, out_path, batch_size, tolerance=DEFAULT_TOLERANCE, seed=0, timeout=1800):
-    """Run ``python -m onnxsim`` with the batch size fixed, check the result, then keep it.
+def simplify(in_path, out_path, batch_size, tolerance=DEFAULT_TOLERANCE, seed=0, timeout=1800, module="onnxsim"):
+    """Run ``python -m onnxsim`` (or ``module``: beit_pipeline.simplify takes its command line and writes the same
+    graph) with the batch size fixed, check the result, then keep it.
 
     onnxsim writes to a temporary file next to ``out_path``; that file is
     compared with ``in_path`` on a seeded batch of ``batch_size`` and renamed
@@ -193,13 +194,13 @@ def simplify(in_path, out_path, batch_size, tolerance=DEFAULT_TOLERANCE, seed=0,
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     shape = batch_shape(model_input_shape(in_path), batch_size=batch_size, name=in_path)
     with files.temporary_beside(out_path) as tmp:
-        cmd = [sys.executable, "-m", "onnxsim", in_path, tmp, "--overwrite-input-shape", ",".join(map(str, shape))]
+        cmd = [sys.executable, "-m", module, in_path, tmp, "--overwrite-input-shape", ",".join(map(str, shape))]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         seconds = time.perf_counter() - start
         if proc.returncode != 0 or os.path.getsize(tmp) == 0:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise OnnxCheckError(f"{in_path}: onnxsim exited {proc.returncode}:\n{tail}")
+            raise OnnxCheckError(f"{in_path}: {module} exited {proc.returncode}:\n{tail}")
         errors = compare_models(in_path, tmp, random_batch(shape, seed))
         errors["simplify_seconds"] = seconds
         if not errors["max_rel"] <= tolerance:
