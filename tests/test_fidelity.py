@@ -524,7 +524,8 @@ def test_paired_interval_matches_published_values():
 # ---------------------------------------------------------------- run_all.sh's closing lines (issue 17, item 4)
 
 def summary_folder(tmp_path, fidelity_data, engine="openvino", precision="bf16"):
-    """A work folder as run_all.sh leaves it for its summary: the run, acc_bs8.json, the summary, the report."""
+    """A work folder as run_all.sh leaves it for its summary: the run, the summary, the report, and the details
+    beside acc_bs8.json, whose engine and precision beit_eval_acc.py read from beit_infer.py's figures."""
     run = workstate.RunParams(workdir=str(tmp_path), batch_size=BS, backend="ort", model=TINY, image_path="i",
                               label_file="l", checkpoint="c")
     (tmp_path / "ais_out").mkdir()
@@ -532,7 +533,7 @@ def summary_folder(tmp_path, fidelity_data, engine="openvino", precision="bf16")
     with open(figures, "w") as f:  # beit_infer.py's own figures, beside ais_bench's summary
         json.dump({"format": inference_summary.OUR_FORMAT, "engine": engine, "precision": precision}, f)
     (tmp_path / "fidelity_bs8.json").write_text(json.dumps(fidelity_data))
-    return run, {"top1": 64.0, "top5": 90.0, "num_images": 100}
+    return run, {"top1": 64.0, "top5": 90.0, "num_images": 100, "outputs": {"engine": engine, "precision": precision}}
 
 
 def emulation_row(**extra):
@@ -695,6 +696,7 @@ def test_locate_om_emulation_names_a_node_and_the_growth(tiny_work, tmp_path, ca
     check_om_emulation_locate(locate(copy_work(tiny_work, tmp_path), "om_emulation", capsys), 2)
 
 
+@pytest.mark.slow  # 58 s on 2 cores; test_locate_om_emulation_names_a_node_and_the_growth: the same on 2 blocks
 def test_base_emulation_is_fp16_through_12_blocks(onnx_models, tmp_path, capsys):
     """BEiT-base, once (about 30 s on 2 cores): the emulation of its 12 blocks stores all 49 MatMul weights in
     fp16 and --locate compares every tensor, the error growing block by block (README's figures)."""

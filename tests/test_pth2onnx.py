@@ -381,6 +381,7 @@ def test_onnx_check_cli(tiny_onnx, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the real model, end to end
 
+@pytest.mark.slow  # 57 s; the default run exports BEiT-base in conftest (test_fidelity, test_graph_modify)
 def test_base_checkpoint_to_onnxsim_bs8(base_checkpoint, tmp_path):
     """beit_base_patch16_224: checkpoint -> ONNX opset 11 (dynamic) -> onnxsim bs8 -> onnx_check, as run_all.sh."""
     exported = tmp_path / "beit_base_patch16_224.onnx"
