@@ -970,6 +970,7 @@ def test_fidelity_is_the_last_step_and_prints_the_predicted_om_top1(ort_workdir,
     assert "predicted OM Top-1" in again.stdout
 
 
+@pytest.mark.slow  # 53 s (two run_all.sh runs with the fidelity step); test_onnx_files.py covers the .data files
 def test_models_with_external_data_run_through_and_new_weights_give_the_fresh_number(image_set, tmp_path):
     """Issue 11's large-512 path on the tiny model: every model file a script writes past the (lowered)
     2 GiB limit is <model>.onnx + <model>.onnx.data.  A new checkpoint of the same shapes: every step
