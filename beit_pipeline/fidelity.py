@@ -164,11 +164,24 @@ def cli_check_folder(workdir):
 
 
 def om_written_by_ais_bench(folder):
-    """True when ais_out/bs{N} holds outputs that beit_infer.py did not write: no record of its own beside the
-    folder, or one left from a folder since replaced (the record names the folder it describes)."""
+    """True when ais_out/bs{N} holds outputs and no file of beit_infer.py's lies beside it (its record, its figures):
+    ais_bench writes neither.  A record that describes another folder (this one copied, or replaced since) cannot
+    tell who wrote these outputs, so they are not scored as the OM's (a CPU run shown as the OM would be the worse
+    error), and the log says how to have them read."""
     if not os.path.isdir(folder) or not output_files.find_outputs(folder):
         return False
-    return inference_record.read_record(folder) is None
+    ours = [path for path in inference_record.beside(folder)[1:] if os.path.exists(path)]
+    if not ours:
+        return True
+    if inference_record.read_record(folder) is None and folder not in _WARNED_UNKNOWN_OUTPUTS:
+        _WARNED_UNKNOWN_OUTPUTS.add(folder)
+        log.warning(f"{folder}: beit_infer.py's {os.path.basename(ours[0])} lies beside it but describes another "
+                    "folder (copied or replaced since): its outputs are not scored as the OM's; if ais_bench wrote "
+                    f"them, remove {', '.join(os.path.basename(p) for p in ours)}")
+    return False
+
+
+_WARNED_UNKNOWN_OUTPUTS: set = set()
 
 
 def stage_needs(wf, stage):

@@ -660,6 +660,14 @@ def test_om_stage_reads_ais_bench_outputs_for_every_image(tiny_work, tmp_path, o
     pathlib.Path(inference_record.record_path(str(folder))).write_text(json.dumps(record))
     assert beit_fidelity.main(fidelity_args(work, "--stages", "om")) == 1
     assert "stage om needs" in capsys.readouterr().err
+    # A record of another folder (a work folder copied with cp -r): who wrote the outputs is unknown, so they are
+    # not the OM's (a CPU run would be shown as the device's), and the warning says how to have them read.
+    record["folder_id"] = [0, 0]
+    pathlib.Path(inference_record.record_path(str(folder))).write_text(json.dumps(record))
+    assert beit_fidelity.main(fidelity_args(work, "--stages", "om")) == 1
+    err = capsys.readouterr().err
+    assert "stage om needs" in err and "describes another folder (copied or replaced since)" in err
+    assert f"remove bs8{inference_record.RECORD_SUFFIX}" in err
 
 
 # ---------------------------------------------------------------- --locate

@@ -411,7 +411,7 @@ def test_run_all_builds_the_om_with_the_keep_file(overflow_work, suggestion, tmp
     report = json.loads((tmp_path / "w" / "fidelity_bs8.json").read_text())
     assert {s["name"]: s for s in report["stages"]}["om_emulation"]["saturated_nodes"] == []
     # the stand-in OM (the emulation with the list) scores what PyTorch scores: 81.25% without the list
-    assert json.loads((tmp_path / "w" / "acc_bs8.json").read_text())["top1"] == 100.0
+    assert json.loads((tmp_path / "w" / "acc_bs8_details.json").read_text())["top1"] == 100.0
     cfg.write_text(cfg.read_text() + "# changed\n")
     again = run_script(args, env=env, check=True)
     assert "[run_all] redo atc: " in again.stdout and "the keep_dtype file changed" in again.stdout
