@@ -179,7 +179,7 @@ def truncated(model, names, types):
     at once would hold all of them (4.5 GiB for BEiT-base at batch 8); a chunk at a
     time, each in a model that stops at its last tensor, holds one chunk.
     """
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = GraphIndex(model, shapes=False).producer
     keep, todo = set(), list(names)
     while todo:
         node = producer.get(todo.pop())
@@ -273,7 +273,7 @@ def locate(ref_path, cand_path, stage, reference, batch_path, image_size=batches
     gi = GraphIndex(ref_model)
     lay = layout(gi)
     where = positions(gi, lay)
-    producer = {o: n for n in ref_model.graph.node for o in n.output}
+    producer = gi.producer
     order = [o for n in ref_model.graph.node if n.op_type != "Constant" for o in n.output]
     block_outputs = [ref_model.graph.node[i].output[0] for i in lay.ends]
 

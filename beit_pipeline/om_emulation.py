@@ -512,15 +512,8 @@ class _ProbeWriter:
 
     def __init__(self, model: onnx.ModelProto):
         self.model, self.opset = model, opset_version(model) or 11
-        self.names = {n.name for n in model.graph.node} | {o for n in model.graph.node for o in n.output}
-        self.names |= {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
-
-    def unique(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.names:
-            name, k = f"{base}_{k}", k + 1
-        self.names.add(name)
-        return name
+        # GraphIndex's names: every node, tensor, initializer and input name; unique_name adds what it hands out.
+        self.unique = GraphIndex(model, shapes=False).unique_name
 
     def node(self, op_type: str, inputs: list, base: str, **attrs) -> str:
         out = self.unique(base)
