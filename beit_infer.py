@@ -43,7 +43,7 @@ on every device unless ``--divide_input True``.  Differences, on purpose:
 import argparse
 import sys
 
-from beit_pipeline import cli, engines, inference, inference_options, inference_summary
+from beit_pipeline import cli, engines, inference_devices, inference_options, inference_summary
 from beit_pipeline.inference_options import AisFlag, nonnegative_int, positive_int
 
 INTERRUPTED_HINT = ("the outputs written so far are complete. Rerun with the same --output, and --output_dirname "
@@ -188,7 +188,7 @@ def build_parser():
 
 
 def run(args):
-    summary = inference.run_inference(args)
+    summary = inference_devices.run_inference(args)
     inference_summary.report(summary, args.display_all_summary)
 
 

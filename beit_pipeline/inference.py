@@ -416,36 +416,8 @@ def plan_names(inputs, outfmt, model):
     return [output_name(stem, k, outfmt) for stem in inputs.stems for k in range(len(model.output_names))]
 
 
-def parse_devices(text):
-    """``--device 0`` or ``0,1``: the device ids, each in [0, 255] (ais_bench's check_device_range_valid)."""
-    try:
-        devices = [int(d) for d in str(text).split(",")]
-    except ValueError:
-        devices = []
-    check(devices and all(0 <= d <= 255 for d in devices),
-          f"--device {text!r}: give a device id or comma-separated ids, each in [0, 255] (0 or 0,1)")
-    return devices
-
-
-def run_inference(args):
-    """Run the model over the batch files (or the pure input) and write ais_bench's outputs.
-
-    ``args`` is the namespace beit_infer.build_parser() parses.  Returns the run's
-    summaries (inference_summary.RunSummary; with several ``--device`` ids the devices'
-    results, inference_devices.py), written beside the output folder when ``--output``
-    is given.  Raises PipelineError naming the file or flag, before any folder is made,
-    for a model or input that does not fit.
-    """
-    devices = parse_devices(args.device)
-    if len(devices) > 1:
-        from beit_pipeline import inference_devices
-        return inference_devices.run_devices(args, devices)
-    args.device = devices[0]
-    return run_one_device(args)
-
-
 def run_one_device(args):
-    """run_inference() on one device (``args.device`` an int)."""
+    """One device's run (``args.device`` an int); inference_devices.run_inference chooses it or one per device."""
     out_dir = check_arguments(args)
     if getattr(args, "debug", False):
         log.setLevel("DEBUG")

@@ -26,6 +26,33 @@ from beit_pipeline.cli import check, log, setup_logging
 from beit_pipeline.errors import PipelineError
 
 
+def parse_devices(text):
+    """``--device 0`` or ``0,1``: the device ids, each in [0, 255] (ais_bench's check_device_range_valid)."""
+    try:
+        devices = [int(d) for d in str(text).split(",")]
+    except ValueError:
+        devices = []
+    check(devices and all(0 <= d <= 255 for d in devices),
+          f"--device {text!r}: give a device id or comma-separated ids, each in [0, 255] (0 or 0,1)")
+    return devices
+
+
+def run_inference(args):
+    """Run the model over the batch files (or the pure input) and write ais_bench's outputs.
+
+    ``args`` is the namespace beit_infer.build_parser() parses.  Returns the run's
+    summaries (inference_summary.RunSummary; with several ``--device`` ids the devices'
+    results), written beside the output folder when ``--output``
+    is given.  Raises PipelineError naming the file or flag, before any folder is made,
+    for a model or input that does not fit.
+    """
+    devices = parse_devices(args.device)
+    if len(devices) > 1:
+        return run_devices(args, devices)
+    args.device = devices[0]
+    return inference.run_one_device(args)
+
+
 def share_files(paths, jobs) -> list:
     """ais_bench's list_share: ``len // jobs`` consecutive files each, one more for the first ``len % jobs``."""
     each, left = divmod(len(paths), jobs)

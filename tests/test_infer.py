@@ -373,7 +373,7 @@ def test_run_inference_takes_the_parsed_arguments(tiny_onnx, tmp_path):
     args = beit_infer.build_parser().parse_args(["--model", tiny_onnx, "--input", str(tmp_path / "prep"),
                                                "--output", str(tmp_path / "out"), "--output_dirname", "a",
                                                "--engine_threads", THREADS, "--no_progress"])
-    result = inference.run_inference(args)
+    result = inference_devices.run_inference(args)
     assert result.ours["options"] == inference_summary.options(args) and result.ours["outputs_written"] == 1
     assert ours(tmp_path / "out" / "a")["options"]["input"] == str(tmp_path / "prep")
     assert json.loads((tmp_path / "out" / "a_summary.json").read_text()) == result.ais
