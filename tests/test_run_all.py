@@ -749,6 +749,7 @@ def test_ascend_path_refuses_what_ais_bench_refuses_before_any_step(image_set, f
 TINY_384 = "beit_tiny_test_patch16_384"
 
 
+@pytest.mark.slow  # 31 s; test_graph_modify's other-size test and test_preprocess's 384 transform stay in make test
 def test_a_384_checkpoint_runs_through_with_pytorchs_agreement(tmp_path):
     """A 384-px BEiT in the unilm format, with no --model: its size is read from the checkpoint, and every
     step takes it: unilm's preprocessing for 384 (beit/datasets.py build_transform: crop_pct 1.0 from 384
