@@ -129,3 +129,31 @@ def stored_logits(folder):
         with np.load(path) as data:
             found.update(zip(json.loads(data["names"].tobytes().decode("ascii")), data["logits"]))
     return found
+
+
+# A script made to hang at its first fsync (files.write_bytes_atomic: the temporary is written, nothing is
+# published), so that a signal lands at one known moment.  HANG_RESTORE_SIGINT gives the script Python's own
+# Ctrl-C handler back where the test's launcher left SIGINT ignored (a background job of a non-interactive shell).
+HANG_SITECUSTOMIZE = r'''
+import os, signal, sys, time
+if os.environ.get("HANG_RESTORE_SIGINT"):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if sys.argv and sys.argv[0].endswith(os.environ.get("HANG_IN_SCRIPT", "-")):
+    _real_fsync = os.fsync
+    def _fsync(fd):
+        _real_fsync(fd)
+        open(os.environ["HANG_FLAG"], "w").close()
+        time.sleep(120)
+    os.fsync = _fsync
+'''
+
+
+def hang_env(tmp_path, script, restore_sigint=False) -> dict:
+    """Environment entries that make ``script`` hang at its first fsync; tmp_path/"hanging" appears then."""
+    site = tmp_path / "hang_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HANG_SITECUSTOMIZE)
+    env = {"PYTHONPATH": str(site), "HANG_IN_SCRIPT": script, "HANG_FLAG": str(tmp_path / "hanging")}
+    if restore_sigint:
+        env["HANG_RESTORE_SIGINT"] = "1"
+    return env

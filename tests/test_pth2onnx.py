@@ -24,7 +24,7 @@ import beit_pth2onnx
 import onnx_check
 from beit_pipeline import model as beit_model
 from beit_pipeline import onnx_models
-from helpers import BASE, REPO, TINY, pretraining_state_dict, run_script
+from helpers import BASE, REPO, TINY, hang_env, pretraining_state_dict, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
 BASE_DEPTH = beit_model.KNOWN_VARIANTS[BASE][1]
@@ -154,30 +154,13 @@ def test_bad_arguments(tiny_checkpoint, tmp_path, capsys, args, message):
     assert os.listdir(tmp_path) == []
 
 
-# The export hangs at its first fsync (files.write_bytes_atomic: the temporary beside --target is written,
-# nothing is published), so that SIGINT lands at one known moment; Ctrl-C as a foreground job gets it.
-HANG_AT_FSYNC = r'''
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.default_int_handler)
-if sys.argv and sys.argv[0].endswith("beit_pth2onnx.py"):
-    _real_fsync = os.fsync
-    def _fsync(fd):
-        _real_fsync(fd)
-        open(os.environ["HANG_FLAG"], "w").close()
-        time.sleep(120)
-    os.fsync = _fsync
-'''
-
-
 def test_ctrl_c_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
     """SIGINT while the temporary beside --target exists: one error line, exit 130, no .tmp, no target.
     (Deterministic, issue 17: it landed at a random moment and once was swallowed inside an import.)"""
-    site, out = tmp_path / "site", tmp_path / "out"
-    site.mkdir()
+    out, flag = tmp_path / "out", tmp_path / "hanging"
     out.mkdir()
-    (site / "sitecustomize.py").write_text(HANG_AT_FSYNC)
-    flag = site / "hanging"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(site), HANG_FLAG=str(flag))
+    # Hung at its first fsync: the temporary beside --target exists, nothing is published; Ctrl-C lands then.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **hang_env(tmp_path, "beit_pth2onnx.py", restore_sigint=True))
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "beit_pth2onnx.py"), "--source", tiny_checkpoint,
                              "--target", str(out / "m.onnx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)

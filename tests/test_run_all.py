@@ -19,7 +19,7 @@ import torch
 from beit_pipeline import demo as make_demo_data
 from beit_pipeline import model as beit_model
 import guide_scripts
-from helpers import REPO, TINY, run_script
+from helpers import REPO, TINY, hang_env, run_script
 
 N_IMAGES = 19  # not a multiple of 8 or 16: the last batch is padded at every batch size tested
 WRONG_TOP1_ONLY = (2, 9)  # labels moved to the 2nd-ranked class: Top-1 misses, Top-5 still hits
@@ -580,25 +580,6 @@ def wait_for_line(proc, prefix, timeout=120):
 
 # A step that hangs at its first fsync (inside an atomic write: a temporary exists, nothing is published),
 # so that a signal reaches it at a known moment: a sitecustomize on PYTHONPATH, for one script only.
-HANG_SITECUSTOMIZE = r'''
-import os, sys, time
-if sys.argv and sys.argv[0].endswith(os.environ.get("HANG_IN_SCRIPT", "-")):
-    _real_fsync = os.fsync
-    def _fsync(fd):
-        _real_fsync(fd)
-        open(os.environ["HANG_FLAG"], "w").close()
-        time.sleep(120)
-    os.fsync = _fsync
-'''
-
-
-def hang_env(tmp_path, script):
-    site = tmp_path / "hang_site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(HANG_SITECUSTOMIZE)
-    return {"PYTHONPATH": str(site), "HANG_IN_SCRIPT": script, "HANG_FLAG": str(tmp_path / "hanging")}
-
-
 def test_sigterm_stops_the_running_step_and_a_rerun_completes(ort_workdir, image_set, tmp_path):
     """Also issue 17 item 3: the results made from the stopped step's outputs go (acc_bs8.json would otherwise
     stand beside a run that never finished, as its answer)."""
