@@ -36,8 +36,10 @@ import time
 
 import numpy as np
 
-from beit_pipeline import cli, files, onnx_models
+from beit_pipeline import cli, files
 from beit_pipeline.errors import PipelineError
+from beit_pipeline.inference import sessions as onnx_models
+from beit_pipeline.pipeline.chain import ChainFiles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GMACS_PER_IMAGE = {"beit_base_patch16_224": 17.6}
@@ -125,20 +127,20 @@ def machine_info():
 
 def prepare_models(work, model_name, batch_sizes, seed):
     """Random checkpoint -> ONNX (dynamic batch) -> onnxsim and graph_modify per batch size, reusing files."""
-    from beit_pipeline import model as beit_model
+    from beit_pipeline.model import build as beit_model
     os.makedirs(work, exist_ok=True)
     ckpt = os.path.join(work, f"{model_name}_random.pth")
     if not os.path.exists(ckpt):
         log(f"writing a random {model_name} checkpoint")
         beit_model.save_random_checkpoint(ckpt, model_name, seed=seed)
-    models = {"checkpoint": ckpt, "onnx": os.path.join(work, f"{model_name}.onnx"), "onnxsim": {}, "graph_modify": {}}
+    models = {"checkpoint": ckpt, "onnx": os.path.join(work, ChainFiles(1, model_name).onnx), "onnxsim": {}, "graph_modify": {}}
     py = sys.executable
     if not os.path.exists(models["onnx"]):
         run_command([py, os.path.join(HERE, "beit_pth2onnx.py"), "--source", ckpt, "--target", models["onnx"],
              "--batch_size", "1"])
     for bs in batch_sizes:
-        sim = os.path.join(work, f"beit_onnxsim_bs{bs}.onnx")
-        mg = os.path.join(work, f"beit_mg_bs{bs}.onnx")
+        sim = os.path.join(work, ChainFiles(bs).onnxsim)
+        mg = os.path.join(work, ChainFiles(bs).graph_modify)
         if not os.path.exists(sim):
             log(f"onnxsim {models['onnx']} -> {sim} (batch {bs}, checked by onnx_models.simplify)")
             onnx_models.simplify(models["onnx"], sim, bs)
@@ -158,7 +160,7 @@ def torch_call(models, args, x, bf16=False):
     the model built once."""
     import torch
 
-    from beit_pipeline import model as beit_model
+    from beit_pipeline.model import build as beit_model
     if "torch_model" not in models:
         model, _, _ = beit_model.build_model(beit_model.load_state_dict(models["checkpoint"]))
         models["torch_model"] = model.to(args.torch_device)
@@ -180,7 +182,7 @@ def ort_call(sess, x):
 
 def default_runtimes(flags=None):
     """Every column this machine can run: bf16 needs the CPU's bf16 instructions, openvino its package."""
-    from beit_pipeline import engines
+    from beit_pipeline.inference import engines
     flags = engines.cpu_flags() if flags is None else flags
     keep = []
     for name in RUNTIMES:
@@ -279,7 +281,7 @@ def gemm_call(engine, precision, path, a, w, threads):
 
 
 def ceiling_engines(precision):
-    from beit_pipeline import engines
+    from beit_pipeline.inference import engines
     return [e for e in CEILING_ENGINES[precision] if e != "openvino" or engines.openvino_available()]
 
 
@@ -318,7 +320,7 @@ def measure_matmul_ceiling(args, repeats=10, precisions=("fp32",)):
 
 def jpeg_folder(work, count):
     """The benchmark's ``count`` realistic JPEGs, written once and reused."""
-    from beit_pipeline import synthetic
+    from beit_pipeline.data import synthetic
     folder = os.path.join(work, f"jpegs_{count}")
     if not os.path.isdir(folder) or len(os.listdir(folder)) != count:
         log(f"writing {count} realistic JPEGs (500x375, quality 90)")
@@ -331,7 +333,7 @@ def reference_preprocessing(folder):
     from PIL import Image
 
     # Imported here: the preprocessing module is only needed for this benchmark.
-    from beit_pipeline.preprocess_transform import reference_transform
+    from beit_pipeline.preprocess.transform import reference_transform
     names = sorted(os.listdir(folder))
     transform = reference_transform()
 
@@ -407,7 +409,7 @@ def bench_e2e(work, batch_size):
     total = time.perf_counter() - start
     steps = [{"step": m.group("name"), "seconds": float(m.group("secs"))} for m in STEP_TIME_RE.finditer(proc.stdout)]
     acc = {}
-    acc_path = os.path.join(wd, f"acc_bs{batch_size}_details.json")  # our figures beside the guide's JSON
+    acc_path = os.path.join(wd, ChainFiles(batch_size).accuracy_details)  # our figures beside the guide's JSON
     if os.path.exists(acc_path):
         with open(acc_path) as f:
             data = json.load(f)

@@ -23,25 +23,30 @@ guide's rule is used (row i of input_k is ILSVRC2012_val_{k*bs+i+1:08d}); it is
 refused unless the label file names exactly ILSVRC2012_val_00000001 .. _N and every
 output but the last holds --batch_size rows, and rows past image N are taken to be
 padding.  Label entries are matched to the manifest's images by relative path, then
-file name, then stem (beit_pipeline/labels.py); the work is in beit_pipeline/evaluation.py.
+file name, then stem (beit_pipeline/evaluation/labels.py); the work is in beit_pipeline/evaluation/accuracy.py.
 
 Outputs that beit_infer.py wrote carry a record beside their folder naming the manifest they
 were made from: scoring them against another manifest (``--prep_image``), or by the guide's rule
 where that manifest's rows are not the images 1, 2, 3 ... in order (class sub-folders, a subset),
-is refused with the reason (beit_pipeline/inference_record.py).
+is refused with the reason (beit_pipeline/inference/record.py).
 
 ImageNet's other label forms (class sub-folders with no label file, Kaggle's
 LOC_val_solution.csv, the devkit's ground truth, a synset mapping) are told apart
-by content and read by beit_pipeline/label_formats.py.
+by content and read by beit_pipeline/evaluation/label_formats.py.
 """
 
 import argparse
 import os
 import sys
 
-from beit_pipeline import batches, cli, evaluation, files, label_formats, labels, outputs, results
-from beit_pipeline.errors import PipelineFileError
+from beit_pipeline import cli, files
 from beit_pipeline.cli import log
+from beit_pipeline.errors import PipelineFileError
+from beit_pipeline.evaluation import accuracy as evaluation
+from beit_pipeline.evaluation import label_formats, labels, results
+from beit_pipeline.inference import outputs
+from beit_pipeline.pipeline.chain import ChainFiles
+from beit_pipeline.preprocess import batches
 
 GUIDE_BATCH_SIZE = 8  # the guide's beit_eval_acc.py default
 GUIDE_LABELS = "/opt/npu/imageNet/val_label.txt"  # the guide's --annotation_file_path default
@@ -53,7 +58,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Top-1/Top-5 accuracy of BEiT inference outputs against val_label.txt (pipeline step 6): "
                     "writes the guide's accuracy JSON and, beside it, <name>_details.json with our figures.")
-    parser.add_argument("--folder_davinci_target", default="./ais_out/bs64/", metavar="DIR",
+    parser.add_argument("--folder_davinci_target", default=f"./{ChainFiles(64).outputs}/",  # the guide's defaults metavar="DIR",
                         help="folder of inference outputs as ais_bench writes them (default: the guide's "
                              "%(default)s): <input_stem>_0.txt, _0.bin (raw float32, or float16 from an OM with "
                              "fp16 outputs: named by the summary's output_dtype or, with the manifest, told by the "
@@ -75,7 +80,7 @@ def build_parser():
     parser.add_argument("--result_json_path", default="./result", metavar="DIR",
                         help="folder to write the result files into (default: the guide's %(default)s; created if "
                              "missing)")
-    parser.add_argument("--json_file_name", default="acc_bs8.json", metavar="NAME",
+    parser.add_argument("--json_file_name", default=ChainFiles(8).accuracy, metavar="NAME",
                         help="name of the guide's result JSON (default: the guide's %(default)s); our figures go "
                              "to NAME without .json + _details.json beside it")
     parser.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=None, metavar="N",

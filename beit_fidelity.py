@@ -41,13 +41,16 @@ Exit status: 0 done; 1 a file the report needs is missing or malformed (nothing 
 
 import argparse
 import dataclasses
-import os
 import sys
 
-from beit_pipeline import (cli, fidelity, fidelity_locate, fidelity_report, fidelity_screen, fp16_overflow, keep_dtype,
-                           keep_suggestion)
-from beit_pipeline.batches import read_batch
+from beit_pipeline import cli
 from beit_pipeline.cli import log
+from beit_pipeline.fidelity import fp16_overflow, keep_dtype, keep_suggestion
+from beit_pipeline.fidelity import locate as fidelity_locate
+from beit_pipeline.fidelity import report as fidelity_report
+from beit_pipeline.fidelity import screen as fidelity_screen
+from beit_pipeline.fidelity import stages as fidelity
+from beit_pipeline.preprocess.batches import read_batch
 
 
 def build_parser():
@@ -126,7 +129,7 @@ def run_locate(wf, stage):
     fidelity_locate.report(found)
     extra = {"first_saturating": first_saturation(wf, stage, ref_path, images)} \
         if stage in fp16_overflow.EMULATED_STAGES else {}
-    saved = os.path.join(wf.workdir, f"locate_{stage}_bs{wf.batch_size}.json")  # issue 21: for the HTML report
+    saved = wf.path(wf.names.locate(stage))  # issue 21: for the HTML report
     fidelity_locate.save(found, saved, extra)
     log.info(f"wrote {saved}")
 

@@ -1,5 +1,5 @@
 """The fidelity report's benchmark: its wall time against one inference pass, the brute force beside it,
-and the projection to 50,000 images (issue 19).  See beit_pipeline/fidelity_bench.py for what it does.
+and the projection to 50,000 images (issue 19).  See beit_pipeline/bench/fidelity.py for what it does.
 
     python3 beit_fidelity_bench.py --out bench_fidelity            # BEiT-base, 504 images: ~1 hour on 2 cores
     python3 beit_fidelity_bench.py --out /tmp/b --model beit_tiny_test_patch16_224 --images 48   # a smoke run
@@ -10,7 +10,8 @@ Exit status: 0 done; 1 a step failed (its last lines are shown); 2 usage.
 import argparse
 import sys
 
-from beit_pipeline import cli, fidelity_bench
+from beit_pipeline import cli
+from beit_pipeline.bench import fidelity as fidelity_bench
 from beit_pipeline.cli import log
 from beit_pipeline.errors import PipelineError
 

@@ -4,7 +4,7 @@ Pipeline: beit_preprocess.py -> beit_pth2onnx.py -> onnxsim -> graph_modify.py -
 (atc + ais_bench on an Ascend 310P) | beit_infer.py (OpenVINO / ONNX Runtime anywhere else) -> beit_eval_acc.py
 
 It takes the newer ais_bench's command line (every flag of ``python3 -m ais_bench``; what each
-means on a CPU: beit_pipeline/inference_options.py and README's ais_bench section) and writes
+means on a CPU: beit_pipeline/inference/options.py and README's ais_bench section) and writes
 what ais_bench writes, so that beit_eval_acc.py, run_all.sh and the guide's own scripts cannot
 tell the two apart:
 
@@ -20,7 +20,7 @@ compute time" is the wall time of one engine run; the last lines printed are ais
 
 and, before them, the throughput over the real images (the manifest's rows, not the padding).
 
-Engines (beit_pipeline/engines.py): without ``--providers`` the fastest exact CPU engine
+Engines (beit_pipeline/inference/engines.py): without ``--providers`` the fastest exact CPU engine
 measured (OpenVINO's runtime in f32 where installed, else ONNX Runtime); ``--providers openvino``
 or ``cpu,cuda,...`` choose; ``--engine_threads`` sets its threads (``--threads`` is ais_bench's
 pipeline sessions).  ``--precision bf16`` runs OpenVINO on the CPU's bf16 instructions and is
@@ -43,8 +43,12 @@ on every device unless ``--divide_input True``.  Differences, on purpose:
 import argparse
 import sys
 
-from beit_pipeline import cli, engines, inference_devices, inference_options, inference_summary
-from beit_pipeline.inference_options import AisFlag, nonnegative_int, positive_int
+from beit_pipeline import cli
+from beit_pipeline.inference import devices as inference_devices
+from beit_pipeline.inference import engines
+from beit_pipeline.inference import options as inference_options
+from beit_pipeline.inference import summary as inference_summary
+from beit_pipeline.inference.options import AisFlag, nonnegative_int, positive_int
 
 INTERRUPTED_HINT = ("the outputs written so far are complete. Rerun with the same --output, and --output_dirname "
                     "set to that output folder's name, to run only the missing batches")

@@ -13,7 +13,7 @@ torchvision computes it on a PIL image::
 (at ``--image_size`` S below 384: Resize(int(S / (224/256))) + CenterCrop(S); from 384 up,
 Resize(S) + CenterCrop(S), unilm's rule) and writes ``input_00000.bin``, ``input_00001.bin``,
 ... (raw float32, C order, (batch_size, 3, S, S), the last batch zero-padded) plus ``manifest.json``
-saying which image is in which row (see beit_pipeline/batches.py).
+saying which image is in which row (see beit_pipeline/preprocess/batches.py).
 
 Usage::
 
@@ -21,7 +21,7 @@ Usage::
 
 The output is byte-identical whatever ``--workers`` is, and a run that was
 killed finishes where it stopped when started again with the same arguments.
-The work is in beit_pipeline/preprocess.py (the folder run),
+The work is in beit_pipeline/preprocess/runner.py (the folder run),
 preprocess_transform.py (the transform) and preprocess_workers.py (decoding workers, batch ring, O_DIRECT writer).
 """
 
@@ -29,9 +29,10 @@ import argparse
 import sys
 
 from beit_pipeline import cli  # first: it catches Ctrl-C from here on (cli's docstring)
-from beit_pipeline.preprocess import IMAGE_EXTENSIONS, INTERRUPTED_HINT, check_args, run
-from beit_pipeline.preprocess_transform import DEFAULT_MAX_PIXELS, UNILM_FULL_CROP_FROM
-from beit_pipeline.preprocess_workers import keep_freed_memory, usable_cpus
+from beit_pipeline.pipeline.chain import ChainFiles
+from beit_pipeline.preprocess.runner import IMAGE_EXTENSIONS, INTERRUPTED_HINT, check_args, run
+from beit_pipeline.preprocess.transform import DEFAULT_MAX_PIXELS, UNILM_FULL_CROP_FROM
+from beit_pipeline.preprocess.workers import keep_freed_memory, usable_cpus
 
 
 def build_parser():
@@ -43,7 +44,7 @@ def build_parser():
                         "level of class sub-folders. Files are "
                         f"images by extension ({', '.join(IMAGE_EXTENSIONS)}, any case); others such as "
                         "val_label.txt, hidden files and directory symlinks are ignored (and counted)")
-    p.add_argument("--prep_image", default="./prep_image_bs8",
+    p.add_argument("--prep_image", default="./" + ChainFiles(8).prep,
                    help="output folder for input_NNNNN.bin and manifest.json (default: the guide's %(default)s; "
                         "created if missing); rerunning into "
                         "it resumes, one made with another batch size or image set is refused. One run at a time: "

@@ -8,7 +8,7 @@ onnx_check.py), graph_modify.py and atc / beit_infer.py take next::
         --target beit_base_patch16_224.onnx --batch_size 1
 
 The checkpoint is read without running code (torch's weights_only loader, or
-safetensors), in any form of beit_pipeline/checkpoints.py (unilm, DDP, EMA,
+safetensors), in any form of beit_pipeline/model/checkpoints.py (unilm, DDP, EMA,
 Hugging Face transformers), and loaded strictly into timm's BEiT, whose variant is read from the tensor
 shapes (--model forces one).  The model is exported with the TorchScript
 exporter: input ``image`` (N, 3, H, W), output ``class`` (N, classes), the
@@ -17,13 +17,13 @@ atc takes) unless --opset says otherwise.
 
 Before the file gets its final name, ONNX Runtime runs it on a seeded random
 batch next to PyTorch; the relative error max|onnx - torch| / max|torch| (see
-beit_pipeline/onnx_models.py for why it is scaled by the largest logit) must be
+beit_pipeline/inference/sessions.py for why it is scaled by the largest logit) must be
 within --tolerance.  Exit status: 0 written and verified; 1 the checkpoint does
 not fit or the export failed; 2 bad arguments; 3 ONNX Runtime differs from
 PyTorch beyond --tolerance; 130 interrupted (Ctrl-C).  On any failure no output
 file and no temporary is left; an existing --target is kept.
 
-The work is in beit_pipeline/export.py.
+The work is in beit_pipeline/model/export.py.
 """
 
 import argparse
@@ -33,12 +33,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from beit_pipeline import cli, onnx_files, progress
-from beit_pipeline.checkpoints import WEIGHTS_CHOICES
+from beit_pipeline import cli, progress
 from beit_pipeline.cli import log
 from beit_pipeline.errors import CheckFailed, PipelineError
-from beit_pipeline.export import (DEFAULT_TOLERANCE, MAX_OPSET, MIN_OPSET, ExportError, check_graph,
-                                  export, load_model, verification_sizes, verify)
+from beit_pipeline.graph import onnx_files
+from beit_pipeline.model.checkpoints import WEIGHTS_CHOICES
+from beit_pipeline.model.export import (
+    DEFAULT_TOLERANCE,
+    MAX_OPSET,
+    MIN_OPSET,
+    ExportError,
+    check_graph,
+    export,
+    load_model,
+    verification_sizes,
+    verify,
+)
 
 
 def build_parser():
@@ -121,7 +131,7 @@ def export_checked(args, model, info, tmp):
 
 def verify_against_torch(args, model, info, tmp):
     """ONNX Runtime vs PyTorch on seeded batches; CheckFailed (nothing written) beyond --tolerance."""
-    from beit_pipeline import onnx_models
+    from beit_pipeline.inference import sessions as onnx_models
 
     t0 = time.perf_counter()
     try:
@@ -139,7 +149,7 @@ def verify_against_torch(args, model, info, tmp):
 
 
 def report(args, info, target, start):
-    from beit_pipeline import onnx_models
+    from beit_pipeline.inference import sessions as onnx_models
 
     size_mb = onnx_files.model_bytes(target) / 2 ** 20
     log.info(f"beit_pth2onnx: {args.source} -> {args.target}")

@@ -45,8 +45,8 @@ as the guide_padding stage; its verification is reported, not enforced.
 
 Patterns are found structurally, from anchor ops (the graph input, the Conv,
 each Softmax, the pooling ReduceMean), never by node names, and all of them are
-found and checked before the graph is changed (beit_pipeline.graph_patterns);
-the rewrite passes are in beit_pipeline.graph_padding.  A graph that does not
+found and checked before the graph is changed (beit_pipeline.graph.patterns);
+the rewrite passes are in beit_pipeline.graph.padding.  A graph that does not
 fit (not a BEiT, already padded, dynamic batch) is refused with a message
 naming the missing pattern, and no output file is written.
 
@@ -65,10 +65,13 @@ import sys
 
 import onnx
 
-from beit_pipeline import cli, graph_padding, onnx_files, onnx_models
+from beit_pipeline import cli
 from beit_pipeline.cli import log
 from beit_pipeline.errors import CheckFailed, PipelineError, PipelineFileError
-from beit_pipeline.graph_index import PatternError, opset_version
+from beit_pipeline.graph import onnx_files
+from beit_pipeline.graph import padding as graph_padding
+from beit_pipeline.graph.index import PatternError, opset_version
+from beit_pipeline.inference import sessions as onnx_models
 
 VERIFY_SEED = 0
 

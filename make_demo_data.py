@@ -21,18 +21,25 @@ labels are its PyTorch predictions, so the demo's Top-1 measures how faithfully 
 exported pipeline reproduces PyTorch (100% expected), not ImageNet accuracy.  The
 default image counts (20 photographs, 28 synthetic) are not multiples of 8 or 16, so
 the last batch is padded at batch sizes 8 and 16.
-The work is in beit_pipeline/demo.py.
+The work is in beit_pipeline/data/demo.py.
 """
 
 import argparse
 import sys
 
 from beit_pipeline import cli
-from beit_pipeline.variants import KNOWN_VARIANTS
-
-from beit_pipeline.demo import (CHECKPOINT_NAME, DEFAULT_COUNT, IMAGE_KINDS, LABELS_NAME, default_count,
-                                is_complete, make_demo, recipe)
-from beit_pipeline.photos import PHOTOS
+from beit_pipeline.data.demo import (
+    CHECKPOINT_NAME,
+    DEFAULT_COUNT,
+    IMAGE_KINDS,
+    LABELS_NAME,
+    default_count,
+    is_complete,
+    make_demo,
+    recipe,
+)
+from beit_pipeline.data.photos import PHOTOS
+from beit_pipeline.model.variants import KNOWN_VARIANTS
 
 
 def build_parser():

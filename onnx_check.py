@@ -20,15 +20,16 @@ element-wise ratio blows up on logits that happen to be near zero and would
 flag harmless float32 rounding.
 
 The comparison itself (and simplify(), the checked ``python -m onnxsim`` run
-that beit_bench.py and the tests use) lives in beit_pipeline.onnx_models.
+that beit_bench.py and the tests use) lives in beit_pipeline.inference.sessions.
 """
 
 import argparse
 import sys
 
-from beit_pipeline import cli, onnx_models
+from beit_pipeline import cli
 from beit_pipeline.cli import log
 from beit_pipeline.errors import CheckFailed, UsageError
+from beit_pipeline.inference import sessions as onnx_models
 
 DEFAULT_TOLERANCE = onnx_models.DEFAULT_TOLERANCE
 

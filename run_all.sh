@@ -3,7 +3,7 @@
 #   [make_demo_data.py] -> beit_preprocess.py -> beit_pth2onnx.py -> onnxsim (+ onnx_check.py)
 #   -> graph_modify.py -> atc + ais_bench (Ascend 310P) | beit_infer.py (ONNX Runtime) -> beit_eval_acc.py
 #
-# Which step is complete for which inputs is Python's business (beit_pipeline/workstate.py): this script
+# Which step is complete for which inputs is Python's business (beit_pipeline/pipeline/workstate.py): this script
 # asks it before each step whether to run, and says when a step is done.  Uses `python3` from PATH.
 
 set -euo pipefail
@@ -11,7 +11,10 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 export PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" # python3 -m beit_pipeline.* from any folder
-readonly EXIT_SKIP=10 EXIT_BUSY=4
+# Exit codes are beit_pipeline/errors.py's (README "Exit codes"), read from there; a missing python3 is the one
+# refusal made before they can be read.
+command -v python3 >/dev/null || { printf 'error: python3 is not on PATH (make demo puts .venv/bin first)\n' >&2 && exit 2; }
+eval "$(python3 -c 'from beit_pipeline.errors import shell_assignments; print(shell_assignments())')"
 
 # Options, named after their flags (parse_args sets --image_path in IMAGE_PATH).
 BATCH_SIZE="" IMAGE_PATH="" LABEL_FILE="" CHECKPOINT="" WORKDIR="./work" BACKEND="auto"
@@ -69,14 +72,14 @@ EOF
 
 log() { printf '[run_all] %s\n' "$*"; }
 
-die() { printf 'error: %s\n' "$*" >&2 && exit 2; }
+die() { printf 'error: %s\n' "$*" >&2 && exit "${EXIT_USAGE}"; }
 
 parse_args() {
   local opt val
   while (($# > 0)); do
     opt="${1%%=*}" val="${1#*=}"
     case "${opt}" in
-      -h | --help) usage && exit 0 ;;
+      -h | --help) usage && exit "${EXIT_OK}" ;;
       --force | --skip_bad | --wait_lock | --no_fidelity) [[ "$1" == "${opt}" ]] || die "${opt} takes no value" && val=1 ;;
       --batch_size | --batchsize | --image_path | --label_file | --checkpoint | --workdir | --backend | \
         --soc_version | --device | --model | --precision | --providers | --keep_dtype)
@@ -119,13 +122,13 @@ parse_args() {
 
 # The package next to this script: run_all.sh's record (workstate) and its questions about CANN (ascend).
 pkg() { python3 -m "beit_pipeline.$1" "${@:2}"; }
-state() { pkg workstate --workdir "${WORKDIR}" "$@"; }
+state() { pkg pipeline.workstate --workdir "${WORKDIR}" "$@"; }
 
 choose_backend() { # ascend needs atc, aclruntime and an ais_bench (or AIS_INFER) with --output_dirname
   local atc_path why=""
   atc_path="$(command -v atc || true)"
   [[ -n "${atc_path}" ]] || why="'atc' is not on PATH (no CANN toolkit here)"
-  [[ -n "${why}" ]] || why="$(pkg ascend check-ais-bench 2>&1)" || why="atc is at ${atc_path}, but ${why#error: }"
+  [[ -n "${why}" ]] || why="$(pkg inference.ascend check-ais-bench 2>&1)" || why="atc is at ${atc_path}, but ${why#error: }"
   case "${BACKEND}:${why}" in
     ascend:?*) die "--backend ascend: ${why} (source the CANN set_env.sh)" ;;
     ascend:) log "backend: ascend (asked for; atc: ${atc_path})" ;;
@@ -196,7 +199,7 @@ step() {
   "$@" || rc=$?
   if ((rc != 0)); then
     state fail "${name}" --exit_code "${rc}" --tool "${FAILED_TOOL:-${name}}" || true
-    exit 1
+    exit "${EXIT_FAILED}"
   fi
   STATE_STEP=""
   state finish "${name}"
@@ -230,8 +233,10 @@ run_demo_step() {
 
 run_pipeline() {
   local n="${BATCH_SIZE}" w="${WORKDIR}" prep_args=() export_args=() infer=() model atc_keep=() fidelity_keep=()
-  local prep="${w}/prep_image_bs${n}" onnx="${w}/${MODEL_FILE}.onnx" sim="${w}/beit_onnxsim_bs${n}.onnx"
-  local mg="${w}/beit_mg_bs${n}.onnx" om="${w}/beit_mg_bs${n}.om"
+  local names prep onnx sim sim_partial mg om om_partial outputs_root outputs outputs_dirname accuracy_name
+  # The chain's file names are spelled once, in beit_pipeline/pipeline/chain.py: one `var=quoted path` a line.
+  names="$(pkg pipeline.chain shell --workdir "${w}" --batch_size "${n}" --model "${MODEL_FILE}" --tag "${TAG}")"
+  eval "${names}"
   if ((SKIP_BAD)); then prep_args+=(--skip_bad); fi
   if [[ -n "${MODEL}" ]]; then export_args+=(--model "${MODEL}"); fi
   if [[ -n "${KEEP_DTYPE}" ]]; then
@@ -243,11 +248,11 @@ run_pipeline() {
   # The ONNX file has a dynamic batch axis shared by every batch size; tracing at 1 is fastest.
   step pth2onnx run_step pth2onnx python3 "${SCRIPT_DIR}/beit_pth2onnx.py" --source "${CHECKPOINT}" \
     --target "${onnx}" --batch_size 1 "${export_args[@]}"
-  step onnxsim onnxsim_and_check "${onnx}" "${sim%.onnx}.partial.onnx"
+  step onnxsim onnxsim_and_check "${onnx}" "${sim_partial}"
   step graph_modify run_step graph_modify python3 "${SCRIPT_DIR}/graph_modify.py" "${sim}" "${mg}" "${n}"
-  mkdir -p -- "${w}/ais_out"
+  mkdir -p -- "${outputs_root}"
   if [[ "${BACKEND}" == ascend ]]; then
-    step atc run_step atc atc --framework=5 --model="${mg}" --output="${om%.om}_partial" --input_format=NCHW \
+    step atc run_step atc atc --framework=5 --model="${mg}" --output="${om_partial}" --input_format=NCHW \
       --input_shape="image:${n},3,${SIZE},${SIZE}" --log=error --soc_version="${SOC_VERSION}" \
       --optypelist_for_implmode="Gelu" --op_select_implmode=high_performance "${atc_keep[@]}"
     infer=(ais_bench python3 -m ais_bench --model "${om}" --device "${DEVICE}")
@@ -258,10 +263,10 @@ run_pipeline() {
     if [[ -n "${PROVIDERS}" ]]; then infer+=(--providers "${PROVIDERS}"); fi
     model="${mg}"
   fi
-  step "${infer[0]}" run_step "${infer[@]}" --input "${prep}" --output "${w}/ais_out" \
-    --output_dirname "bs${n}${TAG}_partial" --outfmt TXT --batchsize "${n}"
-  step eval run_eval --folder_davinci_target "${w}/ais_out/bs${n}${TAG}" \
-    --annotation_file_path "${LABEL_FILE}" --result_json_path "${w}" --json_file_name "acc_bs${n}${TAG}.json" \
+  step "${infer[0]}" run_step "${infer[@]}" --input "${prep}" --output "${outputs_root}" \
+    --output_dirname "${outputs_dirname}_partial" --outfmt TXT --batchsize "${n}"
+  step eval run_eval --folder_davinci_target "${outputs}" \
+    --annotation_file_path "${LABEL_FILE}" --result_json_path "${w}" --json_file_name "${accuracy_name}" \
     --batch_size "${n}" --prep_image "${prep}" --checkpoint "${CHECKPOINT}" --model_file "${model}"
   ((NO_FIDELITY)) || step fidelity run_step fidelity python3 "${SCRIPT_DIR}/beit_fidelity.py" --workdir "${w}" \
     --batch_size "${n}" --checkpoint "${CHECKPOINT}" --label_file "${LABEL_FILE}" --model "${MODEL_FILE}" \
@@ -272,11 +277,10 @@ run_pipeline() {
 # the engine and precision, the work folder.
 preflight() {
   local engine
-  command -v python3 >/dev/null || die "python3 is not on PATH (make demo puts .venv/bin first)"
   pkg environment
   if [[ -n "${MODEL}" ]]; then state check-model "${MODEL}"; fi
   choose_backend
-  if [[ -n "${LABEL_FILE}" ]]; then pkg label_formats "${LABEL_FILE}"; fi # issue 21: the label form, or refused
+  if [[ -n "${LABEL_FILE}" ]]; then pkg evaluation.labels "${LABEL_FILE}"; fi # issue 21: the label form, or refused
   if [[ "${BACKEND}" == ascend ]]; then
     [[ "${PRECISION}" == fp32 && -z "${PROVIDERS}" ]] ||
       die "--precision and --providers are beit_infer.py's (--backend cpu); atc sets the OM's precision"
@@ -293,11 +297,11 @@ main() {
   export PYTHONUNBUFFERED=1 # the steps' stdout stays in order with their stderr when piped
   preflight
   lock_workdir
-  trap 'on_signal INT 130' INT
-  trap 'on_signal TERM 143' TERM
+  trap 'on_signal INT "${EXIT_INTERRUPTED}"' INT
+  trap 'on_signal TERM "${EXIT_TERMINATED}"' TERM
   log "work folder: ${WORKDIR}"
-  if [[ "${BACKEND}" == ascend ]]; then pkg ascend check-paths "${WORKDIR}"; fi
-  [[ "${BACKEND}" != ascend || -n "${SOC_VERSION}" ]] || SOC_VERSION="$(pkg ascend soc-version)"
+  if [[ "${BACKEND}" == ascend ]]; then pkg inference.ascend check-paths "${WORKDIR}"; fi
+  [[ "${BACKEND}" != ascend || -n "${SOC_VERSION}" ]] || SOC_VERSION="$(pkg inference.ascend soc-version)"
   flags=(--batch_size "${BATCH_SIZE}" --backend "${BACKEND}" --image_path "${IMAGE_PATH}" --label_file "${LABEL_FILE}"
     --checkpoint "${CHECKPOINT}" --soc_version "${SOC_VERSION}" --model "${MODEL}" --precision "${PRECISION}"
     --providers "${PROVIDERS}" --keep_dtype "${KEEP_DTYPE}")

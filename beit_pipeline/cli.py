@@ -27,10 +27,17 @@ import signal
 import sys
 import threading
 
-from beit_pipeline.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError,
-                                  Terminated, UsageError)
+from beit_pipeline.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    PipelineError,
+    Terminated,
+    UsageError,
+)
 
-LOGGER_NAME = "beit"
+LOGGER_NAME = "beit_pipeline"  # the package: every module logs to getLogger(__name__) below it
 log = logging.getLogger(LOGGER_NAME)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -80,17 +87,20 @@ class _StreamHandler(logging.StreamHandler):
         getattr(sys, self.stream_name).flush()
 
 
-def setup_logging(info_prefix=""):
-    """Configure the ``beit`` logger once: INFO to stdout, WARNING and above to stderr.
+def setup_logging(info_prefix: str = "") -> logging.Logger:
+    """Configure the package's logger once: INFO to stdout, WARNING and above to stderr.
 
+    Every module logs to ``logging.getLogger(__name__)``, below this one.  A module run with
+    ``python3 -m beit_pipeline.X`` is ``__main__``, so that logger gets the same handlers.
     ``info_prefix`` prefixes INFO lines (beit_infer.py prints ais_bench's ``[INFO] ``).
     Calling it again (a second main() in one process) replaces the handlers.
     """
-    log.handlers.clear()
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    log.addHandler(_StreamHandler("stdout", _LevelFormatter(info_prefix), (logging.DEBUG, logging.WARNING)))
-    log.addHandler(_StreamHandler("stderr", _LevelFormatter(), (logging.WARNING, logging.CRITICAL + 1)))
+    for logger in (log, logging.getLogger("__main__")):
+        logger.handlers.clear()
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(_StreamHandler("stdout", _LevelFormatter(info_prefix), (logging.DEBUG, logging.WARNING)))
+        logger.addHandler(_StreamHandler("stderr", _LevelFormatter(), (logging.WARNING, logging.CRITICAL + 1)))
     return log
 
 

@@ -11,6 +11,9 @@ Every script exits with one of these codes (README, "Exit codes"):
          beyond the tolerance, so nothing was written
     4    busy: another run holds the folder's lock
     130  interrupted (Ctrl-C, SIGINT); 143 terminated (SIGTERM)
+
+and, between run_all.sh and workstate.py only, 10: the step is complete for these inputs (skip it).
+run_all.sh reads them from here (shell_assignments).
 """
 
 EXIT_OK = 0
@@ -20,6 +23,7 @@ EXIT_CHECK = 3
 EXIT_BUSY = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_SKIP = 10  # workstate.py start: the step is complete for these inputs
 
 
 class PipelineError(Exception):
@@ -59,8 +63,60 @@ class FolderBusy(PipelineError):
     exit_code = EXIT_BUSY
 
 
+# raised by model.export
+class ExportError(PipelineError):
+    """The export or its verification failed; the message says which and why."""
+
+
+# raised by model.checkpoints
+class CheckpointError(PipelineError):
+    """The checkpoint cannot be read or does not fit a BEiT model."""
+
+
+# raised by graph.index
+class PatternError(PipelineError):
+    """The graph lacks a pattern the rewrite relies on, or it is not as expected (exit 1)."""
+
+    def __init__(self, pattern, detail):
+        super().__init__(f"pattern '{pattern}' not found: {detail}")
+        self.pattern = pattern
+
+
+# raised by inference.sessions
+class OnnxCheckError(PipelineError):
+    """A model cannot be read or run, or two models disagree; the message names the file."""
+
+
+# raised by inference.sessions
+class ModelsDisagree(OnnxCheckError):
+    """Both models ran, but their outputs cannot be compared (different shapes)."""
+
+    exit_code = EXIT_CHECK
+
+
+# raised by inference.runner
+class InferError(PipelineError):
+    """A model or an input that does not fit an image model run (exit 1); the message names the file."""
+
+
+# raised by preprocess.workers
+class WriteError(PipelineError):
+    """An output file could not be written (disk full, permissions); the message names it."""
+
+
+# raised by preprocess.transform
+class BadImageError(PipelineFileError):
+    """An image file that cannot be decoded; the message names the file and the reason."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that ``finally`` blocks clean up as on Ctrl-C.
 
     A BaseException, like KeyboardInterrupt, so that ``except Exception`` does not swallow it.
     """
+
+
+def shell_assignments() -> str:
+    """``readonly EXIT_OK=0 EXIT_FAILED=1 ...``: every exit code of this module, for run_all.sh to eval."""
+    codes = {name: value for name, value in globals().items() if name.startswith("EXIT_")}
+    return "readonly " + " ".join(f"{name}={value}" for name, value in codes.items())

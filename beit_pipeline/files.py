@@ -9,13 +9,16 @@ the lock of a process that dies, so a stale lock is simply taken over.
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 
-from beit_pipeline.cli import check_interrupted, log
+from beit_pipeline.cli import check_interrupted
 from beit_pipeline.errors import FolderBusy
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- atomic writes

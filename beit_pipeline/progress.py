@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-log = logging.getLogger("beit.progress")
+log = logging.getLogger(__name__)
 
 INTERVAL_ENV = "BEIT_PROGRESS_INTERVAL"
 DEFAULT_LOG_INTERVAL = 10.0

@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import BASE, TINY  # noqa: E402
 
-from beit_pipeline import export as beit_export  # noqa: E402
-from beit_pipeline import model as beit_model  # noqa: E402
+from beit_pipeline.model import export as beit_export  # noqa: E402
+from beit_pipeline.model import build as beit_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ class OnnxModels:
     dynamic batch axis, as beit_pth2onnx.py writes it; ``static(kind, opset, bs)``: exported
     with a fixed batch; ``simplified(kind, opset, bs)``: the dynamic export through onnxsim
     with the batch fixed (checked by onnx_models.simplify, as run_all.sh's onnx_check step does); BEiT-base
-    through beit_pipeline.simplify, onnxsim's graph byte for byte in 4 s instead of 85 s (test_onnx_files.py's
+    through beit_pipeline.graph.simplify, onnxsim's graph byte for byte in 4 s instead of 85 s (test_onnx_files.py's
     test_the_held_out_simplifier_makes_onnxsims_graph_byte_for_byte; test_pth2onnx.py's base test runs onnxsim).
     """
 
@@ -87,10 +87,10 @@ class OnnxModels:
             self.torch_model(kind), path, batch_size=batch_size, img_size=224, opset=opset, dynamic=False))
 
     def simplified(self, kind="tiny", opset=11, batch_size=1):
-        from beit_pipeline import onnx_models  # the checked onnxsim step
+        from beit_pipeline.inference import sessions as onnx_models  # the checked onnxsim step
 
         def make(path):
-            module = "beit_pipeline.simplify" if kind == "base" else "onnxsim"
+            module = "beit_pipeline.graph.simplify" if kind == "base" else "onnxsim"
             errors = onnx_models.simplify(self.dynamic(kind, opset), path, batch_size, module=module)  # raises if not kept
             assert errors["shape"] == (batch_size, 3, 224, 224)
         return self._made((kind, "sim", opset, batch_size), make)

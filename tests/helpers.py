@@ -8,7 +8,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from beit_pipeline import model as beit_model  # noqa: E402
+from beit_pipeline.model import build as beit_model  # noqa: E402
 
 TINY = "beit_tiny_test_patch16_224"
 BASE = "beit_base_patch16_224"
@@ -101,7 +101,7 @@ def copy_work_folder(src, dst):
     import json
     import shutil
 
-    from beit_pipeline import inference_record
+    from beit_pipeline.inference import record as inference_record
     shutil.copytree(src, dst, symlinks=True)
     for root, dirs, _ in os.walk(dst):
         for name in dirs:

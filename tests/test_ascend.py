@@ -1,4 +1,4 @@
-"""beit_pipeline/ascend.py: the checks run_all.sh makes before the Ascend path, against the real tools' rules.
+"""beit_pipeline/inference/ascend.py: the checks run_all.sh makes before the Ascend path, against the real tools' rules.
 
 The rules are read from the real tools' source: ais_bench's path checks (Ascend/tools
 ais-bench_workload/tool/ais_bench and its later copy in ait/msit, components/utils/file_open_check.py:
@@ -14,18 +14,18 @@ import sys
 
 import pytest
 
-from beit_pipeline import ascend
+from beit_pipeline.inference import ascend
 from helpers import REPO, run_script
 
 FAKE_PYTHON = os.path.join(REPO, "tests", "fake_ascend", "python")
 
 
 def check(*args, env=None):
-    """python3 -m beit_pipeline.ascend ARGS, with PYTHONPATH as ``env`` gives it (default: the repo only)."""
+    """python3 -m beit_pipeline.inference.ascend ARGS, with PYTHONPATH as ``env`` gives it (default: the repo only)."""
     env = dict(env or {})
     env.setdefault("PYTHONPATH", REPO)
     env.setdefault("AIS_INFER", "")
-    return run_script([sys.executable, "-m", "beit_pipeline.ascend", *args], env=env)
+    return run_script([sys.executable, "-m", "beit_pipeline.inference.ascend", *args], env=env)
 
 
 # ---------------------------------------------------------------- ais_bench's path rules

@@ -1,4 +1,4 @@
-"""Every checkpoint form beit_pth2onnx.py reads (beit_pipeline/checkpoints.py) exports the unilm form's logits.
+"""Every checkpoint form beit_pth2onnx.py reads (beit_pipeline/model/checkpoints.py) exports the unilm form's logits.
 
 Each test builds a tiny checkpoint in one form from the same weights as a unilm ``{'model': ...}`` file,
 exports both with beit_pth2onnx.py and compares ONNX Runtime's logits (bit-identical: the same weights
@@ -20,8 +20,9 @@ import torch
 from helpers import REPO, TINY, seeded_state_dict
 
 import beit_pth2onnx
-from beit_pipeline import checkpoints, onnx_models
-from beit_pipeline import model as beit_model
+from beit_pipeline.model import checkpoints
+from beit_pipeline.inference import sessions as onnx_models
+from beit_pipeline.model import build as beit_model
 
 FIXTURE = os.path.join(REPO, "tests", "data", "hf_beit_tiny.json")
 BATCH = onnx_models.random_batch((2, 3, 224, 224), seed=0)

@@ -14,9 +14,10 @@ import onnxruntime as ort
 import pytest
 
 import beit_infer
-from beit_pipeline import batches as beit_batches
-from beit_pipeline import engines, onnx_models
-from beit_pipeline import outputs as beit_outputs
+from beit_pipeline.preprocess import batches as beit_batches
+from beit_pipeline.inference import engines
+from beit_pipeline.inference import sessions as onnx_models
+from beit_pipeline.inference import outputs as beit_outputs
 from beit_pipeline.errors import UsageError
 from helpers import run_script
 

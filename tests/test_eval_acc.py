@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import beit_eval_acc
-from beit_pipeline.preprocess import make_manifest
-from beit_pipeline import batches as beit_batches
-from beit_pipeline import evaluation
-from beit_pipeline import outputs as beit_outputs
+from beit_pipeline.preprocess.runner import make_manifest
+from beit_pipeline.preprocess import batches as beit_batches
+from beit_pipeline.evaluation import accuracy as evaluation
+from beit_pipeline.inference import outputs as beit_outputs
 from beit_pipeline.errors import PipelineFileError
 from helpers import run_script
 
@@ -642,7 +642,7 @@ def test_the_details_say_what_made_the_number(tmp_path):
 
 def test_guide_percent_is_the_guides_arithmetic():
     """The guide's str(round(np.cumsum(count_hit) / count * 100, 2)) + '%', numpy float64 rounding included."""
-    from beit_pipeline import results
+    from beit_pipeline.evaluation import results
     for hits, count in [(17, 17), (11, 17), (1, 3), (2, 3), (84680, 100000), (42635, 50000), (0, 7)]:
         accuracy = np.cumsum(np.zeros(1) + hits) / count
         assert results.guide_percent(hits, count) == str(round(accuracy[0] * 100, 2)) + "%"

@@ -26,14 +26,23 @@ from onnx import TensorProto, helper, numpy_helper
 import beit_fidelity
 import beit_infer
 import beit_preprocess
-from beit_pipeline import (fidelity, fidelity_locate, fidelity_report, fidelity_screen, graph_padding,
-                           inference_record, inference_summary, logit_store, om_emulation, photo_variants, stats,
-                           workstate)
-from beit_pipeline import model as beit_model
-from beit_pipeline import onnx_models as ort_models  # the name onnx_models is conftest's fixture
-from beit_pipeline import outputs as output_files
-from beit_pipeline.evaluation import label_ranks
-from beit_pipeline.synthetic import write_image_set
+from beit_pipeline.fidelity import stages as fidelity
+from beit_pipeline.fidelity import locate as fidelity_locate
+from beit_pipeline.fidelity import report as fidelity_report
+from beit_pipeline.fidelity import screen as fidelity_screen
+from beit_pipeline.graph import padding as graph_padding
+from beit_pipeline.inference import record as inference_record
+from beit_pipeline.inference import summary as inference_summary
+from beit_pipeline.fidelity import logit_store
+from beit_pipeline.fidelity import om_emulation
+from beit_pipeline.data import photo_variants
+from beit_pipeline.evaluation import stats
+from beit_pipeline.pipeline import workstate
+from beit_pipeline.model import build as beit_model
+from beit_pipeline.inference import sessions as ort_models  # the name onnx_models is conftest's fixture
+from beit_pipeline.inference import outputs as output_files
+from beit_pipeline.evaluation.accuracy import label_ranks
+from beit_pipeline.data.synthetic import write_image_set
 from helpers import TINY, copy_work_folder
 
 BS = 8
@@ -307,13 +316,13 @@ def test_outputs_of_another_model_are_no_base(tiny_work, tmp_path, capsys):
 
 
 def fidelity_runners_refusal(wf, record):
-    from beit_pipeline import fidelity_runners
+    from beit_pipeline.fidelity import runners as fidelity_runners
     return fidelity_runners.base_refusal(wf, record)
 
 
 def test_an_interrupted_report_goes_on_where_it_stopped(tiny_work, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of a stage: exit 130, what it computed is kept; the rerun computes only the rest."""
-    from beit_pipeline import fidelity_runners
+    from beit_pipeline.fidelity import runners as fidelity_runners
     work, real, calls = copy_work(tiny_work, tmp_path), fidelity_runners._onnx_model, []
 
     def interrupted(path, providers="cpu", precision="fp32", every_output=False):
@@ -447,7 +456,7 @@ def synthetic_plan(seed=1, count=2000, classes=20):
 
 
 def fidelity_runners_base(logits):
-    from beit_pipeline import fidelity_runners
+    from beit_pipeline.fidelity import runners as fidelity_runners
     return fidelity_runners.Base(logits, "synthetic")
 
 
@@ -869,7 +878,7 @@ def test_photo_variants_are_distinct_real_photographs(tmp_path):
 
 
 def test_benchmark_projection_shows_its_arithmetic():
-    from beit_pipeline import fidelity_bench
+    from beit_pipeline.bench import fidelity as fidelity_bench
     row = {"seconds": 0, "seconds_load": 0, "images_reused": 0}
     report = {"num_images": 100, "audit_images": 20, "seconds": 60.0, "base": "ais_out/bs8 (openvino fp32)",
               "phases": {"select": 0.1, "base": 1.0, "stages": 58.0, "score": 0.1},

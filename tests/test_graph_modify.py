@@ -1,10 +1,10 @@
 """graph_modify.py: the 197 -> 208 token padding must leave the model's output unchanged.
 
 Models come from conftest's ``onnx_models`` fixture (exported with
-beit_pipeline.export, simplified with onnx_models.simplify at a fixed batch,
+beit_pipeline.model.export, simplified with onnx_models.simplify at a fixed batch,
 cached for the session); the variants without bias and with a position
 embedding are registered with it here.  Outputs are compared with
-beit_pipeline.onnx_models' session helpers and output_errors().
+beit_pipeline.inference.sessions' session helpers and output_errors().
 """
 
 import os
@@ -20,11 +20,12 @@ from timm.models.beit import checkpoint_filter_fn
 from helpers import BASE, TINY, run_script
 
 import graph_modify
-from beit_pipeline import graph_padding, graph_patterns
-from beit_pipeline import onnx_models as ort_models  # the name onnx_models is conftest's fixture
-from beit_pipeline import model as beit_model
-from beit_pipeline.export import export
-from beit_pipeline.graph_index import GraphIndex, infer_shapes, node_key
+from beit_pipeline.graph import padding as graph_padding
+from beit_pipeline.graph import patterns as graph_patterns
+from beit_pipeline.inference import sessions as ort_models  # the name onnx_models is conftest's fixture
+from beit_pipeline.model import build as beit_model
+from beit_pipeline.model.export import export
+from beit_pipeline.graph.index import GraphIndex, infer_shapes, node_key
 
 TOKENS, PADDED = 197, 208
 INT64_MAX = np.iinfo(np.int64).max
@@ -68,7 +69,7 @@ def models(onnx_models):
 
 
 def logits(path, batch):
-    """The model's output in ONNX Runtime, through beit_pipeline.onnx_models' session helpers."""
+    """The model's output in ONNX Runtime, through beit_pipeline.inference.sessions' session helpers."""
     return ort_models.run_session(ort_models.open_session(path), batch, str(path))
 
 

@@ -10,9 +10,12 @@ import onnxruntime as ort
 import pytest
 
 import beit_infer
-from beit_pipeline import batches as beit_batches
-from beit_pipeline import inference, inference_record, inference_summary, onnx_models
-from beit_pipeline import outputs as beit_outputs
+from beit_pipeline.preprocess import batches as beit_batches
+from beit_pipeline.inference import runner as inference
+from beit_pipeline.inference import record as inference_record
+from beit_pipeline.inference import summary as inference_summary
+from beit_pipeline.inference import sessions as onnx_models
+from beit_pipeline.inference import outputs as beit_outputs
 from beit_pipeline.errors import PipelineFileError, UsageError
 from helpers import run_script
 
@@ -481,7 +484,7 @@ def test_rerun_with_another_input_folder_recomputes_and_eval_scores_the_truth(ti
 
 
 def test_rerun_with_another_model_recomputes_and_resume_refuses(tiny_onnx, onnx_models, tmp_path, capsys):
-    from beit_pipeline import model as beit_model
+    from beit_pipeline.model import build as beit_model
     from helpers import TINY
 
     onnx_models.register("tiny_seed7", lambda: beit_model.build_model(
@@ -698,7 +701,7 @@ def test_outputs_of_another_engine_are_not_mixed_in(onnx_models, tmp_path, capsy
 # ACL_PyTorch/contrib/cv/classfication/Beit); each test names what it matches.
 
 import guide_scripts  # noqa: E402
-from beit_pipeline import inference_devices  # noqa: E402
+from beit_pipeline.inference import devices as inference_devices  # noqa: E402
 
 
 def stand_in_parser():

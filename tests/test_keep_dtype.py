@@ -28,14 +28,21 @@ from helpers import REPO, TINY, copy_work_folder, run_script, stored_logits
 
 import beit_fidelity
 import beit_preprocess
-from beit_pipeline import (fidelity_report, fidelity_runners, fidelity_screen, fp16_overflow, graph_padding,
-                           keep_dtype, keep_suggestion, om_emulation, workstate)
-from beit_pipeline import model as beit_model
-from beit_pipeline import onnx_models as ort_models  # the name onnx_models is conftest's fixture
+from beit_pipeline.fidelity import report as fidelity_report
+from beit_pipeline.fidelity import runners as fidelity_runners
+from beit_pipeline.fidelity import screen as fidelity_screen
+from beit_pipeline.fidelity import fp16_overflow
+from beit_pipeline.graph import padding as graph_padding
+from beit_pipeline.fidelity import keep_dtype
+from beit_pipeline.fidelity import keep_suggestion
+from beit_pipeline.fidelity import om_emulation
+from beit_pipeline.pipeline import workstate
+from beit_pipeline.model import build as beit_model
+from beit_pipeline.inference import sessions as ort_models  # the name onnx_models is conftest's fixture
 from beit_pipeline.errors import PipelineFileError
-from beit_pipeline.fidelity import ImageSet, Options
-from beit_pipeline.keep_dtype import KeepList
-from beit_pipeline.synthetic import write_image_set
+from beit_pipeline.fidelity.stages import ImageSet, Options
+from beit_pipeline.fidelity.keep_dtype import KeepList
+from beit_pipeline.data.synthetic import write_image_set
 
 BS = 8
 IMAGES = 16

@@ -1,4 +1,4 @@
-"""ImageNet's label forms (beit_pipeline/label_formats.py): each gives the Top-1 of the same val_label.txt.
+"""ImageNet's label forms (beit_pipeline/evaluation/label_formats.py): each gives the Top-1 of the same val_label.txt.
 
 One crafted evaluation (12 images in class folders, logits that hit 7 of them) is scored with the labels
 in every form; the synsets are 1000 made-up ids whose devkit order (ILSVRC2012_ID) is a shuffle of their
@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import beit_eval_acc
-from beit_pipeline import batches as beit_batches
-from beit_pipeline import label_formats, labels
-from beit_pipeline import outputs as beit_outputs
-from beit_pipeline.preprocess import make_manifest
+from beit_pipeline.preprocess import batches as beit_batches
+from beit_pipeline.evaluation import label_formats
+from beit_pipeline.evaluation import labels
+from beit_pipeline.inference import outputs as beit_outputs
+from beit_pipeline.preprocess.runner import make_manifest
 
 NUM_CLASSES, N_IMAGES, BATCH = 1000, 12, 4
 HITS = [True, False, True, True, False, True, True, False, True, False, True, False]  # Top-1: 7 of 12

@@ -14,7 +14,10 @@ import onnxruntime as ort
 import onnxsim
 import pytest
 
-from beit_pipeline import inference_record, onnx_files, simplify, workstate
+from beit_pipeline.inference import record as inference_record
+from beit_pipeline.graph import onnx_files
+from beit_pipeline.graph import simplify
+from beit_pipeline.pipeline import workstate
 from helpers import run_script
 
 SMALL = "4096"  # bytes: every weight of the tiny model goes to the data file
@@ -109,14 +112,14 @@ def test_the_simplifier_command_reads_and_writes_external_data(onnx_models, tmp_
         onnx_files.write_model(onnx.load(onnx_models.dynamic()), source)
     finally:
         del os.environ[onnx_files.EXTERNAL_ABOVE_ENV]
-    proc = run_script(["python3", "-m", "beit_pipeline.simplify", str(source), str(tmp_path / "sim.onnx"),
+    proc = run_script(["python3", "-m", "beit_pipeline.graph.simplify", str(source), str(tmp_path / "sim.onnx"),
                        "--overwrite-input-shape", "2,3,224,224"], env=env)
     assert proc.returncode == 0, proc.stderr
     assert os.path.exists(tmp_path / "sim.onnx.data")
     batch = image_batch(2)
     np.testing.assert_allclose(outputs(tmp_path / "sim.onnx", batch), outputs(onnx_models.dynamic(), batch),
                                rtol=0, atol=1e-5)
-    bad = run_script(["python3", "-m", "beit_pipeline.simplify", str(source), str(tmp_path / "x.onnx"),
+    bad = run_script(["python3", "-m", "beit_pipeline.graph.simplify", str(source), str(tmp_path / "x.onnx"),
                       "--overwrite-input-shape", "2,3,224"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --overwrite-input-shape")
 
@@ -148,8 +151,8 @@ def test_a_models_data_file_is_part_of_its_digest(tmp_path):
 def test_large_variants_are_simplified_with_the_weights_held_out():
     assert {n: workstate.simplifier(n) for n in workstate.KNOWN_VARIANTS if "tiny" not in n} == {
         "beit_base_patch16_224": "onnxsim", "beit_base_patch16_384": "onnxsim",
-        "beit_large_patch16_224": "beit_pipeline.simplify", "beit_large_patch16_384": "beit_pipeline.simplify",
-        "beit_large_patch16_512": "beit_pipeline.simplify"}
+        "beit_large_patch16_224": "beit_pipeline.graph.simplify", "beit_large_patch16_384": "beit_pipeline.graph.simplify",
+        "beit_large_patch16_512": "beit_pipeline.graph.simplify"}
 
 
 def test_other_weights_in_the_data_file_are_another_model(onnx_models, tmp_path, external):

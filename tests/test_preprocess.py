@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 import beit_preprocess
-from beit_pipeline import batches, synthetic
-from beit_pipeline import preprocess_transform as pt
+from beit_pipeline.preprocess import batches
+from beit_pipeline.data import synthetic
+from beit_pipeline.preprocess import transform as pt
 from helpers import REPO, FileProxy, run_script
 
 BATCH_BYTES_PER_IMAGE = 3 * 224 * 224 * 4
@@ -785,7 +786,7 @@ def test_batch_size_too_big_for_memory_is_a_usage_error(image_set, tmp_path, cap
                                                   "buffers (4 float32 batches of 2000000 images) but only ")
     assert not out.exists()
 
-    from beit_pipeline import preprocess
+    from beit_pipeline.preprocess import runner as preprocess
     need = preprocess.buffer_bytes(6)
     assert need == 6 * 4 * BATCH_BYTES_PER_IMAGE
     # With workers, the ring also holds the images they decode ahead: 2 workers x 2 chunks of 8.
@@ -886,7 +887,7 @@ def test_unilm_rule_for_the_resize(size, resize):
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
-    from beit_pipeline import photos
+    from beit_pipeline.data import photos
     folder = tmp_path_factory.mktemp("photos")
     names = photos.write_photo_set(str(folder))
     return folder, names
@@ -895,7 +896,7 @@ def photo_folder(tmp_path_factory):
 def test_photo_set_is_imagenet_style_and_made_from_the_installed_package(photo_folder):
     """ILSVRC2012_val_%08d.JPEG names, the guide's val_label.txt lines, and the odd files the real val set
     has: greyscale JPEGs, a CMYK JPEG and a PNG under a .JPEG name."""
-    from beit_pipeline import photos
+    from beit_pipeline.data import photos
     folder, names = photo_folder
     assert names == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, len(photos.PHOTOS) + 1)]
     assert len(names) == 20

@@ -22,8 +22,8 @@ import torch
 
 import beit_pth2onnx
 import onnx_check
-from beit_pipeline import model as beit_model
-from beit_pipeline import onnx_models
+from beit_pipeline.model import build as beit_model
+from beit_pipeline.inference import sessions as onnx_models
 from helpers import BASE, REPO, TINY, hang_env, pretraining_state_dict, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
@@ -413,7 +413,8 @@ def test_export_indexes_qkv_with_gather_so_the_guides_edit_applies(onnx_models, 
     which exports as Gathers; timm's ``qkv.unbind(0)`` exports as Split + Squeeze, where the guide's
     refill_zero_gather finds no Gather of index 1 and silently skips its edit.  Our export now gives the
     guide's selection exactly the key tensors that our graph_modify's reproduction (--guide) edits."""
-    from beit_pipeline import export as beit_export, graph_patterns
+    from beit_pipeline.model import export as beit_export
+    from beit_pipeline.graph import patterns as graph_patterns
     sim = onnx.load(onnx_models.simplified("tiny", 11, 2))
     assert op_counts_of(sim)["Split"] == 0 and op_counts_of(sim)["Squeeze"] == 0
     _, plan = graph_patterns.plan_padding(sim, 2, 16, keys=True)

@@ -34,10 +34,12 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image, ImageFile, ImageOps
 
 import beit_preprocess
-from beit_pipeline import batches, preprocess_transform, synthetic
-from beit_pipeline import outputs as ais_outputs
-from beit_pipeline import export as beit_export
-from beit_pipeline import model as beit_model
+from beit_pipeline.preprocess import batches
+from beit_pipeline.preprocess import transform as preprocess_transform
+from beit_pipeline.data import synthetic
+from beit_pipeline.inference import outputs as ais_outputs
+from beit_pipeline.model import export as beit_export
+from beit_pipeline.model import build as beit_model
 from helpers import REPO, TINY, FileProxy, pretraining_state_dict, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
@@ -330,7 +332,7 @@ def test_an_interrupt_python_swallows_still_stops_the_export_with_nothing_writte
     out = tmp_path / "out"
     out.mkdir()
     proc = run_interrupted(tmp_path, "beit_pth2onnx.py", ["--source", tiny_checkpoint, "--target", out / "m.onnx"],
-                           "beit_pipeline.export", "swallowed")
+                           "beit_pipeline.model.export", "swallowed")
     assert "Exception ignored" in proc.stderr  # Python did swallow it, as in the flaky run
     assert proc.returncode == 130, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

@@ -1,4 +1,4 @@
-"""The HTML report (beit_report.py, beit_pipeline/report_html.py), checked in real headless Chromium.
+"""The HTML report (beit_report.py, beit_pipeline/report/html.py), checked in real headless Chromium.
 
 The fast tests write the report of a crafted work folder that holds every file the report reads (in the
 formats of beit_eval_acc.py, beit_fidelity.py with its top-5 lists and --locate, beit_infer.py's two summary
@@ -16,10 +16,12 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import REPO, TINY, run_script
+from helpers import TINY, run_script
 
 import beit_report
-from beit_pipeline import photos, report_data, report_html
+from beit_pipeline.data import photos
+from beit_pipeline.report import data as report_data
+from beit_pipeline.report import html as report_html
 
 BS = 4
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

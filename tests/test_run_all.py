@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from beit_pipeline import demo as make_demo_data
-from beit_pipeline import model as beit_model
+from beit_pipeline.data import demo as make_demo_data
+from beit_pipeline.model import build as beit_model
 import guide_scripts
 from helpers import REPO, TINY, hang_env, run_script
 
@@ -30,7 +30,7 @@ FAKE_ASCEND = os.path.join(REPO, "tests", "fake_ascend")
 
 def pytorch_logits(checkpoint, image_dir):
     """The reference: PyTorch on the images exactly as beit_preprocess.py prepares them."""
-    from beit_pipeline.preprocess_transform import preprocess_image
+    from beit_pipeline.preprocess.transform import preprocess_image
     model, _, _ = beit_model.build_model(beit_model.load_state_dict(checkpoint), TINY)
     names = sorted(os.listdir(image_dir))
     batch = np.stack([np.asarray(preprocess_image(os.path.join(image_dir, n)), np.float32) for n in names])
@@ -384,7 +384,8 @@ def test_the_guides_eval_script_runs_on_our_outputs(ort_workdir, image_set):
     listed, each name parsed as <prefix>_<5-digit batch>) on run_all.sh's ais_out/bs{N} runs without a crash (it
     raised ValueError on the .beit_infer.json kept inside the folder), and on a set without padding (19 images at
     bs1) its Top-1 is ours."""
-    from beit_pipeline import evaluation, labels
+    from beit_pipeline.evaluation import accuracy as evaluation
+    from beit_pipeline.evaluation import labels
 
     for batch_size in (1, 8):
         ok(ort_workdir(batch_size))
@@ -406,7 +407,7 @@ def test_the_guides_eval_script_runs_on_our_outputs(ort_workdir, image_set):
 def assert_om_is_the_emulation(workdir):
     """Issue 20: the stand-in atc writes what the OM computes, the fp16 emulation of the padded model."""
     import onnx
-    from beit_pipeline import om_emulation
+    from beit_pipeline.fidelity import om_emulation
     fp16_weights, weights = om_emulation.fp16_matmul_weights(onnx.load(str(workdir / "beit_mg_bs8.om")))
     assert fp16_weights == weights == 4 * 2 + 1  # qkv, proj, fc1, fc2 of the tiny model's 2 blocks, and the head
 
@@ -703,9 +704,9 @@ def test_ascend_backend_asked_for_without_cann_is_an_error(tmp_path):
 def test_soc_version_comes_from_npu_smi(fake_ascend, tmp_path):
     """Ascend + the chip name in `npu-smi info` (here a 310B1 board); without npu-smi, a usage error."""
     env = dict(fake_ascend.env, FAKE_NPU_CHIP="310B1", PYTHONPATH=REPO)
-    proc = run_script([sys.executable, "-m", "beit_pipeline.ascend", "soc-version"], env=env)
+    proc = run_script([sys.executable, "-m", "beit_pipeline.inference.ascend", "soc-version"], env=env)
     assert proc.returncode == 0 and proc.stdout.split() == ["Ascend310B1"], proc.stderr
-    proc = run_script([sys.executable, "-m", "beit_pipeline.ascend", "soc-version"],
+    proc = run_script([sys.executable, "-m", "beit_pipeline.inference.ascend", "soc-version"],
                       env={"PATH": "/nonexistent", "PYTHONPATH": REPO})
     assert proc.returncode == 2 and "'npu-smi' is not on PATH; pass --soc_version" in proc.stderr
 
@@ -738,8 +739,8 @@ def test_a_384_checkpoint_runs_through_with_pytorchs_agreement(tmp_path):
     PyTorch's agreement with the labels, on real photographs preprocessed by torchvision itself."""
     from PIL import Image
 
-    from beit_pipeline import photos
-    from beit_pipeline.preprocess_transform import reference_transform
+    from beit_pipeline.data import photos
+    from beit_pipeline.preprocess.transform import reference_transform
     images, checkpoint = tmp_path / "val", tmp_path / "beit_384.pth"
     names = photos.write_photo_set(images, 9, labels=False)
     beit_model.save_random_checkpoint(checkpoint, TINY_384, seed=3)
@@ -796,7 +797,7 @@ def test_another_engine_or_precision_keeps_the_fp32_result_and_prints_its_cost(o
 
 
 def reference_hits(details):
-    from beit_pipeline import results
+    from beit_pipeline.evaluation import results
     return results.unpack_hits(details["top1_hits"], details["num_images"])
 
 
@@ -958,7 +959,7 @@ def test_models_with_external_data_run_through_and_new_weights_give_the_fresh_nu
     2 GiB limit is <model>.onnx + <model>.onnx.data.  A new checkpoint of the same shapes: every step
     after preprocessing is redone and the number is the new model's.  (On a large model the graph file can
     stay byte-identical with new weights; test_onnx_files.py checks that the digests read the .data file.)"""
-    from beit_pipeline.onnx_files import EXTERNAL_ABOVE_ENV
+    from beit_pipeline.graph.onnx_files import EXTERNAL_ABOVE_ENV
     env, workdir = {EXTERNAL_ABOVE_ENV: "4096"}, tmp_path / "work"
     checkpoint = tmp_path / "beit.pth"
     shutil.copy2(image_set["checkpoint"], checkpoint)
@@ -1002,7 +1003,7 @@ def test_readme_commands_parse_and_say_all_a_hand_run_needs(tmp_path, monkeypatc
         module = importlib.import_module(words[1][:-3])
         args = module.build_parser().parse_args(words[2:])  # SystemExit on a flag the script lacks
         if words[1] == "beit_fidelity.py":
-            from beit_pipeline import fidelity
+            from beit_pipeline.fidelity import stages as fidelity
             folder = fidelity.work_folder(args)
             assert (folder.checkpoint, folder.label_file) == (str(tmp_path / "CKPT"), str(tmp_path / "val_label.txt"))
     helped = run_script(["run_all.sh"] + quick[1:] + ["--help"])  # parsed up to --help, then the usage
@@ -1019,7 +1020,7 @@ def test_readme_pipeline_commands_run_as_written(image_set, tmp_path):
     shutil.copy(image_set["labels"], work / "val_label.txt")
     swap = {"DIR": image_set["images"], "CKPT": image_set["checkpoint"], "python3": sys.executable}
     for words in commands:
-        if words[:3] == ["python3", "-m", "beit_pipeline.simplify"] or words[:3] == ["python3", "-m", "ais_bench"]:
+        if words[:3] == ["python3", "-m", "beit_pipeline.graph.simplify"] or words[:3] == ["python3", "-m", "ais_bench"]:
             continue  # the large variants' simplifier; the NPU's runner
         words = [swap.get(w, w) for w in words]
         if words[1].endswith(".py"):

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from beit_pipeline import model as beit_model
-from beit_pipeline import photos
-from beit_pipeline.preprocess_transform import reference_transform
-from beit_pipeline.variants import KNOWN_VARIANTS, PUBLISHED_CHECKPOINTS, image_size, token_count
+from beit_pipeline.model import build as beit_model
+from beit_pipeline.data import photos
+from beit_pipeline.preprocess.transform import reference_transform
+from beit_pipeline.model.variants import KNOWN_VARIANTS, PUBLISHED_CHECKPOINTS, image_size, token_count
 from helpers import run_script
 
 
@@ -53,7 +53,7 @@ def labelled_photos(tmp_path, variant, count):
 @pytest.mark.slow
 def test_large_512_runs_through_run_all(tmp_path):
     """beit_large_patch16_512: 2.9 GB once padded, past protobuf's 2 GiB (refused before issue 11's external
-    data).  The export folds (52 s here), beit_pipeline.simplify holds the weights out of onnxsim (21 s,
+    data).  The export folds (52 s here), beit_pipeline.graph.simplify holds the weights out of onnxsim (21 s,
     7 GB; onnxsim itself was killed at 24 GB), graph_modify pads 1025 -> 1040 and writes beit_mg_bs1.onnx
     + .data, ONNX Runtime runs it: Top-1 is PyTorch's agreement with its own labels (100%)."""
     images, labels, checkpoint = labelled_photos(tmp_path, "beit_large_patch16_512", 2)
@@ -64,7 +64,7 @@ def test_large_512_runs_through_run_all(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tokens 1025 -> 1040 at batch size 1" in proc.stdout
     assert ("[run_all] step onnxsim: python3 -m beit_pipeline.progress --label onnxsim -- "
-            "python3 -m beit_pipeline.simplify ") in proc.stdout
+            "python3 -m beit_pipeline.graph.simplify ") in proc.stdout
     for name in ("beit_large_patch16_512.onnx", "beit_onnxsim_bs1.onnx", "beit_mg_bs1.onnx"):
         assert os.path.getsize(workdir / (name + ".data")) > 2 ** 31, name  # over protobuf's limit
         assert os.path.getsize(workdir / name) < 2 ** 20, name  # the graph alone

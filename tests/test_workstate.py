@@ -2,7 +2,7 @@
 
 Each test lays out a work folder as the steps would leave it (tiny stand-in files with the real
 names and contracts: a complete manifest, one output per batch, a result JSON) and asks
-beit_pipeline.workstate what run_all.sh would ask it, in-process, in milliseconds.
+beit_pipeline.pipeline.workstate what run_all.sh would ask it, in-process, in milliseconds.
 """
 
 import json
@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from beit_pipeline import batches, results, workstate
+from beit_pipeline.preprocess import batches
+from beit_pipeline.evaluation import results
+from beit_pipeline.pipeline import workstate
 
 BS = 2
 ORT_STEPS = ["preprocess", "pth2onnx", "onnxsim", "graph_modify", "beit_infer", "eval"]
@@ -349,7 +351,7 @@ def test_every_published_variant_is_accepted(name):
 
 def test_only_large_512_needs_external_data():
     """The estimate behind the simplifier choice: the padded ONNX of large-512 alone is past protobuf's 2 GiB."""
-    from beit_pipeline.onnx_files import PROTOBUF_LIMIT
+    from beit_pipeline.graph.onnx_files import PROTOBUF_LIMIT
     assert workstate.onnx_bytes("beit_large_patch16_512") > PROTOBUF_LIMIT
     assert max(workstate.onnx_bytes(n) for n in workstate.KNOWN_VARIANTS if n != "beit_large_patch16_512") \
         < 0.85 * PROTOBUF_LIMIT
@@ -358,7 +360,7 @@ def test_only_large_512_needs_external_data():
 @pytest.mark.parametrize("variant, size", [("beit_tiny_test_patch16_224", 224), ("beit_tiny_test_patch16_384", 384)])
 def test_the_model_and_its_size_are_read_from_the_checkpoint(tmp_path, variant, size):
     """Without --model the checkpoint's tensor shapes say the variant and size; --model wins; junk -> default."""
-    from beit_pipeline import model as beit_model
+    from beit_pipeline.model import build as beit_model
     path = tmp_path / "ckpt.pth"
     beit_model.save_random_checkpoint(path, variant)
     assert workstate.checkpoint_shape(str(path)) == (variant, size)

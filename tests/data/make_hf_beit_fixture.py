@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from helpers import seeded_state_dict  # noqa: E402
 
-from beit_pipeline import onnx_models  # noqa: E402
+from beit_pipeline.inference import sessions as onnx_models  # noqa: E402
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, image_size=224,
             patch_size=16, num_labels=1000, layer_norm_eps=1e-6, layer_scale_init_value=0.1,

@@ -1,0 +1,8 @@
+"""ONNX graphs: the index and declarative path matcher every rewrite uses, the rewrites themselves, and files.
+
+``index`` keeps producers and consumers right while a pass inserts and removes nodes and matches paths
+anchored on an op (``match_parent_path``, as ONNX Runtime's fusion code does); ``patterns`` finds BEiT's
+structures with it (attention, LayerNorm, the pooling); ``padding`` is graph_modify.py's 197 -> 208 rewrite
+and the guide's own; ``onnx_files`` reads and writes models past protobuf's 2 GiB; ``simplify`` runs onnxsim
+with the weights held out.  Nothing here runs a model: that is ``inference.sessions``.
+"""
