@@ -43,9 +43,9 @@ from beit_pipeline.model.export import (
     MAX_OPSET,
     MIN_OPSET,
     ExportError,
-    check_graph,
+    check_exported_graph,
     export,
-    load_model,
+    load_torch_model,
     verification_sizes,
     verify,
 )
@@ -122,7 +122,7 @@ def export_checked(args, model, info, tmp):
     try:
         export(model, tmp, args.batch_size, info.img_size, args.opset, not args.static)
         onnx_files.consolidate(tmp)
-        check_graph(tmp, args.batch_size, info.num_classes, not args.static)
+        check_exported_graph(tmp, args.batch_size, info.num_classes, not args.static)
     except Exception as exc:  # the exporter and the checker raise many kinds
         raise ExportError(f"{args.source}: ONNX export failed "
                           f"({type(exc).__name__}: {str(exc).strip()[:2000]})") from exc
@@ -174,7 +174,7 @@ def run(args):
         steps = progress.bar(total=4, desc="load checkpoint", file=sys.stderr, leave=False, delay=1.0,
                              bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}]")
         cleanup.callback(steps.close)
-        model, config, name = load_model(args.source, args.model, args.weights)
+        model, config, name = load_torch_model(args.source, args.model, args.weights)
         info = Exported(name, sum(p.numel() for p in model.parameters()), config["img_size"], config["num_classes"])
         steps.update()
         tmp = temporary_target(cleanup, target, args.target)

@@ -6,7 +6,7 @@ One self-contained file, ``WORKDIR/report_bs{N}.html`` (no network: plots and th
 accuracy with what it was computed on, the fidelity table with intervals and a verdict per stage, the
 error after each block (beit_fidelity.py --locate), the flipped images with both top-5 lists, throughput
 per engine and precision, and atc's keep_dtype suggestion.  It reads whatever of these the work folder
-holds and says what is missing.  The work is in beit_pipeline/report/html.py and report_data.py.
+holds and says what is missing.  The work is in beit_pipeline/report/html.py and data.py.
 """
 
 import argparse

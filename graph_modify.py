@@ -107,7 +107,7 @@ def check_args(args):
     cli.check(os.path.isdir(folder), f"{args.output}: output folder {folder} does not exist")
 
 
-def load_model(path):
+def load_onnx_model(path):
     try:
         return onnx.load(path)
     except Exception as exc:  # protobuf raises DecodeError and others for non-ONNX files
@@ -143,7 +143,7 @@ def verify(args, candidate):
 
 
 def run(args):
-    model = load_model(args.input)
+    model = load_onnx_model(args.input)
     try:
         result = graph_padding.modify(model, args.batch_size, args.pad_to, mask=not args.no_mask,
                                       guide=args.guide)

@@ -19,8 +19,9 @@ over the whole output: scaled by the largest reference logit, because an
 element-wise ratio blows up on logits that happen to be near zero and would
 flag harmless float32 rounding.
 
-The comparison itself (and simplify(), the checked ``python -m onnxsim`` run
-that beit_bench.py and the tests use) lives in beit_pipeline.inference.sessions.
+The comparison itself is beit_pipeline.inference.sessions.compare_models, the one every step uses
+(beit_pth2onnx.py's verification, graph_modify.py's, and graph.simplify.simplify_checked: onnxsim and
+this check in one call, for the benchmarks and the tests).
 """
 
 import argparse
@@ -28,7 +29,7 @@ import sys
 
 from beit_pipeline import cli
 from beit_pipeline.cli import log
-from beit_pipeline.errors import CheckFailed, UsageError
+from beit_pipeline.errors import CheckFailed
 from beit_pipeline.inference import sessions as onnx_models
 
 DEFAULT_TOLERANCE = onnx_models.DEFAULT_TOLERANCE
@@ -54,21 +55,8 @@ def check_args(args):
     cli.check(args.tolerance >= 0, f"--tolerance must be >= 0, got {args.tolerance}")
 
 
-def compare(args):
-    """compare_models() on the arguments, where a batch size the models cannot take is a usage error."""
-    ref = onnx_models.open_session(args.reference)
-    cand = onnx_models.open_session(args.candidate)
-    shapes = onnx_models.session_input_shape(cand), onnx_models.session_input_shape(ref)
-    try:
-        shape = onnx_models.batch_shape(*shapes, args.batch_size, args.candidate)
-    except onnx_models.OnnxCheckError as exc:
-        raise UsageError(str(exc)) from exc
-    batch = onnx_models.random_batch(shape, args.seed)
-    return onnx_models.compare_sessions(ref, cand, batch, args.reference, args.candidate)
-
-
 def run(args):
-    errors = compare(args)
+    errors = onnx_models.compare_models(args.reference, args.candidate, args.batch_size, args.seed)
     ok = errors["max_rel"] <= args.tolerance
     log.info(f"onnx_check: {args.candidate} vs {args.reference} on a seeded batch {errors['shape']} "
              f"(seed {args.seed})")

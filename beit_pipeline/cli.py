@@ -19,6 +19,8 @@ asks ``check_interrupted``), ``run_main`` ends with exit 130 whatever the work d
 and an interrupt outside ``run_main`` (during the imports) is one line and exit 130.
 """
 
+from __future__ import annotations
+
 import contextlib
 import logging
 import os
@@ -26,6 +28,7 @@ import re
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from beit_pipeline.errors import (
     EXIT_FAILED,
@@ -36,6 +39,10 @@ from beit_pipeline.errors import (
     Terminated,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Iterator, Sequence
 
 LOGGER_NAME = "beit_pipeline"  # the package: every module logs to getLogger(__name__) below it
 log = logging.getLogger(LOGGER_NAME)
@@ -109,7 +116,7 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
-def terminate_as_exception():
+def terminate_as_exception() -> Iterator[None]:
     """SIGTERM raises Terminated in the main thread while the block runs, so clean-up code runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -170,7 +177,7 @@ def check_interrupted() -> None:
         raise KeyboardInterrupt
 
 
-def describe_os_error(exc):
+def describe_os_error(exc: OSError) -> str:
     """``path: reason`` for an OSError, naming the file whenever the error carries it."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     names = [n for n in (exc.filename, exc.filename2) if n is not None]
@@ -180,12 +187,14 @@ def describe_os_error(exc):
     return reason
 
 
-def error_message(text):
+def error_message(text: object) -> str:
     """One line, without terminal colour codes (torch's messages carry them)."""
     return _ANSI.sub("", str(text)).strip()
 
 
-def run_main(parser, work, argv=None, interrupted_hint="", info_prefix="", setup=None):
+def run_main(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], int | None],
+             argv: Sequence[str] | None = None, interrupted_hint: str = "", info_prefix: str = "",
+             setup: Callable[[argparse.Namespace], None] | None = None) -> int:
     """Parse ``argv``, run ``work(args)`` and return the exit code; the only place errors are printed.
 
     ``work`` returns None (success) or an exit code.  ``interrupted_hint`` is
@@ -230,7 +239,7 @@ def _outcome(exc, hint):
     raise exc
 
 
-def check(condition, message):
+def check(condition: bool, message: str) -> None:
     """Raise UsageError(message) unless ``condition``: for argument checks after parsing."""
     if not condition:
         raise UsageError(message)

@@ -6,10 +6,13 @@ Without it a Python lacking the packages (no ``.venv`` first on PATH) stopped th
 ``ModuleNotFoundError: No module named 'PIL'`` and a traceback.
 """
 
+from __future__ import annotations
+
 import argparse
 import importlib.util
 import os
 import sys
+from collections.abc import Iterable, Sequence
 
 from beit_pipeline import cli
 from beit_pipeline.errors import UsageError
@@ -20,7 +23,7 @@ REQUIRED = {"numpy": "numpy", "PIL": "pillow", "onnx": "onnx", "onnxruntime": "o
             "timm": "timm", "onnxsim": "onnxsim", "tqdm": "tqdm"}
 
 
-def missing_modules(names=REQUIRED) -> list:
+def missing_modules(names: Iterable[str] = REQUIRED) -> list[str]:
     """The modules of ``names`` that this Python cannot import (found by name: nothing is imported)."""
     missing = []
     for name in names:
@@ -49,7 +52,7 @@ def check_environment() -> None:
         raise UsageError(f"python3 ({sys.executable}) lacks {packages}, which the pipeline needs; {how_to_fix()}")
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m beit_pipeline.environment",
                                      description="Exit 2 with one line unless this Python has the pipeline's "
                                                  "packages (run_all.sh asks before its first step).")

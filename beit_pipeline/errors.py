@@ -16,6 +16,8 @@ and, between run_all.sh and workstate.py only, 10: the step is complete for thes
 run_all.sh reads them from here (shell_assignments).
 """
 
+from __future__ import annotations
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -35,7 +37,7 @@ class PipelineError(Exception):
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, message, exit_code=None):
+    def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
@@ -77,7 +79,7 @@ class CheckpointError(PipelineError):
 class PatternError(PipelineError):
     """The graph lacks a pattern the rewrite relies on, or it is not as expected (exit 1)."""
 
-    def __init__(self, pattern, detail):
+    def __init__(self, pattern: str, detail: str):
         super().__init__(f"pattern '{pattern}' not found: {detail}")
         self.pattern = pattern
 
@@ -85,6 +87,13 @@ class PatternError(PipelineError):
 # raised by inference.sessions
 class OnnxCheckError(PipelineError):
     """A model cannot be read or run, or two models disagree; the message names the file."""
+
+
+# raised by inference.sessions
+class BatchShapeError(OnnxCheckError):
+    """The models cannot take the batch size asked for, or none can be chosen (a usage error)."""
+
+    exit_code = EXIT_USAGE
 
 
 # raised by inference.sessions

@@ -6,6 +6,8 @@ trust.  ``FolderLock`` keeps two runs out of one output folder; the kernel drops
 the lock of a process that dies, so a stale lock is simply taken over.
 """
 
+from __future__ import annotations
+
 import contextlib
 import fcntl
 import json
@@ -14,6 +16,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 from beit_pipeline.cli import check_interrupted
 from beit_pipeline.errors import FolderBusy
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- atomic writes
 
 @contextlib.contextmanager
-def temporary_beside(path):
+def temporary_beside(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a new temporary file's path in ``path``'s folder; it is deleted unless renamed by then.
 
     Publish it with publish_temporary() inside the block.
@@ -43,7 +47,7 @@ def temporary_beside(path):
                 pass
 
 
-def publish_temporary(tmp, path):
+def publish_temporary(tmp: str, path: str | os.PathLike[str]) -> None:
     """Give a finished mkstemp file its final name, with the mode a plain open() would give it.
 
     mkstemp makes files 0600, but atc and ais_bench often run as another user (HwHiAiUser)
@@ -56,7 +60,7 @@ def publish_temporary(tmp, path):
     os.replace(tmp, path)
 
 
-def write_bytes_atomic(path, data):
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either absent or complete (and fsynced).
 
     An OSError names ``path`` (a full disk's ENOSPC carries no file name of its own).
@@ -69,26 +73,26 @@ def write_bytes_atomic(path, data):
         publish_temporary(tmp, path)
 
 
-def write_text_atomic(path, text):
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-def json_text(obj, indent=2):
+def json_text(obj: object, indent: int | None = 2) -> str:
     """JSON text that is valid UTF-8 even for file names that are not (their bytes, surrogate-escaped by
     os.listdir, written as \\udcXX escapes): json.load gives the same str back, os.fsencode the same bytes."""
     text = json.dumps(obj, indent=indent, ensure_ascii=False)
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path: str | os.PathLike[str], obj: object) -> None:
     write_text_atomic(path, json_text(obj) + "\n")
 
 
 @contextlib.contextmanager
-def naming_errors(path):
+def naming_errors(path: str | os.PathLike[str]) -> Iterator[None]:
     """Re-raise an OSError that carries no file name (a write's ENOSPC, EIO) with ``path`` as its file name.
 
     cli.run_main prints ``path: reason``, so a full disk says which file it stopped.
@@ -102,14 +106,14 @@ def naming_errors(path):
         raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
 
 
-def is_temporary_of(name, path):
+def is_temporary_of(name: str | bytes | os.PathLike[str] | os.PathLike[bytes], path: str | os.PathLike[str]) -> bool:
     """Whether ``name`` is one of temporary_beside(path)'s files (``.NAME.XXXX.tmp`` beside it)."""
     base = os.path.basename(os.fspath(name))
     return isinstance(base, str) and base.startswith("." + os.path.basename(os.fspath(path)) + ".") \
         and base.endswith(".tmp")
 
 
-def read_json(path):
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing, unreadable or not a JSON object."""
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -119,7 +123,7 @@ def read_json(path):
     return value if isinstance(value, dict) else None
 
 
-def remove_stale_temporaries_of(path):
+def remove_stale_temporaries_of(path: str | os.PathLike[str]) -> None:
     """Delete the ``.tmp`` files that an interrupted atomic write of ``path`` left beside it."""
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     prefix = "." + os.path.basename(os.fspath(path)) + "."
@@ -130,7 +134,7 @@ def remove_stale_temporaries_of(path):
             remove_temporary(os.path.join(folder, name))
 
 
-def remove_stale_temporaries(folder):
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> None:
     """Delete every ``.tmp`` leftover of an interrupted atomic write in ``folder``.
 
     Only call it while holding the folder's lock: another run's live temporaries look the same.
@@ -140,7 +144,7 @@ def remove_stale_temporaries(folder):
             remove_temporary(os.path.join(folder, name))
 
 
-def remove_temporary(path):
+def remove_temporary(path: str) -> None:
     """A temporary file, or a temporary folder (a model written with its data file, onnx_files)."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -149,7 +153,7 @@ def remove_temporary(path):
             os.unlink(path)
 
 
-def fsync_folder(folder):
+def fsync_folder(folder: str) -> None:
     """Make renames in ``folder`` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -165,13 +169,13 @@ def fsync_folder(folder):
 
 # ---------------------------------------------------------------- locks
 
-def lock_path_for(folder):
+def lock_path_for(folder: str | os.PathLike[str]) -> str:
     """The lock file of ``folder``: ``.<name>.lock`` beside it, so that the folder holds only outputs."""
     folder = os.path.abspath(os.fspath(folder)).rstrip(os.sep) or os.sep
     return os.path.join(os.path.dirname(folder), "." + os.path.basename(folder) + ".lock")
 
 
-def processes_using(path):
+def processes_using(path: str) -> list[int]:
     """PIDs of the live processes (this one aside) that have ``path`` open, from Linux's /proc; [] elsewhere.
 
     A flock belongs to the open file, so after ``kill -9`` of the process that took it, the children
@@ -199,7 +203,7 @@ def processes_using(path):
     return found
 
 
-def command_of(pid, width=100):
+def command_of(pid: int, width: int = 100) -> str:
     """The command line of a process, shortened to ``width`` characters; "" when unknown."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -210,7 +214,7 @@ def command_of(pid, width=100):
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def describe_lock_holder(path):
+def describe_lock_holder(path: str) -> str:
     """Who holds the lock file ``path``, in words: the PID written in it when that process is alive, else the
     live processes that still have it open (the steps of a killed run_all.sh), or "another process"."""
     recorded = lock_holder(path)
@@ -227,7 +231,7 @@ def describe_lock_holder(path):
     return shown + (f", left running by PID {recorded}, which is no longer running" if recorded else "")
 
 
-def lock_holder(path):
+def lock_holder(path: str) -> int | None:
     """The PID written in a lock file, or None."""
     try:
         with open(path, encoding="ascii", errors="replace") as f:
@@ -247,14 +251,14 @@ class FolderLock:
     inode check after locking makes that safe against a racing second run.
     """
 
-    def __init__(self, folder, what=None, wait=False):
+    def __init__(self, folder: str | os.PathLike[str], what: str | None = None, wait: bool = False):
         self.folder = os.fspath(folder)
         self.path = lock_path_for(self.folder)
         self.what = what or self.folder
         self.wait = wait
         self.fd = None
 
-    def acquire(self):
+    def acquire(self) -> FolderLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -291,7 +295,7 @@ class FolderLock:
         log.info(f"waiting for {who}, which holds {self.what} ...")
         fcntl.flock(fd, fcntl.LOCK_EX)
 
-    def release(self):
+    def release(self) -> None:
         if self.fd is None:
             return
         with contextlib.suppress(OSError):

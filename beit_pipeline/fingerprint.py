@@ -8,11 +8,15 @@ digest.  Only the standard library is imported here: run_all.sh asks this
 module for every step, and torch's import alone takes seconds.
 """
 
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from beit_pipeline import files
 
@@ -21,7 +25,7 @@ _CHUNK = 4 << 20
 _memory = {}
 
 
-def default_cache_path():
+def default_cache_path() -> str:
     """``$BEIT_PIPELINE_HASH_CACHE``, else ``$XDG_CACHE_HOME/beit_pipeline/hashes.json`` (``~/.cache``)."""
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
@@ -33,19 +37,19 @@ def _stat_key(st):
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def digest(data):
+def digest(data: bytes | str) -> str:
     """The hex SHA-256 of ``data`` (bytes or str), shortened to 16 hex digits."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogateescape")
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def digest_json(value):
+def digest_json(value: Any) -> str:
     """digest() of a JSON value with sorted keys: the same value always gives the same digest."""
     return digest(json.dumps(value, sort_keys=True, ensure_ascii=True))
 
 
-def file_digest(path, cache_path=None):
+def file_digest(path: str | os.PathLike[str], cache_path: str | None = None) -> str:
     """SHA-256 (16 hex digits) of a file's content, from the cache when the file is unchanged.
 
     ``cache_path`` None: the default cache; "" : no cache file (in-process memory only).
@@ -86,7 +90,7 @@ def _save_cache(cache_path, cache):
         files.write_json_atomic(cache_path, live)
 
 
-def image_set_digest(folder, names):
+def image_set_digest(folder: str, names: Iterable[str]) -> str:
     """A digest of an image set: each relative name with its size and mtime.
 
     Adding, removing, renaming or rewriting an image changes it; reading 50,000
@@ -103,7 +107,7 @@ def image_set_digest(folder, names):
     return h.hexdigest()[:16]
 
 
-def package_versions(names):
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
     """{distribution: version or None} without importing the packages (importlib.metadata)."""
     versions = {}
     for name in names:
@@ -114,7 +118,7 @@ def package_versions(names):
     return versions
 
 
-def source_digest(paths):
+def source_digest(paths: Iterable[str]) -> str:
     """A digest of source files' contents: the pipeline's own code is a tool version too."""
     h = hashlib.sha256()
     for path in sorted(paths):

@@ -21,6 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ class LineWriter:
         sys.stderr.flush()
 
 
-def bar(iterable=None, **kwargs):
+def bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
     """A tqdm bar (same arguments); in a log, plain lines every log_interval() seconds and at the end."""
     from tqdm import tqdm
 
@@ -89,12 +94,12 @@ def bar(iterable=None, **kwargs):
 class OutputRelay:
     """Passes a child's output through to our stdout, remembering its last line with words in it."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: IO[str]):
         self.last = ""
         self.thread = threading.Thread(target=self.relay, args=(stream,), daemon=True)
         self.thread.start()
 
-    def relay(self, stream) -> None:
+    def relay(self, stream: IO[str]) -> None:
         for line in stream:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from beit_pipeline import cli
     from beit_pipeline.errors import UsageError
 

@@ -1,20 +1,18 @@
-"""Fixtures shared by the test modules: the repo on sys.path, checkpoints, one tiny-model/ONNX set, scripts.
+"""Fixtures shared by the test modules: checkpoints, one tiny-model/ONNX set, scripts (pytest.ini puts the repo
+and tests/ on sys.path).
 
 Test modules use these as fixtures (never ``from conftest import``; plain helpers are in helpers.py):
-``tiny_checkpoint``, ``base_checkpoint``, ``tiny_model`` and ``onnx_models`` (exported, static and
+``tiny_checkpoint``, ``base_checkpoint``, ``tiny_model`` and ``onnx_exports`` (exported, static and
 onnxsim-simplified ONNX files of any kind, opset and batch size, made once per session).
 """
 
-import os
-import sys
 
 import pytest
+from helpers import BASE, TINY
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import BASE, TINY  # noqa: E402
-
-from beit_pipeline.model import export as beit_export  # noqa: E402
-from beit_pipeline.model import build as beit_model  # noqa: E402
+from beit_pipeline.graph import simplify
+from beit_pipeline.model import build as beit_model
+from beit_pipeline.model import export as beit_export
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +46,7 @@ class OnnxModels:
     ``register(kind, make_torch_model)``.  ``dynamic(kind, opset)``: the export with a
     dynamic batch axis, as beit_pth2onnx.py writes it; ``static(kind, opset, bs)``: exported
     with a fixed batch; ``simplified(kind, opset, bs)``: the dynamic export through onnxsim
-    with the batch fixed (checked by onnx_models.simplify, as run_all.sh's onnx_check step does); BEiT-base
+    with the batch fixed (checked by simplify.simplify_checked, as run_all.sh's onnx_check step does); BEiT-base
     through beit_pipeline.graph.simplify, onnxsim's graph byte for byte in 4 s instead of 85 s (test_onnx_files.py's
     test_the_held_out_simplifier_makes_onnxsims_graph_byte_for_byte; test_pth2onnx.py's base test runs onnxsim).
     """
@@ -87,15 +85,14 @@ class OnnxModels:
             self.torch_model(kind), path, batch_size=batch_size, img_size=224, opset=opset, dynamic=False))
 
     def simplified(self, kind="tiny", opset=11, batch_size=1):
-        from beit_pipeline.inference import sessions as onnx_models  # the checked onnxsim step
 
         def make(path):
             module = "beit_pipeline.graph.simplify" if kind == "base" else "onnxsim"
-            errors = onnx_models.simplify(self.dynamic(kind, opset), path, batch_size, module=module)  # raises if not kept
+            errors = simplify.simplify_checked(self.dynamic(kind, opset), path, batch_size, module=module)  # raises if not kept
             assert errors["shape"] == (batch_size, 3, 224, 224)
         return self._made((kind, "sim", opset, batch_size), make)
 
 
 @pytest.fixture(scope="session")
-def onnx_models(tmp_path_factory, request):
+def onnx_exports(tmp_path_factory, request):
     return OnnxModels(tmp_path_factory.mktemp("onnx_models"), request)

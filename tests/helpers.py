@@ -4,11 +4,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from beit_pipeline.model import build as beit_model
 
-from beit_pipeline.model import build as beit_model  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = "beit_tiny_test_patch16_224"
 BASE = "beit_base_patch16_224"
@@ -26,6 +24,56 @@ def pretraining_state_dict(seed=5):
                   "norm.bias": torch.zeros(64), "lm_head.weight": torch.zeros(8192, 64),
                   "lm_head.bias": torch.zeros(8192)})
     return state
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class RunsCode:
+    """A pickled object whose loading runs exec(): it writes 'ran' into the marker file (a malicious checkpoint)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def make_bad_checkpoint(kind, path, marker=None, tiny_checkpoint=None):
+    """Write a checkpoint that beit_pth2onnx.py must refuse at ``path``; a code-running one writes ``marker`` when
+    unpickled.  ``missing`` writes nothing."""
+    import pickle
+
+    import torch
+    code = RunsCode(marker)
+    if kind == "torch_save_code":  # torch's own format, one Python object beside the tensors
+        torch.save({"model": {"w": torch.zeros(2)}, "args": code}, path)
+    elif kind == "code_in_torch_save":  # the same around a real (tiny) BEiT
+        torch.save({"model": beit_model.random_checkpoint(TINY, seed=4)["model"], "args": code}, path)
+    elif kind == "plain_pickle_code":
+        with open(path, "wb") as f:
+            pickle.dump({"model": code}, f, protocol=2)  # torch's own protocol: no warning
+    elif kind == "code_pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"model": {"w": torch.zeros(2)}, "args": code}, f, protocol=2)
+    elif kind in ("resnet18", "other_architecture"):  # a bare state dict / one under 'model'
+        import torchvision
+        state = torchvision.models.resnet18().state_dict()
+        torch.save(state if kind == "resnet18" else {"model": state}, path)
+    elif kind == "pretraining":
+        torch.save({"model": pretraining_state_dict()}, path)
+    elif kind == "truncated":
+        data = read_bytes(tiny_checkpoint)
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+    elif kind == "empty":
+        open(path, "wb").close()
+    elif kind == "not_tensors":
+        torch.save({"model": {"epoch": 3}}, path)
+    elif kind != "missing":
+        raise ValueError(kind)
 
 
 class FileProxy:

@@ -3,19 +3,20 @@
 import json
 
 import pytest
+from helpers import TINY
 
 import beit_bench
-from helpers import TINY
+from beit_pipeline.bench import throughput
 
 
 def test_summary_ratios_from_crafted_numbers():
-    def throughput():
+    def crafted():
         return {name: [{"batch_size": 8, "img_per_s": v}] for name, v in
                 (("pytorch", 4.0), ("onnx", 8.0), ("onnxsim", 10.0), ("graph_modify", 9.5))}
 
-    tp = throughput()
+    tp = crafted()
     results = {"args": {"torch_device": "cpu"}, "ceiling": {"peak_gflop_per_s": 352.0}, "throughput": tp}
-    summary = beit_bench.summarize(results, "beit_base_patch16_224")
+    summary = throughput.summarize(results, "beit_base_patch16_224")
     assert summary["ceiling_img_per_s"] == pytest.approx(352.0 / (2 * 17.6))  # 10 img/s
     assert tp["onnxsim"][0]["fraction_of_ceiling"] == pytest.approx(1.0)
     assert tp["pytorch"][0]["fraction_of_ceiling"] == pytest.approx(0.4)
@@ -23,20 +24,20 @@ def test_summary_ratios_from_crafted_numbers():
     assert summary["bs8_graph_modify_over_onnxsim"] == pytest.approx(0.95)
     # PyTorch on a GPU is not compared with ONNX Runtime's CPU ceiling.
     gpu = {"args": {"torch_device": "cuda"}, "ceiling": {"peak_gflop_per_s": 352.0},
-           "throughput": throughput()}
-    gpu_summary = beit_bench.summarize(gpu, "beit_base_patch16_224")
+           "throughput": crafted()}
+    gpu_summary = throughput.summarize(gpu, "beit_base_patch16_224")
     assert "fraction_of_ceiling" not in gpu["throughput"]["pytorch"][0]
     assert "bs8_onnxsim_over_pytorch" not in gpu_summary
 
 
 def test_bench_runs_end_to_end_on_the_tiny_model(tmp_path):
     out = tmp_path / "bench"
-    rc = beit_bench.main(["--out", str(out), "--model", TINY, "--batch_sizes", "1,2", "--repeats", "2", "--ceiling_repeats", "1",
-                          "--prep_images", "12", "--skip_e2e"])
+    rc = beit_bench.main(["--out", str(out), "--model", TINY, "--batch_sizes", "1,2", "--repeats", "2",
+                          "--ceiling_repeats", "1", "--prep_images", "12", "--skip_e2e"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     # A column per engine and precision this machine runs (issue 13: openvino, and bf16 where the CPU has it).
-    assert list(results["throughput"]) == beit_bench.default_runtimes()
+    assert list(results["throughput"]) == throughput.default_runtimes()
     assert {"pytorch", "onnx", "onnxsim", "graph_modify"} <= set(results["throughput"])
     for entries in results["throughput"].values():
         assert [e["batch_size"] for e in entries] == [1, 2]
@@ -50,14 +51,14 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert prep["images"] == 12 and prep["workers_1_speedup"] == pytest.approx(
         prep["workers_1_img_per_s"] / prep["reference_img_per_s"])
     table = (out / "results.md").read_text()
-    header = "| Batch Size | " + " | ".join(beit_bench.default_runtimes()) + " |"
+    header = "| Batch Size | " + " | ".join(throughput.default_runtimes()) + " |"
     assert header in table and "\n| 2 | " in table
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bf16_columns_need_the_cpus_bf16_instructions():
-    with_bf16 = beit_bench.default_runtimes(frozenset({"avx512_bf16"}))
-    without = beit_bench.default_runtimes(frozenset({"avx2"}))
+    with_bf16 = throughput.default_runtimes(frozenset({"avx512_bf16"}))
+    without = throughput.default_runtimes(frozenset({"avx2"}))
     assert {"pytorch_bf16", "openvino_bf16"} <= set(with_bf16)
     assert not {"pytorch_bf16", "openvino_bf16"} & set(without) and "pytorch" in without
 
@@ -69,7 +70,7 @@ def test_ratios_per_precision_ceiling():
                "ceiling": {"peak_gflop_per_s": 176.0, "by_precision": {
                    "fp32": {"peak_gflop_per_s": 176.0, "engines": {}},
                    "bf16": {"peak_gflop_per_s": 704.0, "engines": {}}}}}
-    summary = beit_bench.summarize(results, "beit_base_patch16_224")
+    summary = throughput.summarize(results, "beit_base_patch16_224")
     assert summary["ceiling_fp32_img_per_s"] == pytest.approx(5.0)
     assert summary["ceiling_bf16_img_per_s"] == pytest.approx(20.0)
     assert tp["openvino"][0]["fraction_of_ceiling"] == pytest.approx(1.0)

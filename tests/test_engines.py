@@ -28,8 +28,8 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
 
 
 @pytest.fixture(scope="module")
-def tiny_static(onnx_models):
-    return onnx_models.static("tiny", 17, B)
+def tiny_static(onnx_exports):
+    return onnx_exports.static("tiny", 17, B)
 
 
 def write_batches(folder, rows, count, seed=0):
@@ -54,10 +54,10 @@ def ort_run(model, batch):
     return sess.run(None, {"image": batch})[0]
 
 
-def torch_run(onnx_models, batch):
+def torch_run(onnx_exports, batch):
     import torch
     with torch.inference_mode():
-        return onnx_models.torch_model("tiny")(torch.from_numpy(batch)).numpy()
+        return onnx_exports.torch_model("tiny")(torch.from_numpy(batch)).numpy()
 
 
 # ---------------------------------------------------------------- engines and precisions
@@ -67,7 +67,7 @@ MATRIX = [("cpu", "fp32"), ("openvino", "fp32"), (None, "fp32"),
 
 
 @pytest.mark.parametrize("providers,precision", MATRIX)
-def test_engine_precision_matrix(onnx_models, tiny_static, tmp_path, capsys, providers, precision):
+def test_engine_precision_matrix(onnx_exports, tiny_static, tmp_path, capsys, providers, precision):
     """Every engine and precision: outputs within the precision's tolerance of PyTorch, the same files and
     summary keys as ONNX Runtime's fp32 run, and the engine and precision that ran printed and in the summary."""
     arrays = write_batches(tmp_path / "prep", B, 2)
@@ -82,7 +82,7 @@ def test_engine_precision_matrix(onnx_models, tiny_static, tmp_path, capsys, pro
     assert sorted(os.listdir(folder)) == ["input_00000_0.bin", "input_00001_0.bin"]
     for i, arr in enumerate(arrays):
         got = beit_outputs.read_output(folder / f"input_{i:05d}_0.bin")
-        errors = onnx_models_errors(got, torch_run(onnx_models, arr))
+        errors = onnx_models_errors(got, torch_run(onnx_exports, arr))
         assert errors["max_rel"] <= TOLERANCE[precision], errors
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     ours = json.loads((tmp_path / "out" / "run_beit_summary.json").read_text())  # ours beside ais_bench's

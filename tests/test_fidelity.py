@@ -39,7 +39,7 @@ from beit_pipeline.data import photo_variants
 from beit_pipeline.evaluation import stats
 from beit_pipeline.pipeline import workstate
 from beit_pipeline.model import build as beit_model
-from beit_pipeline.inference import sessions as ort_models  # the name onnx_models is conftest's fixture
+from beit_pipeline.inference import sessions
 from beit_pipeline.inference import outputs as output_files
 from beit_pipeline.evaluation.accuracy import label_ranks
 from beit_pipeline.data.synthetic import write_image_set
@@ -101,11 +101,11 @@ def photo_images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_work(tmp_path_factory, onnx_models, tiny_checkpoint, photo_images):
+def tiny_work(tmp_path_factory, onnx_exports, tiny_checkpoint, photo_images):
     """The tiny BEiT's work folder (also its dynamic export as <model>.onnx): the screen leaves most images out."""
-    work = make_work(tmp_path_factory.mktemp("tiny"), onnx_models.simplified("tiny", 11, BS),
-                     onnx_models.torch_model("tiny"), tiny_checkpoint, photo_images)
-    shutil.copy(onnx_models.dynamic("tiny", 11), work / "beit_base_patch16_224.onnx")
+    work = make_work(tmp_path_factory.mktemp("tiny"), onnx_exports.simplified("tiny", 11, BS),
+                     onnx_exports.torch_model("tiny"), tiny_checkpoint, photo_images)
+    shutil.copy(onnx_exports.dynamic("tiny", 11), work / "beit_base_patch16_224.onnx")
     return work
 
 
@@ -123,12 +123,12 @@ def paired_head_checkpoint(path, seed=4):
 
 
 @pytest.fixture(scope="module")
-def twin_work(tmp_path_factory, onnx_models, photo_images):
+def twin_work(tmp_path_factory, onnx_exports, photo_images):
     """The twin-class tiny BEiT's work folder: the fp16 emulation can change every image."""
     root = tmp_path_factory.mktemp("twins")
     checkpoint = paired_head_checkpoint(root / "twins.pth")
-    onnx_models.register("tiny_twins", lambda: beit_model.build_model(beit_model.load_state_dict(checkpoint))[0])
-    return make_work(root, onnx_models.simplified("tiny_twins", 11, BS), onnx_models.torch_model("tiny_twins"),
+    onnx_exports.register("tiny_twins", lambda: beit_model.build_model(beit_model.load_state_dict(checkpoint))[0])
+    return make_work(root, onnx_exports.simplified("tiny_twins", 11, BS), onnx_exports.torch_model("tiny_twins"),
                      checkpoint, photo_images)
 
 
@@ -630,12 +630,12 @@ def test_emulation_runs_with_beit_infer(tiny_work, tmp_path, capsys):
     assert rc == 0
     written = np.load(tmp_path / "o" / "bs8" / "input_00000_0.npy")
     batch = np.fromfile(work / "prep_image_bs8" / "input_00000.bin", np.float32).reshape(BS, 3, 224, 224)
-    direct = ort_models.run_session(ort_models.open_session(emu), batch)
+    direct = sessions.run_session(sessions.open_session(emu), batch)
     assert written.shape == (BS, 1000)
-    assert ort_models.output_errors(written, direct)["max_rel"] <= 1e-6
+    assert sessions.output_errors(written, direct)["max_rel"] <= 1e-6
 
 
-def test_om_stage_reads_ais_bench_outputs_for_every_image(tiny_work, tmp_path, onnx_models, capsys):
+def test_om_stage_reads_ais_bench_outputs_for_every_image(tiny_work, tmp_path, onnx_exports, capsys):
     """ais_out/bs8 written by ais_bench (no beit_infer.py record) is the om stage, read for every image; it
     cannot be the base (graph_modify then runs here); a second run reuses the models the first one made."""
     work = copy_work(tiny_work, tmp_path)
@@ -644,7 +644,7 @@ def test_om_stage_reads_ais_bench_outputs_for_every_image(tiny_work, tmp_path, o
     for path in inference_record.beside(str(folder)):  # ais_bench's step starts with no file of beit_infer.py's
         pathlib.Path(path).unlink(missing_ok=True)
     folder.mkdir()
-    names, logits = torch_logits(onnx_models.torch_model("tiny"), work / "prep_image_bs8")
+    names, logits = torch_logits(onnx_exports.torch_model("tiny"), work / "prep_image_bs8")
     logits[3] = -logits[3]  # one image the "device" gets wrong
     for k in range(IMAGES // BS):
         output_files.write_output(str(folder / f"input_{k:05d}_0.bin"), logits[k * BS:(k + 1) * BS])
@@ -714,14 +714,14 @@ def test_locate_om_emulation_names_a_node_and_the_growth(tiny_work, tmp_path, ca
 
 
 @pytest.mark.slow  # 58 s on 2 cores; test_locate_om_emulation_names_a_node_and_the_growth: the same on 2 blocks
-def test_base_emulation_is_fp16_through_12_blocks(onnx_models, tmp_path, capsys):
+def test_base_emulation_is_fp16_through_12_blocks(onnx_exports, tmp_path, capsys):
     """BEiT-base, once (about 30 s on 2 cores): the emulation of its 12 blocks stores all 49 MatMul weights in
     fp16 and --locate compares every tensor, the error growing block by block (README's figures)."""
     work = tmp_path / "work"
     write_image_set(work / "images", BS, seed=3)
     assert beit_preprocess.main(["--image_path", str(work / "images"), "--prep_image", str(work / "prep_image_bs8"),
                                  "--batch_size", str(BS)]) == 0
-    model = onnx.load(onnx_models.simplified("base", 11, BS))  # shared with test_graph_modify's base test
+    model = onnx.load(onnx_exports.simplified("base", 11, BS))  # shared with test_graph_modify's base test
     graph_padding.modify(model, BS)
     onnx.save(model, str(work / "beit_mg_bs8.onnx"))
     del model
@@ -794,7 +794,7 @@ def run_graph(nodes, inits, x, folder, opset=11):
     for k, m in enumerate((model, emulated.model)):
         path = os.path.join(folder, f"m{k}.onnx")
         onnx.save(m, path)
-        outs.append(ort_models.run_session(ort_models.open_session(path), x))
+        outs.append(sessions.run_session(sessions.open_session(path), x))
     return outs[0], outs[1], emulated
 
 
@@ -815,7 +815,7 @@ def test_fused_layernorm_does_not_overflow_where_fp16_pow_would(tmp_path):
     assert np.max((x - x.mean(-1, keepdims=True)) ** 2) > np.finfo(np.float16).max  # fp16 Pow: inf
     assert emulated.counts["LayerNorm as one fp16 operator (fp32 inside)"] == 1
     assert np.all(np.isfinite(emu))
-    err = ort_models.output_errors(emu, ref)["max_rel"]
+    err = sessions.output_errors(emu, ref)["max_rel"]
     assert 1e-6 < err < 2e-3, err  # fp16 input, weights and output: a few fp16 roundings
 
 
@@ -843,8 +843,8 @@ def test_pow_outside_a_layernorm_is_refused(tmp_path):
         run_graph([n("Pow", ["x", "two"], ["y"])], {"two": 2.0}, x, tmp_path)
 
 
-def test_tiny_emulation_counts(onnx_models, tmp_path):
-    model = onnx.load(onnx_models.simplified("tiny", 11, 2))
+def test_tiny_emulation_counts(onnx_exports, tmp_path):
+    model = onnx.load(onnx_exports.simplified("tiny", 11, 2))
     graph_padding.modify(model, 2)
     emulated = om_emulation.emulate(model)
     counts = emulated.counts

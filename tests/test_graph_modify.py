@@ -1,7 +1,7 @@
 """graph_modify.py: the 197 -> 208 token padding must leave the model's output unchanged.
 
-Models come from conftest's ``onnx_models`` fixture (exported with
-beit_pipeline.model.export, simplified with onnx_models.simplify at a fixed batch,
+Models come from conftest's ``onnx_exports`` fixture (exported with
+beit_pipeline.model.export, simplified with graph.simplify.simplify_checked at a fixed batch,
 cached for the session); the variants without bias and with a position
 embedding are registered with it here.  Outputs are compared with
 beit_pipeline.inference.sessions' session helpers and output_errors().
@@ -22,10 +22,11 @@ from helpers import BASE, TINY, run_script
 import graph_modify
 from beit_pipeline.graph import padding as graph_padding
 from beit_pipeline.graph import patterns as graph_patterns
-from beit_pipeline.inference import sessions as ort_models  # the name onnx_models is conftest's fixture
+from beit_pipeline.inference import sessions
 from beit_pipeline.model import build as beit_model
 from beit_pipeline.model.export import export
 from beit_pipeline.graph.index import GraphIndex, infer_shapes, node_key
+from beit_pipeline.graph import simplify
 
 TOKENS, PADDED = 197, 208
 INT64_MAX = np.iinfo(np.int64).max
@@ -61,16 +62,16 @@ def tiny_with_position_embedding():
 
 
 @pytest.fixture(scope="module")
-def models(onnx_models):
+def models(onnx_exports):
     """conftest's session-wide ONNX models, with this module's two tiny variants registered."""
-    onnx_models.register("tiny_nobias", tiny_without_bias)
-    onnx_models.register("tiny_posemb", tiny_with_position_embedding)
-    return onnx_models
+    onnx_exports.register("tiny_nobias", tiny_without_bias)
+    onnx_exports.register("tiny_posemb", tiny_with_position_embedding)
+    return onnx_exports
 
 
 def logits(path, batch):
     """The model's output in ONNX Runtime, through beit_pipeline.inference.sessions' session helpers."""
-    return ort_models.run_session(ort_models.open_session(path), batch, str(path))
+    return sessions.run_session(sessions.open_session(path), batch, str(path))
 
 
 def printed_counts(text):
@@ -154,10 +155,10 @@ def test_tiny_padding_is_exact(models, tmp_path, capsys, opset, batch_size):
     assert err_printed <= REL_TOL and same == total == batch_size
 
     # Independently of the script's own check: another seed, other sessions.
-    batch = ort_models.random_batch((batch_size, 3, 224, 224), 100 + batch_size)
+    batch = sessions.random_batch((batch_size, 3, 224, 224), 100 + batch_size)
     ref, new = logits(src, batch), logits(out, batch)
     assert new.shape == ref.shape == (batch_size, 1000)
-    errors = ort_models.output_errors(new, ref)
+    errors = sessions.output_errors(new, ref)
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
 
     model = check_padded_shapes(out, batch_size, TINY)
@@ -220,7 +221,7 @@ def test_node_names_survive_and_are_the_same_after_a_rebuild(models, tiny_model,
     if flag:
         return
     export(tiny_model, str(tmp_path / "again.onnx"), batch_size=1, img_size=224, opset=11, dynamic=True)
-    ort_models.simplify(str(tmp_path / "again.onnx"), str(tmp_path / "again_sim.onnx"), 8)
+    simplify.simplify_checked(str(tmp_path / "again.onnx"), str(tmp_path / "again_sim.onnx"), 8)
     assert modify(tmp_path / "again_sim.onnx", tmp_path / "b.onnx", 8, "--no_verify", capsys=capsys)[0] == 0
     assert node_names(onnx.load(str(tmp_path / "b.onnx"))) == after
 
@@ -251,8 +252,8 @@ def test_base_padding_is_exact(models, tmp_path, capsys):
     assert counts["qkv Reshape 197->208"] == BASE_DEPTH
     assert counts["pooling Slice end -> 197"] == 1
     assert "max rel err" not in text
-    batch = ort_models.random_batch((8, 3, 224, 224), 7)
-    errors = ort_models.output_errors(logits(out, batch), logits(src, batch))
+    batch = sessions.random_batch((8, 3, 224, 224), 7)
+    errors = sessions.output_errors(logits(out, batch), logits(src, batch))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
     check_padded_shapes(out, 8, BASE)
 
@@ -306,15 +307,15 @@ def test_no_mask_reproduces_the_guides_error(models, tmp_path, capsys):
     assert pooling_slice_end(model) == INT64_MAX
     for bias in softmax_biases(model):
         assert np.all(bias[..., TOKENS:] == 0) and np.all(bias[..., TOKENS:, :] == 0)
-    batch = ort_models.random_batch((8, 3, 224, 224), 11)
+    batch = sessions.random_batch((8, 3, 224, 224), 11)
     ref = logits(src, batch)
     guide_out = logits(out, batch)
-    err_guide = ort_models.output_errors(guide_out, ref)["max_rel"]
+    err_guide = sessions.output_errors(guide_out, ref)["max_rel"]
     assert np.all(np.isfinite(guide_out)) and err_guide > 1e-2, err_guide
 
     exact = tmp_path / "exact.onnx"
     assert modify(src, exact, 8, capsys=capsys)[0] == 0
-    assert ort_models.output_errors(logits(exact, batch), ref)["max_rel"] <= REL_TOL
+    assert sessions.output_errors(logits(exact, batch), ref)["max_rel"] <= REL_TOL
 
 
 def test_graph_without_bias_gets_a_mask_add(models, tmp_path, capsys):
@@ -330,14 +331,14 @@ def test_graph_without_bias_gets_a_mask_add(models, tmp_path, capsys):
     for mask in softmax_biases(model):
         assert mask.shape == (1, 1, PADDED, PADDED)
         assert np.all(mask[..., :TOKENS] == 0) and np.all(mask[..., TOKENS:] == graph_padding.MASK_VALUE)
-    batch = ort_models.random_batch((8, 3, 224, 224), 5)
+    batch = sessions.random_batch((8, 3, 224, 224), 5)
     ref = logits(src, batch)
-    assert ort_models.output_errors(logits(out, batch), ref)["max_rel"] <= REL_TOL
+    assert sessions.output_errors(logits(out, batch), ref)["max_rel"] <= REL_TOL
 
     guide = tmp_path / "guide.onnx"
     assert modify(src, guide, 8, "--no_mask", "--no_verify", capsys=capsys)[0] == 0
     guide_out = logits(guide, batch)
-    assert np.all(np.isfinite(guide_out)) and ort_models.output_errors(guide_out, ref)["max_rel"] > 1e-2
+    assert np.all(np.isfinite(guide_out)) and sessions.output_errors(guide_out, ref)["max_rel"] > 1e-2
 
 
 def test_position_embedding_is_padded(models, tmp_path, capsys):
@@ -347,8 +348,8 @@ def test_position_embedding_is_padded(models, tmp_path, capsys):
     assert rc == 0, err
     assert printed_counts(text)["per-token constant (position embedding) padded"] == 1
     check_padded_shapes(out, 8, TINY)
-    batch = ort_models.random_batch((8, 3, 224, 224), 9)
-    assert ort_models.output_errors(logits(out, batch), logits(src, batch))["max_rel"] <= REL_TOL
+    batch = sessions.random_batch((8, 3, 224, 224), 9)
+    assert sessions.output_errors(logits(out, batch), logits(src, batch))["max_rel"] <= REL_TOL
 
 
 def test_pad_to_other_multiple(models, tmp_path, capsys):
@@ -360,8 +361,8 @@ def test_pad_to_other_multiple(models, tmp_path, capsys):
     model, shapes = inferred(out)
     assert ([shapes[n.input[0]] for n in model.graph.node if n.op_type == "Softmax"]
             == [[1, TINY_HEADS, 200, 200]] * TINY_DEPTH)
-    batch = ort_models.random_batch((1, 3, 224, 224), 3)
-    assert ort_models.output_errors(logits(out, batch), logits(src, batch))["max_rel"] <= REL_TOL
+    batch = sessions.random_batch((1, 3, 224, 224), 3)
+    assert sessions.output_errors(logits(out, batch), logits(src, batch))["max_rel"] <= REL_TOL
 
 
 def test_failed_verification_writes_nothing(models, tmp_path, capsys, monkeypatch):
@@ -450,13 +451,13 @@ def test_other_image_size_is_padded_and_verified(tmp_path):
     model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
     raw, sim, out = (str(tmp_path / name) for name in ("raw.onnx", "sim.onnx", "mg.onnx"))
     export(model, raw, batch_size=1, img_size=384, opset=11, dynamic=True)
-    ort_models.simplify(raw, sim, 2)
+    simplify.simplify_checked(raw, sim, 2)
     proc = run_script(["graph_modify.py", sim, out, "2"])
     assert proc.returncode == 0, proc.stderr
     assert "tokens 577 -> 592" in proc.stdout
     err, same, rows = printed_verification(proc.stdout)
     assert err <= REL_TOL and same == rows == 2
-    errors = ort_models.compare_models(sim, out, ort_models.random_batch((2, 3, 384, 384), 7))
+    errors = sessions.compare_models(sim, out, sessions.random_batch((2, 3, 384, 384), 7))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
 
 
@@ -555,17 +556,17 @@ def test_guide_flag_writes_exactly_the_guides_graph(models, tmp_path, capsys, op
     assert "--guide output differs from the input model" in text
     written, expected = onnx.load(str(out)), guide_reproduction(onnx.load(src), 8)
     assert graph_signature(written) == graph_signature(expected)
-    batch = ort_models.random_batch((8, 3, 224, 224), 21)
+    batch = sessions.random_batch((8, 3, 224, 224), 21)
     expected_path = tmp_path / "expected.onnx"
     onnx.save(expected, str(expected_path))
     guide_out = logits(out, batch)
     np.testing.assert_array_equal(guide_out, logits(expected_path, batch))
     # not the input model, and not --no_mask either: the zeroed keys change the result again
     ref = logits(src, batch)
-    assert ort_models.output_errors(guide_out, ref)["max_rel"] > 1e-2
+    assert sessions.output_errors(guide_out, ref)["max_rel"] > 1e-2
     no_mask = tmp_path / "no_mask.onnx"
     assert modify(src, no_mask, 8, "--no_mask", "--no_verify", capsys=capsys)[0] == 0
-    assert ort_models.output_errors(logits(no_mask, batch), guide_out)["max_rel"] > 1e-3
+    assert sessions.output_errors(logits(no_mask, batch), guide_out)["max_rel"] > 1e-3
 
 
 def test_guide_and_no_mask_together_are_refused(models, tmp_path, capsys):

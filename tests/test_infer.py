@@ -37,13 +37,13 @@ def ours(folder):
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(onnx_models):
-    return onnx_models.static("tiny", 17, B)
+def tiny_onnx(onnx_exports):
+    return onnx_exports.static("tiny", 17, B)
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx_dynamic(onnx_models):
-    return onnx_models.dynamic("tiny", 17)
+def tiny_onnx_dynamic(onnx_exports):
+    return onnx_exports.dynamic("tiny", 17)
 
 
 def make_batches(folder, sizes, seed=0):
@@ -483,13 +483,13 @@ def test_rerun_with_another_input_folder_recomputes_and_eval_scores_the_truth(ti
     assert (result["num_images"], result["top1_correct"], result["top1"]) == (12, 12, 100.0)
 
 
-def test_rerun_with_another_model_recomputes_and_resume_refuses(tiny_onnx, onnx_models, tmp_path, capsys):
+def test_rerun_with_another_model_recomputes_and_resume_refuses(tiny_onnx, onnx_exports, tmp_path, capsys):
     from beit_pipeline.model import build as beit_model
     from helpers import TINY
 
-    onnx_models.register("tiny_seed7", lambda: beit_model.build_model(
+    onnx_exports.register("tiny_seed7", lambda: beit_model.build_model(
         beit_model.random_checkpoint(TINY, seed=7)["model"], TINY)[0])
-    other = onnx_models.static("tiny_seed7", 17, B)
+    other = onnx_exports.static("tiny_seed7", 17, B)
     arrays = make_batches(tmp_path / "prep", [B, B])
     args = ["--input", str(tmp_path / "prep"), "--output", str(tmp_path / "out"), "--output_dirname", "r"]
     assert infer(["--model", tiny_onnx] + args, capsys)[0] == 0
@@ -674,11 +674,11 @@ def test_output_paths_of_the_wrong_kind_are_one_line_errors(tiny_onnx, tmp_path,
     assert rc == 1 and err.count("\n") == 1 and err.startswith("error: /sys/.beit_out.lock: ")
 
 
-def test_outputs_of_another_engine_are_not_mixed_in(onnx_models, tmp_path, capsys):
+def test_outputs_of_another_engine_are_not_mixed_in(onnx_exports, tmp_path, capsys):
     """An interrupted ONNX Runtime run resumed with OpenVINO (or another --precision) would mix two engines'
     logits in one folder: the record names the engine and precision, so the rerun recomputes every output."""
     pytest.importorskip("openvino")
-    model = onnx_models.static("tiny", 17, 4)
+    model = onnx_exports.static("tiny", 17, 4)
     prep = tmp_path / "prep"
     make_batches(prep, [4, 4])
     args = ["--model", model, "--input", str(prep), "--output", str(tmp_path / "out"), "--output_dirname", "run",

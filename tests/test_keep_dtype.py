@@ -38,7 +38,7 @@ from beit_pipeline.fidelity import keep_suggestion
 from beit_pipeline.fidelity import om_emulation
 from beit_pipeline.pipeline import workstate
 from beit_pipeline.model import build as beit_model
-from beit_pipeline.inference import sessions as ort_models  # the name onnx_models is conftest's fixture
+from beit_pipeline.inference import sessions
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.fidelity.stages import ImageSet, Options
 from beit_pipeline.fidelity.keep_dtype import KeepList
@@ -65,7 +65,7 @@ def graph_model(nodes, inits, shape, opset=11):
 def run_model(model, x, folder, name="m.onnx"):
     path = os.path.join(folder, name)
     onnx.save(model, path)
-    session = ort_models.open_session(path)
+    session = sessions.open_session(path)
     return session.run(None, {"x": x})
 
 
@@ -215,17 +215,17 @@ def overflow_state():
 
 
 @pytest.fixture(scope="module")
-def overflow_work(tmp_path_factory, onnx_models):
+def overflow_work(tmp_path_factory, onnx_exports):
     """A work folder of the overflowing tiny BEiT: its checkpoint, prep_image_bs8 (16 images), onnxsim and
     graph_modify models, labels = PyTorch's own Top-1."""
     work = tmp_path_factory.mktemp("overflow_work")
     state = overflow_state()
     torch.save({"model": state}, work / "overflow.pth")
-    onnx_models.register("tiny_qk_overflow", lambda: beit_model.build_model(overflow_state())[0])
+    onnx_exports.register("tiny_qk_overflow", lambda: beit_model.build_model(overflow_state())[0])
     write_image_set(work / "images", IMAGES, seed=7)
     assert beit_preprocess.main(["--image_path", str(work / "images"), "--prep_image", str(work / "prep_image_bs8"),
                                  "--batch_size", str(BS)]) == 0
-    shutil.copy(onnx_models.simplified("tiny_qk_overflow", 11, BS), work / "beit_onnxsim_bs8.onnx")
+    shutil.copy(onnx_exports.simplified("tiny_qk_overflow", 11, BS), work / "beit_onnxsim_bs8.onnx")
     model = onnx.load(str(work / "beit_onnxsim_bs8.onnx"))
     graph_padding.modify(model, BS)
     onnx.save(model, str(work / "beit_mg_bs8.onnx"))
@@ -234,7 +234,7 @@ def overflow_work(tmp_path_factory, onnx_models):
     batches = [np.fromfile(work / "prep_image_bs8" / b["file"], np.float32).reshape(BS, 3, 224, 224)
                for b in manifest["batches"]]
     with torch.no_grad():
-        logits = onnx_models.torch_model("tiny_qk_overflow")(torch.from_numpy(np.concatenate(batches))).numpy()
+        logits = onnx_exports.torch_model("tiny_qk_overflow")(torch.from_numpy(np.concatenate(batches))).numpy()
     (work / "val_label.txt").write_text("".join(f"{n} {int(k)}\n" for n, k in zip(names, logits.argmax(1))))
     return work
 
@@ -290,11 +290,11 @@ def test_probed_emulation_gives_the_plain_models_logits_bit_for_bit(overflow_wor
     fidelity(work, "--stages", "om_emulation", "--no_screen", capsys=capsys)
     stored = stored_logits(work / "fidelity_logits_bs8" / "om_emulation")
     clamps = stored_logits(work / "fidelity_logits_bs8" / "om_emulation_saturation")
-    session = ort_models.open_session(str(work / "beit_om_emulation_bs8.onnx"))
+    session = sessions.open_session(str(work / "beit_om_emulation_bs8.onnx"))
     manifest = json.loads((work / "prep_image_bs8" / "manifest.json").read_text())
     for entry in manifest["batches"]:
         batch = np.fromfile(work / "prep_image_bs8" / entry["file"], np.float32).reshape(BS, 3, 224, 224)
-        plain = ort_models.run_session(session, batch)
+        plain = sessions.run_session(session, batch)
         np.testing.assert_array_equal(np.stack([stored[n] for n in entry["images"]]), plain)
         assert all(clamps[n].sum() > 1000 for n in entry["images"])  # every image clamps (count probes)
 
@@ -343,14 +343,14 @@ def test_locate_names_the_first_saturating_node(overflow_work, capsys):
     assert first["values_clamped"] > 1000 and len(saved["blocks"]) == 2
 
 
-def test_a_model_without_overflow_gets_an_empty_list(onnx_models, tmp_path):
+def test_a_model_without_overflow_gets_an_empty_list(onnx_exports, tmp_path):
     """The plain tiny BEiT: nothing saturates, nothing needs keeping (the search is not even run)."""
-    model = onnx.load(onnx_models.simplified("tiny", 11, BS))
+    model = onnx.load(onnx_exports.simplified("tiny", 11, BS))
     graph_padding.modify(model, BS)
-    images = ort_models.random_batch((BS, 3, 224, 224), 5)
+    images = sessions.random_batch((BS, 3, 224, 224), 5)
     fp32_path = tmp_path / "mg.onnx"
     onnx.save(model, str(fp32_path))
-    fp32 = ort_models.run_session(ort_models.open_session(str(fp32_path)), images)
+    fp32 = sessions.run_session(sessions.open_session(str(fp32_path)), images)
     found = fp16_overflow.suggest(model, images, fp32, BS, str(tmp_path))
     assert found.operators == [] and found.trials == 0 and found.verdict.good
     assert found.verdict.why.startswith("no rounding saturates, max rel err")
@@ -376,10 +376,10 @@ def test_stand_in_atc_writes_what_the_om_computes(overflow_work, suggestion, tmp
         assert om_emulation.fp16_matmul_weights(om)[0] > 0  # an fp16 model, not a copy of the ONNX file
         shutil.copy(tmp_path / f"{label}.om", tmp_path / f"{label}.onnx")
         batch = np.fromfile(overflow_work / "prep_image_bs8" / "input_00000.bin", np.float32).reshape(BS, 3, 224, 224)
-        outputs[label] = ort_models.run_session(ort_models.open_session(str(tmp_path / f"{label}.onnx")), batch)
+        outputs[label] = sessions.run_session(sessions.open_session(str(tmp_path / f"{label}.onnx")), batch)
     assert "operator(s) kept in fp32" in proc.stdout
-    mg = ort_models.run_session(ort_models.open_session(str(overflow_work / "beit_mg_bs8.onnx")), batch)
-    plain, kept = (ort_models.output_errors(outputs[k], mg)["max_rel"] for k in ("plain", "kept"))
+    mg = sessions.run_session(sessions.open_session(str(overflow_work / "beit_mg_bs8.onnx")), batch)
+    plain, kept = (sessions.output_errors(outputs[k], mg)["max_rel"] for k in ("plain", "kept"))
     assert kept * 5 <= plain, (plain, kept)
 
 
@@ -425,14 +425,14 @@ def test_run_all_builds_the_om_with_the_keep_file(overflow_work, suggestion, tmp
 
 
 @pytest.mark.slow
-def test_beit_base_needs_nothing_kept(onnx_models, base_checkpoint, tmp_path, capsys):
+def test_beit_base_needs_nothing_kept(onnx_exports, base_checkpoint, tmp_path, capsys):
     """BEiT-base with random weights: no fp16 rounding saturates and the suggestion is an empty list, with why.
     (slow: BEiT-base's export, onnxsim and three runs of 8 images take minutes on 2 shared cores)"""
     work = tmp_path
     write_image_set(work / "images", BS, seed=3)
     assert beit_preprocess.main(["--image_path", str(work / "images"), "--prep_image", str(work / "prep_image_bs8"),
                                  "--batch_size", str(BS)]) == 0
-    model = onnx.load(onnx_models.simplified("base", 11, BS))
+    model = onnx.load(onnx_exports.simplified("base", 11, BS))
     graph_padding.modify(model, BS)
     onnx.save(model, str(work / "beit_mg_bs8.onnx"))
     names = json.loads((work / "prep_image_bs8" / "manifest.json").read_text())["batches"][0]["images"]

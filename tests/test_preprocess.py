@@ -21,7 +21,7 @@ import beit_preprocess
 from beit_pipeline.preprocess import batches
 from beit_pipeline.data import synthetic
 from beit_pipeline.preprocess import transform as pt
-from helpers import REPO, FileProxy, run_script
+from helpers import REPO, FileProxy, read_bytes, run_script
 
 BATCH_BYTES_PER_IMAGE = 3 * 224 * 224 * 4
 
@@ -41,11 +41,6 @@ def reference_rows(folder, names):
 def prep(folder, out, *extra, batch_size=5, workers=1, **kwargs):
     return run_script(["beit_preprocess.py", "--image_path", str(folder), "--prep_image", str(out),
                        "--batch_size", str(batch_size), "--workers", str(workers), *extra], **kwargs)
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def batch_bytes(out):
@@ -74,7 +69,7 @@ def copy_images(src, names, dst, rename=None):
 
 
 @pytest.fixture(scope="module")
-def image_set(tmp_path_factory):
+def awkward_images(tmp_path_factory):
     """24 images: every awkward size, every PIL mode, PNGs named .JPEG, next to files that are not images."""
     folder = str(tmp_path_factory.mktemp("images"))
     names = synthetic.write_image_set(folder, 24, seed=3)
@@ -88,9 +83,9 @@ def image_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(image_set, tmp_path_factory):
+def prepared(awkward_images, tmp_path_factory):
     """The image set preprocessed with batch size 5 (24 images: the last batch has 4 real rows), 1 worker."""
-    folder, _ = image_set
+    folder, _ = awkward_images
     out = str(tmp_path_factory.mktemp("prep") / "bs5")
     proc = prep(folder, out, batch_size=5, workers=1)
     assert proc.returncode == 0, proc.stderr
@@ -99,8 +94,8 @@ def prepared(image_set, tmp_path_factory):
 
 # ---------------------------------------------------------------- exactness
 
-def test_batches_equal_torchvision_reference(image_set, prepared):
-    folder, names = image_set
+def test_batches_equal_torchvision_reference(awkward_images, prepared):
+    folder, names = awkward_images
     out, proc = prepared
     opened = [image_info(os.path.join(folder, name)) for name in names]
     # The set really exercises what it claims to (modes as stored, a PNG under a .JPEG name, all sizes).
@@ -166,8 +161,8 @@ def test_float_conversion_equals_totensor_normalize_for_every_value():
     assert ours.min() == -1.0 and ours.max() == 1.0
 
 
-def test_preprocess_image_function(image_set):
-    folder, names = image_set
+def test_preprocess_image_function(awkward_images):
+    folder, names = awkward_images
     picked = names[:8]
     reference = reference_rows(folder, picked)
     for name in picked:
@@ -178,8 +173,8 @@ def test_preprocess_image_function(image_set):
 
 # ---------------------------------------------------------------- workers and resume
 
-def test_two_workers_byte_identical(image_set, prepared, tmp_path):
-    folder, _ = image_set
+def test_two_workers_byte_identical(awkward_images, prepared, tmp_path):
+    folder, _ = awkward_images
     out1, _ = prepared
     out2 = tmp_path / "w2"
     proc = prep(folder, out2, "--force_workers", batch_size=5, workers=2)  # 2 even on a 1-core machine
@@ -191,9 +186,9 @@ def test_two_workers_byte_identical(image_set, prepared, tmp_path):
 
 
 @pytest.mark.parametrize("refusal", ["open", "write"])
-def test_file_system_without_o_direct_gives_the_same_bytes(image_set, prepared, tmp_path, monkeypatch, refusal):
+def test_file_system_without_o_direct_gives_the_same_bytes(awkward_images, prepared, tmp_path, monkeypatch, refusal):
     """Batches go to disk with O_DIRECT; where the file system refuses it (EINVAL), the buffered write takes over."""
-    folder, _ = image_set
+    folder, _ = awkward_images
     real_open, real_fdopen, direct = os.open, os.fdopen, []
     o_direct = getattr(os, "O_DIRECT", 0)
 
@@ -292,8 +287,8 @@ def test_sigkill_then_rerun_is_byte_identical(big_set, tmp_path):
 
 # ---------------------------------------------------------------- refusals and bad input
 
-def test_refuses_other_batch_size_and_other_image_set(image_set, prepared, tmp_path):
-    folder, names = image_set
+def test_refuses_other_batch_size_and_other_image_set(awkward_images, prepared, tmp_path):
+    folder, names = awkward_images
     out, _ = prepared
     before = read_bytes(os.path.join(out, "manifest.json"))
     proc = prep(folder, out, batch_size=4)
@@ -337,10 +332,10 @@ BAD_KINDS = {"zero_bytes": "empty file", "random_bytes": "not a readable image",
 
 
 @pytest.mark.parametrize("batch_size", [2, 3])
-def test_skip_bad_with_workers_is_byte_identical(image_set, tmp_path, batch_size):
+def test_skip_bad_with_workers_is_byte_identical(awkward_images, tmp_path, batch_size):
     """Bad images found while later chunks are already decoding (their rows then move back), alone, in runs
     longer than the images in flight, and at the very end: the same bytes as one process."""
-    folder, names = image_set
+    folder, names = awkward_images
     src = tmp_path / "src"
     src.mkdir()
     jpegs = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"]
@@ -367,8 +362,8 @@ def test_skip_bad_with_workers_is_byte_identical(image_set, tmp_path, batch_size
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_KINDS))
-def test_bad_image_stops_the_run_naming_it(image_set, tmp_path, kind):
-    folder, names = image_set
+def test_bad_image_stops_the_run_naming_it(awkward_images, tmp_path, kind):
+    folder, names = awkward_images
     src = tmp_path / "src"
     good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:4]
     copy_images(folder, good, src, rename=dict(zip(good, ["a.JPEG", "b.JPEG", "d.JPEG", "e.JPEG"])))
@@ -384,8 +379,8 @@ def test_bad_image_stops_the_run_naming_it(image_set, tmp_path, kind):
     assert batches.load_manifest(out)["complete"] is False
 
 
-def test_skip_bad_records_and_skips(image_set, tmp_path):
-    folder, names = image_set
+def test_skip_bad_records_and_skips(awkward_images, tmp_path):
+    folder, names = awkward_images
     src = tmp_path / "src"
     good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:7]
     copy_images(folder, good, src)
@@ -438,8 +433,8 @@ def test_missing_empty_and_imageless_folders(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_class_subfolder_layout_and_batchsize_alias(image_set, tmp_path):
-    folder, names = image_set
+def test_class_subfolder_layout_and_batchsize_alias(awkward_images, tmp_path):
+    folder, names = awkward_images
     src = tmp_path / "train"
     copy_images(folder, names[:3], src / "n01440764")
     copy_images(folder, names[3:5], src / "n01443537")
@@ -460,8 +455,8 @@ def test_class_subfolder_layout_and_batchsize_alias(image_set, tmp_path):
             assert np.array_equal(arr[row], reference[name]), name
 
 
-def test_symlink_loops_do_not_hang(image_set, tmp_path, capsys):
-    folder, names = image_set
+def test_symlink_loops_do_not_hang(awkward_images, tmp_path, capsys):
+    folder, names = awkward_images
     src = tmp_path / "links"
     copy_images(folder, names[:2], src)
     os.symlink(".", src / "loop")                         # directory loop
@@ -486,8 +481,8 @@ def test_symlink_loops_do_not_hang(image_set, tmp_path, capsys):
     assert np.array_equal(arr[0], pt.preprocess_image(os.path.join(folder, names[0])))
 
 
-def test_decompression_bomb_refused(image_set, tmp_path, capsys, monkeypatch):
-    folder, names = image_set
+def test_decompression_bomb_refused(awkward_images, tmp_path, capsys, monkeypatch):
+    folder, names = awkward_images
     src = tmp_path / "src"
     copy_images(folder, names[:1], src)
     (src / "bomb.png").write_bytes(png_header_only(20000, 20000))
@@ -513,8 +508,8 @@ def test_decompression_bomb_refused(image_set, tmp_path, capsys, monkeypatch):
         pt.preprocess_image(small)
 
 
-def test_write_error_leaves_no_partial_batch(image_set, tmp_path, capsys, monkeypatch):
-    folder, names = image_set
+def test_write_error_leaves_no_partial_batch(awkward_images, tmp_path, capsys, monkeypatch):
+    folder, names = awkward_images
     real_replace = os.replace
 
     def disk_full(src, dst, *args, **kwargs):
@@ -611,17 +606,17 @@ def error_lines(stderr):
 
 
 @pytest.fixture(scope="module")
-def clean_bs2(image_set, tmp_path_factory):
+def clean_bs2(awkward_images, tmp_path_factory):
     """The image set at batch size 2 (12 batches), one plain run: what every raced or signalled run must end as."""
-    folder, _ = image_set
+    folder, _ = awkward_images
     out = tmp_path_factory.mktemp("clean") / "bs2"
     proc = prep(folder, out, batch_size=2, workers=1)
     assert proc.returncode == 0, proc.stderr
     return tree_bytes(out)
 
 
-def test_second_run_on_the_same_folder_is_refused(image_set, clean_bs2, tmp_path):
-    folder, _ = image_set
+def test_second_run_on_the_same_folder_is_refused(awkward_images, clean_bs2, tmp_path):
+    folder, _ = awkward_images
     out = tmp_path / "out"
     # fsync 1 is the first manifest: from then on the first run is writing batches, slowly.
     first, _ = start_slow(tmp_path, prep_args(folder, out, 2, "--workers", "1"), delay=0.25)
@@ -644,8 +639,8 @@ def test_second_run_on_the_same_folder_is_refused(image_set, clean_bs2, tmp_path
     assert not (tmp_path / ".out.lock").exists()
 
 
-def test_wait_lock_waits_and_finds_the_folder_complete(image_set, clean_bs2, tmp_path):
-    folder, _ = image_set
+def test_wait_lock_waits_and_finds_the_folder_complete(awkward_images, clean_bs2, tmp_path):
+    folder, _ = awkward_images
     out = tmp_path / "out"
     first, _ = start_slow(tmp_path, prep_args(folder, out, 2, "--workers", "1"), delay=0.2)
     try:
@@ -682,8 +677,8 @@ def gone(pid, timeout=10):
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc to find the pool workers")
 @pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
                                                 (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_ctrl_c_and_sigterm_end_with_one_line(image_set, clean_bs2, tmp_path, signum, code, said):
-    folder, _ = image_set
+def test_ctrl_c_and_sigterm_end_with_one_line(awkward_images, clean_bs2, tmp_path, signum, code, said):
+    folder, _ = awkward_images
     out = tmp_path / "out"
     # fsync 3 is the second batch: the pool is up and batches are being written.
     victim, _ = start_slow(tmp_path, prep_args(folder, out, 2, "--workers", "2", "--force_workers"),
@@ -716,8 +711,8 @@ def test_ctrl_c_and_sigterm_end_with_one_line(image_set, clean_bs2, tmp_path, si
     assert tree_bytes(out) == clean_bs2
 
 
-def test_workers_capped_at_usable_cores(image_set, tmp_path):
-    folder, _ = image_set
+def test_workers_capped_at_usable_cores(awkward_images, tmp_path):
+    folder, _ = awkward_images
     one_core = min(os.sched_getaffinity(0))
 
     def on_one_core(*extra):
@@ -736,8 +731,8 @@ def test_workers_capped_at_usable_cores(image_set, tmp_path):
     assert "warning: --workers" not in proc.stderr and " 3 workers)" in proc.stdout
 
 
-def test_os_error_is_one_line_naming_the_file(image_set, tmp_path):
-    folder, _ = image_set
+def test_os_error_is_one_line_naming_the_file(awkward_images, tmp_path):
+    folder, _ = awkward_images
     (tmp_path / "a_file").write_text("")
     proc = prep(folder, tmp_path / "a_file" / "out", batch_size=2)  # its lock cannot go in a file
     assert proc.returncode == 1
@@ -750,8 +745,8 @@ def test_files_that_are_not_images_are_counted(prepared):
     assert "ignored 4 files that are not images: hidden 2, .md 1, .txt 1\n" in proc.stdout
 
 
-def test_non_utf8_file_names_work_end_to_end(image_set, tmp_path):
-    folder, names = image_set
+def test_non_utf8_file_names_work_end_to_end(awkward_images, tmp_path):
+    folder, names = awkward_images
     src = tmp_path / "src"
     good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:2]
     copy_images(folder, good, src, rename=dict(zip(good, ["a.JPEG", "c.JPEG"])))
@@ -777,8 +772,8 @@ def test_non_utf8_file_names_work_end_to_end(image_set, tmp_path):
     assert "is already complete" in proc.stdout and tree_bytes(out) == before
 
 
-def test_batch_size_too_big_for_memory_is_a_usage_error(image_set, tmp_path, capsys, monkeypatch):
-    folder, _ = image_set
+def test_batch_size_too_big_for_memory_is_a_usage_error(awkward_images, tmp_path, capsys, monkeypatch):
+    folder, _ = awkward_images
     out = tmp_path / "out"
     proc = prep(folder, out, batch_size=2_000_000)  # 4.7 TiB of buffers: more than any machine here has
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -800,8 +795,8 @@ def test_batch_size_too_big_for_memory_is_a_usage_error(image_set, tmp_path, cap
     assert len(batches.list_batch_files(out)) == 4
 
 
-def test_skipped_image_is_retried_once_fixed(image_set, tmp_path):
-    folder, names = image_set
+def test_skipped_image_is_retried_once_fixed(awkward_images, tmp_path):
+    folder, names = awkward_images
     src = tmp_path / "src"
     good = [n for n in names if image_info(os.path.join(folder, n))[1] == "JPEG"][:8]
     copy_images(folder, good, src)

@@ -24,7 +24,8 @@ import beit_pth2onnx
 import onnx_check
 from beit_pipeline.model import build as beit_model
 from beit_pipeline.inference import sessions as onnx_models
-from helpers import BASE, REPO, TINY, hang_env, pretraining_state_dict, run_script
+from beit_pipeline.graph import simplify
+from helpers import BASE, REPO, TINY, hang_env, make_bad_checkpoint, run_script
 
 TINY_DEPTH = beit_model.KNOWN_VARIANTS[TINY][1]
 BASE_DEPTH = beit_model.KNOWN_VARIANTS[BASE][1]
@@ -47,9 +48,9 @@ def torch_logits(model, batch):
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny_checkpoint, tmp_path_factory):
+def tiny_exports(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint exported as the guide does (opset 11, dynamic batch) and at opset 17, static bs 8."""
-    out = tmp_path_factory.mktemp("tiny_onnx")
+    out = tmp_path_factory.mktemp("tiny_exports")
     paths = {"dyn11": str(out / "tiny_dyn11.onnx"), "static17": str(out / "tiny_static17.onnx")}
     assert beit_pth2onnx.main(["--source", tiny_checkpoint, "--target", paths["dyn11"], "--batchsize", "1"]) == 0
     assert beit_pth2onnx.main(["--source", tiny_checkpoint, "--target", paths["static17"], "--batch_size", "8",
@@ -60,8 +61,8 @@ def tiny_onnx(tiny_checkpoint, tmp_path_factory):
 
 # ---------------------------------------------------------------- export: graph and numbers
 
-def test_opset11_dynamic_graph(tiny_onnx):
-    model = onnx.load(tiny_onnx["dyn11"])
+def test_opset11_dynamic_graph(tiny_exports):
+    model = onnx.load(tiny_exports["dyn11"])
     onnx.checker.check_model(model)
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [11]
     inits = {i.name for i in model.graph.initializer}
@@ -70,14 +71,14 @@ def test_opset11_dynamic_graph(tiny_onnx):
     in_dims, out_dims = dims(inputs[0]), dims(model.graph.output[0])
     assert isinstance(in_dims[0], str) and in_dims[0] and in_dims[1:] == [3, 224, 224]
     assert out_dims == [in_dims[0], 1000]  # the same symbolic batch axis on both ends
-    counts = op_counts(tiny_onnx["dyn11"])
+    counts = op_counts(tiny_exports["dyn11"])
     assert "LayerNormalization" not in counts  # opset 11 has no such op: decomposed
     assert counts["Softmax"] == TINY_DEPTH and counts["Conv"] == 1
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_opset11_dynamic_matches_pytorch(tiny_onnx, tiny_model, batch_size):
-    session = onnx_models.open_session(tiny_onnx["dyn11"])
+def test_opset11_dynamic_matches_pytorch(tiny_exports, tiny_model, batch_size):
+    session = onnx_models.open_session(tiny_exports["dyn11"])
     batch = onnx_models.random_batch((batch_size, 3, 224, 224), seed=3)
     actual = onnx_models.run_session(session, batch)
     expected = torch_logits(tiny_model, batch)
@@ -89,14 +90,14 @@ def test_opset11_dynamic_matches_pytorch(tiny_onnx, tiny_model, batch_size):
     assert 0.5 < np.abs(expected).max() < 50
 
 
-def test_opset17_static_keeps_layernorm_and_matches(tiny_onnx, tiny_model):
-    model = onnx.load(tiny_onnx["static17"])
+def test_opset17_static_keeps_layernorm_and_matches(tiny_exports, tiny_model):
+    model = onnx.load(tiny_exports["static17"])
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
     assert dims(model.graph.input[0]) == [8, 3, 224, 224] and dims(model.graph.output[0]) == [8, 1000]
-    counts = op_counts(tiny_onnx["static17"])
+    counts = op_counts(tiny_exports["static17"])
     # norm1 and norm2 in every block, and fc_norm before the head
     assert counts["LayerNormalization"] == 2 * TINY_DEPTH + 1
-    session = onnx_models.open_session(tiny_onnx["static17"])
+    session = onnx_models.open_session(tiny_exports["static17"])
     batch = onnx_models.random_batch((8, 3, 224, 224), seed=4)
     errors = onnx_models.output_errors(onnx_models.run_session(session, batch), torch_logits(tiny_model, batch))
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
@@ -179,39 +180,10 @@ def test_ctrl_c_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
 
 # ---------------------------------------------------------------- bad checkpoints
 
-class RunsCode:
-    """A pickled object whose loading writes a marker file: what a malicious checkpoint does."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
-
-
-def make_bad_checkpoint(kind, folder, tiny_checkpoint):
-    path = folder / f"{kind}.pth"
-    marker = folder / "MARKER"
-    if kind == "torch_save_code":
-        torch.save({"model": {"w": torch.zeros(2)}, "args": RunsCode(marker)}, path)
-    elif kind == "plain_pickle_code":
-        with open(path, "wb") as f:
-            pickle.dump({"model": RunsCode(marker)}, f, protocol=2)  # torch's own protocol: no warning
-    elif kind == "resnet18":
-        import torchvision
-        torch.save(torchvision.models.resnet18().state_dict(), path)
-    elif kind == "pretraining":
-        torch.save({"model": pretraining_state_dict()}, path)
-    elif kind == "truncated":
-        with open(tiny_checkpoint, "rb") as f:
-            data = f.read()
-        path.write_bytes(data[: len(data) // 2])
-    elif kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "not_tensors":
-        torch.save({"model": {"epoch": 3}}, path)
-    elif kind != "missing":
-        raise ValueError(kind)
+def bad_checkpoint(kind, folder, tiny_checkpoint):
+    """(path, marker) of helpers.make_bad_checkpoint's ``kind`` written in ``folder``."""
+    path, marker = folder / f"{kind}.pth", folder / "MARKER"
+    make_bad_checkpoint(kind, path, marker, tiny_checkpoint)
     return path, marker
 
 
@@ -229,7 +201,7 @@ def make_bad_checkpoint(kind, folder, tiny_checkpoint):
 def test_bad_checkpoint(kind, message, tiny_checkpoint, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
-    path, marker = make_bad_checkpoint(kind, src, tiny_checkpoint)
+    path, marker = bad_checkpoint(kind, src, tiny_checkpoint)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     rc = beit_pth2onnx.main(["--source", str(path), "--target", str(out_dir / "m.onnx")])
@@ -243,7 +215,7 @@ def test_bad_checkpoint(kind, message, tiny_checkpoint, tmp_path, capsys):
 
 def test_code_pickle_would_run_code(tmp_path):
     """The control for test_bad_checkpoint: loaded unsafely, the same file does write its marker."""
-    path, marker = make_bad_checkpoint("plain_pickle_code", tmp_path, None)
+    path, marker = bad_checkpoint("plain_pickle_code", tmp_path, None)
     with open(path, "rb") as f:
         pickle.load(f)
     assert marker.read_text() == "ran"
@@ -270,16 +242,16 @@ def test_forced_model_that_fits(tiny_checkpoint, tmp_path, capsys):
 # ---------------------------------------------------------------- onnxsim and onnx_check
 
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_simplify_fixes_batch_and_keeps_results(tiny_onnx, tiny_model, tmp_path, batch_size):
+def test_simplify_fixes_batch_and_keeps_results(tiny_exports, tiny_model, tmp_path, batch_size):
     out = tmp_path / f"sim_bs{batch_size}.onnx"
-    errors = onnx_models.simplify(tiny_onnx["dyn11"], out, batch_size)
+    errors = simplify.simplify_checked(tiny_exports["dyn11"], out, batch_size)
     assert os.listdir(tmp_path) == [out.name]
     assert errors["shape"] == (batch_size, 3, 224, 224) and errors["output_shape"] == (batch_size, 1000)
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
     model = onnx.load(out)
     assert dims(model.graph.input[0]) == [batch_size, 3, 224, 224]
     assert dims(model.graph.output[0]) == [batch_size, 1000]
-    before, after = op_counts(tiny_onnx["dyn11"]), op_counts(str(out))
+    before, after = op_counts(tiny_exports["dyn11"]), op_counts(str(out))
     assert before["Shape"] > 0 and after["Shape"] == 0  # the shape arithmetic was folded away
     assert after["Softmax"] == TINY_DEPTH and after["MatMul"] == before["MatMul"]
     batch = onnx_models.random_batch((batch_size, 3, 224, 224), seed=7)
@@ -288,17 +260,17 @@ def test_simplify_fixes_batch_and_keeps_results(tiny_onnx, tiny_model, tmp_path,
     assert errors["max_rel"] <= REL_TOL and errors["argmax_equal"]
 
 
-def test_simplify_keeps_nothing_on_failure(tiny_onnx, tmp_path):
+def test_simplify_keeps_nothing_on_failure(tiny_exports, tmp_path):
     out = tmp_path / "sim.onnx"
     with pytest.raises(onnx_models.OnnxCheckError, match="batch size is fixed at 8, not 2"):
-        onnx_models.simplify(tiny_onnx["static17"], out, 2)
+        simplify.simplify_checked(tiny_exports["static17"], out, 2)
     # a negative tolerance fails every comparison: the path where onnxsim's output is rejected
     with pytest.raises(onnx_models.OnnxCheckError, match="onnxsim changed the results beyond tolerance -1"):
-        onnx_models.simplify(tiny_onnx["dyn11"], out, 2, tolerance=-1.0)
+        simplify.simplify_checked(tiny_exports["dyn11"], out, 2, tolerance=-1.0)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00garbage")
     with pytest.raises(onnx_models.OnnxCheckError, match="junk.onnx: not a readable ONNX file"):
-        onnx_models.simplify(junk, out, 2)
+        simplify.simplify_checked(junk, out, 2)
     assert os.listdir(tmp_path) == ["junk.onnx"]
 
 
@@ -319,46 +291,46 @@ def perturbed_copy(src, dst, delta):
     onnx.save(model, dst)
 
 
-def test_compare_models_measures_a_known_difference(tiny_onnx, tmp_path):
+def test_compare_models_measures_a_known_difference(tiny_exports, tmp_path):
     cand = tmp_path / "bias.onnx"
-    perturbed_copy(tiny_onnx["dyn11"], cand, 0.01)
+    perturbed_copy(tiny_exports["dyn11"], cand, 0.01)
     batch = onnx_models.random_batch((3, 3, 224, 224), seed=0)
-    ref_logits = onnx_models.run_session(onnx_models.open_session(tiny_onnx["dyn11"]), batch)
-    errors = onnx_models.compare_models(tiny_onnx["dyn11"], cand, batch)
+    ref_logits = onnx_models.run_session(onnx_models.open_session(tiny_exports["dyn11"]), batch)
+    errors = onnx_models.compare_models(tiny_exports["dyn11"], cand, batch)
     assert errors["max_abs"] == pytest.approx(0.01, rel=1e-3)
     assert errors["max_rel"] == pytest.approx(0.01 / np.abs(ref_logits).max(), rel=1e-3)
     assert errors["argmax_equal"] and errors["rows"] == 3
     # an int draws the seeded batch itself, the same one the CLI uses: random_batch(shape, seed 0)
-    drawn = onnx_models.compare_models(tiny_onnx["dyn11"], cand, 3)
-    explicit = onnx_models.compare_models(tiny_onnx["dyn11"], cand, onnx_models.random_batch((3, 3, 224, 224), 0))
+    drawn = onnx_models.compare_models(tiny_exports["dyn11"], cand, 3)
+    explicit = onnx_models.compare_models(tiny_exports["dyn11"], cand, onnx_models.random_batch((3, 3, 224, 224), 0))
     assert drawn["shape"] == explicit["shape"] == (3, 3, 224, 224)
     assert drawn["max_abs"] == explicit["max_abs"] and drawn["max_rel"] == explicit["max_rel"]
     # the control: another seed gives another batch, so the equality above is not one any batch would meet
-    assert onnx_models.compare_models(tiny_onnx["dyn11"], cand, 3, seed=1)["max_rel"] != explicit["max_rel"]
+    assert onnx_models.compare_models(tiny_exports["dyn11"], cand, 3, seed=1)["max_rel"] != explicit["max_rel"]
 
 
-def test_onnx_check_cli(tiny_onnx, tmp_path, capsys):
-    assert onnx_check.main([tiny_onnx["dyn11"], tiny_onnx["static17"]]) == 0
+def test_onnx_check_cli(tiny_exports, tmp_path, capsys):
+    assert onnx_check.main([tiny_exports["dyn11"], tiny_exports["static17"]]) == 0
     out = capsys.readouterr().out
     assert "seeded batch (8, 3, 224, 224)" in out and "top-1 agrees on 8/8 rows" in out and "OK" in out
     assert float(re.search(r"max rel error ([0-9.e+-]+)", out).group(1)) <= REL_TOL
 
     cand = tmp_path / "bias.onnx"
-    perturbed_copy(tiny_onnx["dyn11"], cand, 0.01)
-    assert onnx_check.main([tiny_onnx["dyn11"], str(cand), "--batch_size", "2"]) == 3  # was 1
+    perturbed_copy(tiny_exports["dyn11"], cand, 0.01)
+    assert onnx_check.main([tiny_exports["dyn11"], str(cand), "--batch_size", "2"]) == 3  # was 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "is above the tolerance 1e-05" in captured.err
-    assert onnx_check.main([tiny_onnx["dyn11"], str(cand), "--batch_size", "2", "--tolerance", "0.1"]) == 0
+    assert onnx_check.main([tiny_exports["dyn11"], str(cand), "--batch_size", "2", "--tolerance", "0.1"]) == 0
     capsys.readouterr()
 
-    assert onnx_check.main([tiny_onnx["dyn11"], tiny_onnx["static17"], "--batch_size", "2"]) == 2
-    assert f"{tiny_onnx['static17']}: batch size is fixed at 8, not 2" in capsys.readouterr().err
+    assert onnx_check.main([tiny_exports["dyn11"], tiny_exports["static17"], "--batch_size", "2"]) == 2
+    assert f"{tiny_exports['static17']}: batch size is fixed at 8, not 2" in capsys.readouterr().err
     # a missing or unloadable model is bad input, 1 (was 2); the wrong --batch_size above stays usage, 2
-    assert onnx_check.main([tiny_onnx["dyn11"], str(tmp_path / "nope.onnx")]) == 1
+    assert onnx_check.main([tiny_exports["dyn11"], str(tmp_path / "nope.onnx")]) == 1
     assert "nope.onnx: ONNX model not found" in capsys.readouterr().err
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    assert onnx_check.main([tiny_onnx["dyn11"], str(junk)]) == 1
+    assert onnx_check.main([tiny_exports["dyn11"], str(junk)]) == 1
     assert "junk.onnx: not a model ONNX Runtime can load" in capsys.readouterr().err
 
 
@@ -408,14 +380,14 @@ def guide_selected_gathers(model):
             and consts[n.input[1]].size == 1 and int(consts[n.input[1]]) == 1]
 
 
-def test_export_indexes_qkv_with_gather_so_the_guides_edit_applies(onnx_models, tiny_model, tmp_path):
+def test_export_indexes_qkv_with_gather_so_the_guides_edit_applies(onnx_exports, tiny_model, tmp_path):
     """unilm's Attention.forward takes ``q, k, v = qkv[0], qkv[1], qkv[2]`` (beit/modeling_finetune.py),
     which exports as Gathers; timm's ``qkv.unbind(0)`` exports as Split + Squeeze, where the guide's
     refill_zero_gather finds no Gather of index 1 and silently skips its edit.  Our export now gives the
     guide's selection exactly the key tensors that our graph_modify's reproduction (--guide) edits."""
     from beit_pipeline.model import export as beit_export
     from beit_pipeline.graph import patterns as graph_patterns
-    sim = onnx.load(onnx_models.simplified("tiny", 11, 2))
+    sim = onnx.load(onnx_exports.simplified("tiny", 11, 2))
     assert op_counts_of(sim)["Split"] == 0 and op_counts_of(sim)["Squeeze"] == 0
     _, plan = graph_patterns.plan_padding(sim, 2, 16, keys=True)
     keys = {k.tensor for k in plan.key_branches}
@@ -442,9 +414,9 @@ def onnx_models_random(n):
     return onnx_models.random_batch((n, 3, 224, 224), 0)
 
 
-def test_guide_graph_modify_reproduction_edits_every_block(onnx_models, tmp_path):
+def test_guide_graph_modify_reproduction_edits_every_block(onnx_exports, tmp_path):
     """graph_modify.py --guide (the guide's four edits) on our export zeroes the padded keys of every block."""
     out = tmp_path / "guide.onnx"
-    proc = run_script(["graph_modify.py", onnx_models.simplified("tiny", 11, 2), str(out), "2", "--guide"])
+    proc = run_script(["graph_modify.py", onnx_exports.simplified("tiny", 11, 2), str(out), "2", "--guide"])
     assert proc.returncode == 0, proc.stderr
     assert re.search(rf"padded keys zeroed \(Slice 0:197 \+ Concat zeros\)\D+{TINY_DEPTH}\b", proc.stdout), proc.stdout

@@ -40,7 +40,7 @@ from beit_pipeline.data import synthetic
 from beit_pipeline.inference import outputs as ais_outputs
 from beit_pipeline.model import export as beit_export
 from beit_pipeline.model import build as beit_model
-from helpers import REPO, TINY, FileProxy, pretraining_state_dict, run_script
+from helpers import REPO, TINY, FileProxy, make_bad_checkpoint, read_bytes, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
@@ -73,11 +73,6 @@ runpy.run_path(script, run_name="__main__")
 
 
 # ---------------------------------------------------------------- helpers
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
-
 
 def tree_bytes(folder):
     """{relative path: bytes} of every file under ``folder``."""
@@ -548,34 +543,6 @@ def test_exif_orientation_is_not_applied_as_in_torchvision(pipe, tmp_path):
 
 # ---------------------------------------------------------------- 4. bad checkpoints
 
-class RunsCode:
-    """Unpickling this object runs exec(): it writes 'ran' into the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
-
-
-def make_bad_checkpoint(kind, path, marker, tiny_checkpoint):
-    if kind == "code_pickle":
-        with open(path, "wb") as f:
-            pickle.dump({"model": {"w": torch.zeros(2)}, "args": RunsCode(marker)}, f, protocol=2)
-    elif kind == "code_in_torch_save":
-        torch.save({"model": beit_model.random_checkpoint(TINY, seed=4)["model"], "args": RunsCode(marker)}, path)
-    elif kind == "pretraining":
-        torch.save({"model": pretraining_state_dict()}, path)
-    elif kind == "other_architecture":
-        import torchvision
-        torch.save({"model": torchvision.models.resnet18().state_dict()}, path)
-    elif kind == "truncated":
-        data = read_bytes(tiny_checkpoint)
-        path.write_bytes(data[: len(data) // 2])
-    else:
-        raise ValueError(kind)
-
-
 BAD_CHECKPOINTS = {
     "code_pickle": "refused: the file holds Python objects other than tensors, which could run code",
     "code_in_torch_save": "refused: the file holds Python objects other than tensors, which could run code",
@@ -809,10 +776,10 @@ def test_a_manifest_with_wrong_types_is_one_error_line(pipe, tmp_path, field, va
     assert not (tmp_path / "o" / "r").exists() and not (tmp_path / "res").exists()
 
 
-def test_graph_modify_into_an_unwritable_folder_is_one_error_line(onnx_models):
+def test_graph_modify_into_an_unwritable_folder_is_one_error_line(onnx_exports):
     """The reported bug: a read-only output folder gave graph_modify a traceback. /sys refuses file creation
     even to root, so it stands in for a read-only folder whoever runs the tests."""
-    src = onnx_models.simplified("tiny", 11, BS)
+    src = onnx_exports.simplified("tiny", 11, BS)
     proc = no_traceback(run_script(["graph_modify.py", src, "/sys/beit_mg.onnx", str(BS)]))
     assert proc.returncode == 1
     assert re.search(r"^error: /sys/\.beit_mg\.onnx\.\w+\.tmp: (Permission denied|Operation not permitted|"

@@ -867,7 +867,7 @@ def test_a_broken_ais_bench_on_a_host_with_atc_is_refused_not_run_on_the_cpu(ort
     env = dict(fake_ascend.env, AIS_INFER=str(tmp_path / "no_such_ais_infer.py"))
     proc = run_all(workdir, image_set, 8, env=env)
     assert proc.returncode == 2
-    assert f"no such file: fix it (source the CANN set_env.sh), or pass --backend cpu to run on the CPU" in proc.stderr
+    assert "no such file: fix it (source the CANN set_env.sh), or pass --backend cpu to run on the CPU" in proc.stderr
     assert "[run_all] step " not in proc.stdout and "[run_all] skip " not in proc.stdout
     cpu = ok(run_all(workdir, image_set, 8, "--backend", "cpu", env=env))
     assert "backend: ort (beit_infer.py on the CPU; asked for)" in cpu.stdout and "[run_all] step " not in cpu.stdout

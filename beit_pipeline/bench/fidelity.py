@@ -20,6 +20,8 @@ On a randomly initialised BEiT (BEiT-base by default) and N real-photograph vari
 Writes ``results.json`` and ``results.md`` in --out and prints the Markdown.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import logging
@@ -28,18 +30,22 @@ import platform
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from beit_pipeline import files
 from beit_pipeline.data import photo_variants, photos
+from beit_pipeline.environment import REPO  # the repository: scripts, run_all.sh, Makefile
 from beit_pipeline.fidelity import screen as fidelity_screen
 from beit_pipeline.inference import outputs
 from beit_pipeline.pipeline.chain import ChainFiles
 
+if TYPE_CHECKING:
+    import argparse
+
 log = logging.getLogger(__name__)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER_KEYS = ("top1", "top5", "agree_top1", "flipped", "gained", "lost", "num_images")
 
 
@@ -97,7 +103,7 @@ class StageCost:
     how: str
 
     @property
-    def seconds(self):
+    def seconds(self) -> float:
         return self.fixed + self.per_image * self.runs
 
 
@@ -167,7 +173,7 @@ def machine() -> str:
     return flags
 
 
-def build_work(args, checkpoint: str) -> tuple:
+def build_work(args: argparse.Namespace, checkpoint: str) -> tuple[str, dict[str, float]]:
     """run_all.sh --no_fidelity into OUT/work; returns the work folder and its step times."""
     work = os.path.join(args.out, "work")
     seconds, text = command(["run_all.sh", "--batch_size", str(args.batch_size), "--workdir", work, "--image_path",
@@ -190,7 +196,7 @@ def timed_pass(work: str, batch_size: int) -> float:
     return seconds
 
 
-def timed_report(work: str, args, *extra: str) -> tuple:
+def timed_report(work: str, args: argparse.Namespace, *extra: str) -> tuple[float, dict[str, Any]]:
     """beit_fidelity.py as a command, with --fresh: (wall seconds, its JSON)."""
     seconds, _ = command(["beit_fidelity.py", "--workdir", work, "--batch_size", str(args.batch_size),
                           "--label_file", os.path.join(args.out, "labels.txt"), "--seed", str(args.seed),
@@ -201,7 +207,7 @@ def timed_report(work: str, args, *extra: str) -> tuple:
     return seconds, data
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """The whole benchmark; returns the results dict (also written to OUT/results.json and .md)."""
     os.makedirs(args.out, exist_ok=True)
     started, host = time.strftime("%Y-%m-%d %H:%M"), machine()

@@ -19,11 +19,15 @@ demo's Top-1 measures how faithfully the exported pipeline reproduces PyTorch
 (100% expected), not ImageNet accuracy.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,21 +60,21 @@ class Recipe:
     seed: int
     images: str = "photos"
 
-    def as_record(self):
+    def as_record(self) -> dict[str, Any]:
         return {"format": DEMO_FORMAT, "model": self.model, "count": self.count, "seed": self.seed,
                 "images_from": self.images}
 
 
-def default_count(images):
+def default_count(images: str) -> int:
     return len(photos.PHOTOS) if images == "photos" else DEFAULT_COUNT
 
 
-def recipe(model, count, seed, images="photos"):
+def recipe(model: str, count: int, seed: int, images: str = "photos") -> dict[str, Any]:
     """The recipe as demo.json records it (a dict: the file's format is unchanged)."""
     return Recipe(model, count, seed, images).as_record()
 
 
-def is_complete(out, wanted):
+def is_complete(out: str, wanted: Mapping[str, Any]) -> bool:
     """True when OUT holds a finished demo made from the recipe ``wanted`` (a recipe() dict)."""
     record = files.read_json(os.path.join(out, RECORD_NAME))
     if record is None or any(record.get(k) != v for k, v in wanted.items()):
@@ -80,7 +84,7 @@ def is_complete(out, wanted):
             and os.path.isdir(images) and len(os.listdir(images)) == wanted["count"])
 
 
-def remove_stale_image_folders(out):
+def remove_stale_image_folders(out: str) -> None:
     """Delete the '.images.XXXX.tmp' folders that a killed write_images() left in OUT.
 
     files.remove_stale_temporaries() removes only the files of interrupted atomic writes.
@@ -92,7 +96,7 @@ def remove_stale_image_folders(out):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def write_images(out, count, seed, images="photos"):
+def write_images(out: str, count: int, seed: int, images: str = "photos") -> list[str]:
     """Write the images into a fresh folder, then put it in place whole; returns their paths."""
     final = os.path.join(out, IMAGES_DIR)
     tmp = tempfile.mkdtemp(prefix=TMP_IMAGES_PREFIX, suffix=TMP_SUFFIX, dir=out)
@@ -110,24 +114,25 @@ def write_images(out, count, seed, images="photos"):
     return [os.path.join(final, n) for n in names]
 
 
-def predict(model, paths, batch_size=8):
+def predict(model: torch.nn.Module, paths: Sequence[str], batch_size: int = 8) -> np.ndarray:
     """PyTorch logits (len(paths), classes) for the images, preprocessed as the pipeline does."""
     logits = []
     with torch.inference_mode():
-        for start in progress.bar(range(0, len(paths), batch_size), desc="PyTorch labels", unit="batch", file=sys.stderr):
+        for start in progress.bar(range(0, len(paths), batch_size), desc="PyTorch labels", unit="batch",
+                                  file=sys.stderr):
             batch = np.stack([np.asarray(preprocess_image(p), dtype=np.float32)
                               for p in paths[start:start + batch_size]])
             logits.append(model(torch.from_numpy(batch)).float().numpy())
     return np.concatenate(logits)
 
 
-def top1_margins(logits):
+def top1_margins(logits: np.ndarray) -> np.ndarray:
     """Gap between the two highest logits of each row: how far a label is from flipping."""
     top2 = np.sort(logits, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
 
 
-def start_demo_folder(out):
+def start_demo_folder(out: str) -> None:
     """Create OUT and clear what a killed run left, the old record first."""
     os.makedirs(out, exist_ok=True)
     files.remove_stale_temporaries(out)
@@ -138,14 +143,14 @@ def start_demo_folder(out):
         os.unlink(record_path)
 
 
-def write_labels(out, paths, logits):
+def write_labels(out: str, paths: Sequence[str], logits: np.ndarray) -> np.ndarray:
     labels = logits.argmax(axis=1)
     lines = [f"{os.path.basename(p)} {int(label)}\n" for p, label in zip(paths, labels)]
     files.write_text_atomic(os.path.join(out, LABELS_NAME), "".join(lines))
     return labels
 
 
-def make_demo(out, model_name, count, seed, images="photos"):
+def make_demo(out: str, model_name: str, count: int, seed: int, images: str = "photos") -> dict[str, Any]:
     """Write the whole demo folder; returns the record written to demo.json."""
     start_demo_folder(out)
     use_image_size(image_size(model_name))  # the labels come from the model's own input size

@@ -11,6 +11,8 @@ not a substitute for ImageNet's variety, and a random model's margins on them sa
 about a trained model's.
 """
 
+from __future__ import annotations
+
 import io
 import os
 
@@ -47,7 +49,7 @@ def variant(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
 
 
-def write_variants(folder: str, count: int, seed: int = 0) -> list:
+def write_variants(folder: str | os.PathLike[str], count: int, seed: int = 0) -> list[str]:
     """Write ``count`` distinct variants into ``folder``, cycling through the photographs; returns their names."""
     sources, rng = _sources(), np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)

@@ -13,6 +13,8 @@ a randomly initialised model has no ImageNet accuracy, so the demo replaces them
 PyTorch model's own predictions.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import io
 import os
@@ -62,7 +64,7 @@ PHOTOS = [
 ]
 
 
-def data_dir():
+def data_dir() -> str:
     """scikit-image's bundled data folder (requirements.txt pins scikit-image)."""
     try:
         import skimage
@@ -71,12 +73,12 @@ def data_dir():
     return os.path.join(os.path.dirname(skimage.__file__), "data")
 
 
-def image_name(index):
+def image_name(index: int) -> str:
     """ImageNet val's file name of the ``index``-th image (from 0): ILSVRC2012_val_00000001.JPEG ..."""
     return f"ILSVRC2012_val_{index + 1:08d}.JPEG"
 
 
-def encode(photo, source):
+def encode(photo: Photo, source: str) -> bytes:
     """The bytes written for ``photo`` read from ``source``."""
     if photo.mode == "copy":
         with open(source, "rb") as f:
@@ -92,7 +94,7 @@ def encode(photo, source):
         return buf.getvalue()
 
 
-def write_photo_set(folder, count=None, labels=True):
+def write_photo_set(folder: str | os.PathLike[str], count: int | None = None, labels: bool = True) -> list[str]:
     """Write the first ``count`` (default all) photographs into ``folder``; returns their file names.
 
     With ``labels``, also ``folder/val_label.txt`` with each photo's nominal class.

@@ -7,7 +7,10 @@ format other than the one their name suggests (a PNG named ``.JPEG``), as
 real-world folders have them.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,7 +22,7 @@ AWKWARD_SIZES = [(500, 375), (375, 500), (224, 224), (100, 60), (60, 100), (257,
 MODES = ["RGB", "L", "CMYK", "RGBA", "P", "I;16", "LA", "1"]
 
 
-def synthetic_pixels(rng, width, height):
+def synthetic_pixels(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """An RGB uint8 picture: smooth colour gradients, a few shapes, some noise."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     img = np.empty((height, width, 3), np.float32)
@@ -34,7 +37,7 @@ def synthetic_pixels(rng, width, height):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def synthetic_image(rng, width, height, mode="RGB"):
+def synthetic_image(rng: np.random.Generator, width: int, height: int, mode: str = "RGB") -> Image.Image:
     """A PIL image of the given size and mode."""
     rgb = Image.fromarray(synthetic_pixels(rng, width, height), "RGB")
     if mode == "RGB":
@@ -53,7 +56,7 @@ def synthetic_image(rng, width, height, mode="RGB"):
     return rgb.convert(mode)
 
 
-def save_image(img, path, fmt=None, quality=90):
+def save_image(img: Image.Image, path: str, fmt: str | None = None, quality: int = 90) -> str:
     """Save ``img``; ``fmt`` may differ from the extension (a PNG named .JPEG)."""
     fmt = fmt or {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG"}.get(os.path.splitext(path)[1][1:].lower(), "PNG")
     if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
@@ -65,12 +68,14 @@ def save_image(img, path, fmt=None, quality=90):
     return fmt
 
 
-def imagenet_name(index):
+def imagenet_name(index: int) -> str:
     """ImageNet val file name of 0-based ``index``: ILSVRC2012_val_00000001.JPEG for 0."""
     return f"ILSVRC2012_val_{index + 1:08d}.JPEG"
 
 
-def write_image_set(folder, count, seed=0, sizes=None, modes=None, png_every=5):
+def write_image_set(folder: str | os.PathLike[str], count: int, seed: int = 0,
+                    sizes: Sequence[tuple[int, int]] | None = None, modes: Sequence[str] | None = None,
+                    png_every: int = 5) -> list[str]:
     """Write ``count`` images named as ImageNet val into ``folder``; returns their names.
 
     Sizes and modes cycle through ``sizes``/``modes`` (default: all awkward
@@ -91,7 +96,8 @@ def write_image_set(folder, count, seed=0, sizes=None, modes=None, png_every=5):
     return names
 
 
-def write_realistic_jpegs(folder, count, seed=0, size=(500, 375), quality=90):
+def write_realistic_jpegs(folder: str | os.PathLike[str], count: int, seed: int = 0,
+                          size: tuple[int, int] = (500, 375), quality: int = 90) -> list[str]:
     """RGB JPEGs of ImageNet's typical size and quality, for throughput benchmarks."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)

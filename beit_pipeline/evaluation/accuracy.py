@@ -11,12 +11,16 @@ Rows are mapped to images in one of two ways:
   shorter), so both are checked; a row past N is padding and is not counted.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import re
 import sys
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +30,10 @@ from beit_pipeline.evaluation.labels import stem_of
 from beit_pipeline.inference import outputs as output_files
 from beit_pipeline.inference import record as inference_record
 from beit_pipeline.preprocess import batches as batch_files
+
+if TYPE_CHECKING:
+    from beit_pipeline.evaluation.label_file import LabelFile
+    from beit_pipeline.evaluation.label_formats import FolderLabels
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +53,11 @@ class Accuracy:
     top1_hits: list = dataclasses.field(default_factory=list)  # per counted image, in order: its Top-1 hit
 
     @property
-    def top1(self):
+    def top1(self) -> float:
         return percent(self.correct[0], self.num_images)
 
     @property
-    def top5(self):
+    def top5(self) -> float:
         return percent(self.correct[-1], self.num_images)
 
 
@@ -62,11 +70,11 @@ class BatchRows:
     names: list
 
 
-def percent(hits, count):
+def percent(hits: int, count: int) -> float:
     return 100.0 * float(hits) / count if count else 0.0
 
 
-def label_ranks(logits, labels):
+def label_ranks(logits: np.ndarray, labels: Sequence[int] | np.ndarray) -> np.ndarray:
     """Rank of each row's true label among its logits (0 = the top prediction).
 
     Ties are broken by class index (a stable sort), so the result does not
@@ -78,7 +86,8 @@ def label_ranks(logits, labels):
     return np.argmax(order == labels[:, None], axis=1)
 
 
-def evaluate(rows, labels, num_classes=output_files.NUM_CLASSES, label_file="the label file"):
+def evaluate(rows: Iterable[BatchRows], labels: Mapping[str, int], num_classes: int = output_files.NUM_CLASSES,
+             label_file: str = "the label file") -> Accuracy:
     """Count Top-1..Top-5 hits over ``rows`` (BatchRows); ``labels`` maps each image name to its class."""
     topn = min(TOPN, num_classes)
     correct = np.zeros(topn, dtype=np.int64)
@@ -114,7 +123,8 @@ class ManifestBatch:
     names: list  # the images of its real rows
 
 
-def plan_from_manifest(manifest, outputs, batch_size, manifest_file):
+def plan_from_manifest(manifest: dict[str, Any], outputs: dict[str, str], batch_size: int | None,
+                       manifest_file: str) -> tuple[list[ManifestBatch], list[str]]:
     """([ManifestBatch] for every batch the manifest lists, [names of outputs it does not list]).
 
     Refuses a batch size other than the manifest's, an image listed twice and
@@ -142,7 +152,8 @@ def plan_from_manifest(manifest, outputs, batch_size, manifest_file):
     return plan, extra
 
 
-def manifest_rows(plan, batch_size, num_classes, dtype=None):
+def manifest_rows(plan: list[ManifestBatch], batch_size: int, num_classes: int,
+                  dtype: str | None = None) -> Iterator[BatchRows]:
     """Yield BatchRows of the real rows of each planned batch, checking row counts."""
     for batch in _progress(plan):
         logits = output_files.read_output(batch.path, num_classes, batch_size, dtype)
@@ -155,7 +166,7 @@ def manifest_rows(plan, batch_size, num_classes, dtype=None):
         yield BatchRows(batch.path, logits[:len(batch.names)], batch.names)
 
 
-def manifest_labels(label_file, plan):
+def manifest_labels(label_file: LabelFile | FolderLabels, plan: list[ManifestBatch]) -> dict[str, int]:
     """{image name: class} for every image of the plan (labels.LabelFile.match's rules)."""
     where = {name: f"row of {batch.path}" for batch in plan for name in batch.names}
     return label_file.match([name for batch in plan for name in batch.names], where)
@@ -170,7 +181,7 @@ class GuideBatch:
     index: int  # k of input_k
 
 
-def plan_from_guide_rule(outputs, folder):
+def plan_from_guide_rule(outputs: dict[str, str], folder: str) -> list[GuideBatch]:
     """[GuideBatch] in batch order, for outputs of ``input_NNNNN``.
 
     Without a manifest, the batch index in the name is all there is to go on,
@@ -194,7 +205,7 @@ def plan_from_guide_rule(outputs, folder):
     return plan
 
 
-def guide_labels(label_file):
+def guide_labels(label_file: LabelFile | FolderLabels) -> dict[str, int]:
     """{ILSVRC2012_val_NNNNNNNN: class}, refusing a label file the guide's rule would misread.
 
     The rule names row i of input_k ILSVRC2012_val_{k*bs+i+1:08d}, so it is right
@@ -224,7 +235,7 @@ def guide_labels(label_file):
     return {f"ILSVRC2012_val_{n:08d}": label for n, label in by_number.items()}
 
 
-def check_guide_rows(batch, rows, batch_size, last):
+def check_guide_rows(batch: GuideBatch, rows: int, batch_size: int, last: bool) -> None:
     """Every output holds --batch_size rows under the guide's rule; only the last may hold fewer."""
     if rows > batch_size:
         raise PipelineFileError(f"{batch.path}: {rows} rows, more than the batch size {batch_size}")
@@ -235,7 +246,8 @@ def check_guide_rows(batch, rows, batch_size, last):
             "--batch_size (or --prep_image)")
 
 
-def guide_rows(plan, batch_size, labels, num_classes, uncounted, dtype=None):
+def guide_rows(plan: list[GuideBatch], batch_size: int, labels: Mapping[str, int], num_classes: int,
+               uncounted: list[int], dtype: str | None = None) -> Iterator[BatchRows]:
     """Yield BatchRows under the guide's rule; rows past the label file's last image are padding.
 
     ``uncounted`` (a one-item list) collects how many rows were left out as padding.
@@ -262,11 +274,11 @@ class Evaluation:
     manifest: dict = None  # beit_preprocess.py's manifest, when rows were mapped by it
 
     @property
-    def not_evaluated(self):
+    def not_evaluated(self) -> int:
         """Labelled images that were not counted: not in this image set, or skipped as unreadable."""
         return max(0, self.labelled - self.accuracy.num_images)
 
-    def subset_statement(self):
+    def subset_statement(self) -> str | None:
         """``12 of 24 labelled images evaluated (...)``, or None when every labelled image was evaluated."""
         if not self.not_evaluated:
             return None
@@ -278,7 +290,7 @@ class Evaluation:
 _DATED_RE = re.compile(r"^\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}$")  # ais_bench's time.strftime("%Y_%m_%d-%H_%M_%S")
 
 
-def output_subfolders(folder):
+def output_subfolders(folder: str) -> list[str]:
     """The subfolders of ``folder`` that hold outputs, newest first: dated names by their date, others by mtime."""
     found = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
              and output_files.find_outputs(os.path.join(folder, d))]
@@ -291,7 +303,7 @@ def output_subfolders(folder):
     return sorted(found, key=lambda d: (made(d), d), reverse=True)
 
 
-def find_outputs_in(folder):
+def find_outputs_in(folder: str) -> dict[str, str]:
     """output_files.find_outputs(), refusing a folder without any (naming ais_bench's newest dated subfolder)."""
     found = output_files.find_outputs(folder)
     if not found:
@@ -300,7 +312,7 @@ def find_outputs_in(folder):
     return found
 
 
-def subfolder_hint(folder):
+def subfolder_hint(folder: str) -> str:
     """Where the outputs may be: ais_bench's newest (dated) subfolder that holds some, the others listed."""
     subdirs, which = output_subfolders(folder), "the newest with outputs"
     if not subdirs:
@@ -312,14 +324,15 @@ def subfolder_hint(folder):
     return f" (ais_bench writes into a dated subfolder of --output: {which} is {os.path.join(folder, subdirs[0])}{others})"
 
 
-def summary_output_dtype(folder):
+def summary_output_dtype(folder: str) -> str | None:
     """The outputs' dtype as the run's summary (``<folder>_summary.json``) records it, or None."""
     summary = files.read_json(os.path.normpath(folder) + "_summary.json")
     dtype = summary.get("output_dtype") if isinstance(summary, dict) else None
     return dtype if isinstance(dtype, str) else None
 
 
-def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, num_classes):
+def evaluate_with_manifest(folder: str, outputs: dict[str, str], label_file: LabelFile | FolderLabels,
+                           prep_image: str, batch_size: int | None, num_classes: int) -> Evaluation:
     manifest_file = batch_files.manifest_path(prep_image)
     manifest = batch_files.require_complete_manifest(manifest_file)
     inference_record.check_manifest_matches(folder, prep_image)  # outputs of another image set or row order
@@ -334,13 +347,14 @@ def evaluate_with_manifest(folder, outputs, label_file, prep_image, batch_size, 
                       manifest)
 
 
-def labelled_count(label_file, labels: dict) -> int:
+def labelled_count(label_file: LabelFile | FolderLabels, labels: dict) -> int:
     """How many images the labels name: a label file's entries; class folders label just the images read."""
     from beit_pipeline.evaluation.label_formats import FolderLabels
     return len(labels) if isinstance(label_file, FolderLabels) else len(label_file.entries)
 
 
-def evaluate_with_guide_rule(folder, outputs, label_file, batch_size, num_classes):
+def evaluate_with_guide_rule(folder: str, outputs: dict[str, str], label_file: LabelFile | FolderLabels,
+                             batch_size: int, num_classes: int) -> Evaluation:
     inference_record.check_guide_rule_fits(folder, batch_size)  # images not 1, 2, 3 ... in row order
     plan = plan_from_guide_rule(outputs, folder)
     labels = guide_labels(label_file)
@@ -354,7 +368,8 @@ def evaluate_with_guide_rule(folder, outputs, label_file, batch_size, num_classe
     return Evaluation(accuracy, "guide rule", [], len(labels))
 
 
-def evaluate_folder(folder, label_file, prep_image, batch_size, num_classes):
+def evaluate_folder(folder: str, label_file: LabelFile | FolderLabels, prep_image: str | None,
+                    batch_size: int | None, num_classes: int) -> Evaluation:
     """Evaluation of the outputs in ``folder`` against ``label_file`` (a labels.LabelFile)."""
     outputs = find_outputs_in(folder)
     if prep_image is not None:
@@ -374,6 +389,6 @@ def evaluate_folder(folder, label_file, prep_image, batch_size, num_classes):
 
 # ---------------------------------------------------------------- result lines
 
-def summary_line(accuracy):
+def summary_line(accuracy: Accuracy) -> str:
     return (f"Top-1 accuracy: {accuracy.top1:.2f}%  Top-5 accuracy: {accuracy.top5:.2f}%  "
             f"images: {accuracy.num_images}")

@@ -4,16 +4,19 @@ Kept apart from both so that label_formats.py (the other forms) does not import 
 dispatches to it): no import circle.
 """
 
+from __future__ import annotations
+
 import collections
 import dataclasses
 import posixpath
+from collections.abc import Mapping, Sequence
 
 from beit_pipeline.errors import PipelineFileError
 
 NUM_CLASSES = 1000
 
 
-def normalise_name(name):
+def normalise_name(name: str) -> str:
     """A label entry or image name as a relative POSIX path: ``.\\a\\b.jpg`` -> ``a/b.jpg``."""
     name = name.replace("\\", "/")
     while name.startswith("./"):
@@ -21,7 +24,7 @@ def normalise_name(name):
     return name
 
 
-def stem_of(name):
+def stem_of(name: str) -> str:
     return posixpath.splitext(posixpath.basename(name))[0]
 
 
@@ -33,7 +36,7 @@ class LabelFile:
     entries: dict  # normalised name as written -> class index
     lines: dict  # normalised name -> line number, for messages
 
-    def match(self, image_names, where=None):
+    def match(self, image_names: Sequence[str], where: Mapping[str, str] | None = None) -> dict[str, int]:
         """{image name: class index} for every image; PipelineFileError naming the first problem.
 
         ``image_names`` are the relative names beit_preprocess.py records in its
@@ -73,7 +76,7 @@ class LabelFile:
                     "images by their path relative to --image_path in the label file (e.g. 'dogs/1.jpg 3')")
         raise _NoLabel(f"{self.path}: no label for image {name}")
 
-    def names(self):
+    def names(self) -> list[str]:
         return list(self.entries)
 
 

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.evaluation.label_file import LabelFile, normalise_name
@@ -144,7 +145,7 @@ def mapping_beside(path: str, name: str, synset_mapping: str | None, what: str, 
 
 # ---------------------------------------------------------------- the label forms
 
-def read_kaggle_csv(path: str, num_classes: int, synset_mapping: str | None):
+def read_kaggle_csv(path: str, num_classes: int, synset_mapping: str | None) -> LabelFile:
     """LOC_val_solution.csv: each image's synset (the first of its boxes; all its boxes share it)."""
 
     mapping_path = mapping_beside(path, KAGGLE_MAPPING, synset_mapping, "it names synsets, not class indices",
@@ -174,7 +175,7 @@ def read_kaggle_csv(path: str, num_classes: int, synset_mapping: str | None):
     return LabelFile(path=path, entries=entries, lines=lines)
 
 
-def read_devkit(path: str, num_classes: int, synset_mapping: str | None):
+def read_devkit(path: str, num_classes: int, synset_mapping: str | None) -> LabelFile:
     """ILSVRC2012_validation_ground_truth.txt: line i is the ILSVRC2012_ID of ILSVRC2012_val_{i:08d}."""
 
     meta_path = mapping_beside(path, DEVKIT_META, synset_mapping, "its ILSVRC2012_IDs are in the devkit's own "
@@ -208,14 +209,14 @@ class FolderLabels:
     source: str
 
     @property
-    def entries(self):
+    def entries(self) -> dict[str, int]:
         raise PipelineFileError(f"{self.path}: labels from class folders name images by their folder: pass "
                                 "--prep_image (beit_preprocess.py's folder) so that rows are matched to images")
 
     def names(self) -> list:
         return []
 
-    def match(self, image_names, where=None) -> dict:
+    def match(self, image_names: Sequence[str], where: Mapping[str, str] | None = None) -> dict:
         """{image name: class index}; PipelineFileError naming the first image outside a known class folder."""
 
         result = {}
@@ -263,7 +264,7 @@ def read_mapping_as_labels(path: str, num_classes: int, folder: str | None = Non
     return FolderLabels(path, mapping.index, path)
 
 
-def read(path: str, form: str, num_classes: int, synset_mapping: str | None = None):
+def read(path: str, form: str, num_classes: int, synset_mapping: str | None = None) -> LabelFile | FolderLabels:
     """The labels of a non-guide form (detect()); labels.read_labels dispatches here."""
     try:
         if form == FOLDERS:

@@ -14,16 +14,22 @@ So ``dogs/1.jpg`` and ``cats/1.jpg`` never share one label silently: they must b
 named by their relative paths, and an ambiguous match is an error naming both.
 """
 
+from __future__ import annotations
+
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.evaluation import label_formats
 from beit_pipeline.evaluation.label_file import NUM_CLASSES, LabelFile, normalise_name, stem_of  # noqa: F401 (re-exported)
 
+if TYPE_CHECKING:
+    import argparse
+
 log = logging.getLogger(__name__)
 
-def parse_label_line(line):
+def parse_label_line(line: str) -> tuple[str, str | None] | None:
     """(name, label text) of one line, split at its last whitespace; None for a blank line."""
     text = line.strip()
     if not text:
@@ -34,7 +40,8 @@ def parse_label_line(line):
     return parts[0].strip(), parts[1]
 
 
-def read_labels(path, num_classes=NUM_CLASSES, synset_mapping=None):
+def read_labels(path: str | os.PathLike[str], num_classes: int = NUM_CLASSES,
+                synset_mapping: str | None = None) -> LabelFile | label_formats.FolderLabels:
     """Read a label file into a LabelFile; PipelineFileError naming the file and line on any fault.
 
     Windows line endings, a UTF-8 BOM, trailing blanks and blank lines are
@@ -85,14 +92,14 @@ def read_labels(path, num_classes=NUM_CLASSES, synset_mapping=None):
     return LabelFile(path=path, entries=entries, lines=where)
 
 
-def image_key(name):
+def image_key(name: str) -> str:
     """An image's name without folder and extension (the guide's generated names are stems)."""
     return stem_of(normalise_name(name))
 
 
 # ---------------------------------------------------------------- run_all.sh's check before the first step
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python3 -m beit_pipeline.evaluation.labels",
@@ -105,13 +112,13 @@ def build_parser():
     return parser
 
 
-def check(args) -> None:
+def check(args: argparse.Namespace) -> None:
     found = read_labels(args.labels, args.num_classes, args.synset_mapping)
     if isinstance(found, LabelFile) and label_formats.detect(args.labels) == label_formats.GUIDE:
         log.info(f"labels: {args.labels}: {len(found.entries)} images in the guide's val_label.txt form")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from beit_pipeline import cli
 
     return cli.run_main(build_parser(), check, argv)

@@ -15,21 +15,30 @@ A result made with a non-default engine or precision is named with a tag
 (``acc_bs8_bf16.json``), and ``cost_lines`` compares it with the fp32 one image by image.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from beit_pipeline import files, fingerprint
 from beit_pipeline.errors import PipelineFileError
+from beit_pipeline.evaluation import stats
 from beit_pipeline.graph import onnx_files
 from beit_pipeline.pipeline.chain import details_name  # noqa: F401 (the rule lives with the chain's names)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from beit_pipeline.evaluation.accuracy import Evaluation
 
 # numpy is imported where it is used: run_all.sh asks workstate (which imports this module) a dozen questions
 # per run, and numpy's import alone doubles the time of each.
 
 DETAILS_FORMAT = 1
-Z_95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
 # ---------------------------------------------------------------- names
@@ -64,14 +73,9 @@ def guide_json_text(num_images: int, num_classes: int, top1_hits: int) -> str:
 
 # ---------------------------------------------------------------- statistics
 
-def wilson_interval(hits: int, count: int, z: float = Z_95) -> list:
-    """The Wilson score interval of a rate, in percent: [low, high] (a sample's rate says how sure it is)."""
-    if count == 0:
-        return [0.0, 100.0]
-    p = hits / count
-    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
-    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
-    return [round(100.0 * max(0.0, centre - half), 4), round(100.0 * min(1.0, centre + half), 4)]
+def wilson_interval(hits: int, count: int, z: float = stats.Z95) -> list[float]:
+    """The Wilson score interval of a rate, in percent to 4 places: [low, high] (stats.wilson's)."""
+    return [round(100.0 * bound, 4) for bound in stats.wilson(hits, count, z)]
 
 
 def mcnemar_p(gained: int, lost: int) -> float:
@@ -83,13 +87,13 @@ def mcnemar_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def pack_hits(hits) -> str:
+def pack_hits(hits: Sequence[bool] | np.ndarray) -> str:
     """Per-image Top-1 hits (in the evaluation's image order) as hex of packed bits."""
     import numpy as np
     return np.packbits(np.asarray(hits, dtype=bool)).tobytes().hex()
 
 
-def unpack_hits(text: str, count: int):
+def unpack_hits(text: str, count: int) -> np.ndarray:
     """The per-image Top-1 hits of pack_hits, as a bool array."""
     import numpy as np
     return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:count].astype(bool)
@@ -111,7 +115,7 @@ class Provenance:
 CACHE_FROM = 64 << 20  # bytes: smaller files are hashed afresh (under 0.1 s), larger ones through the digest cache
 
 
-def file_record(path) -> dict:
+def file_record(path: str | None) -> dict[str, str] | None:
     """{"path", "sha256"} of a file (a model's .data file too), or None for no path."""
     if not path:
         return None
@@ -145,7 +149,8 @@ ASCEND_FACTS = {"engine": "ais_bench", "precision": "atc's (the OM's)", "backend
                 "model": None}
 
 
-def provenance(evaluation, folder, label_path, prep_image=None, checkpoint=None, model_file=None) -> Provenance:
+def provenance(evaluation: Evaluation, folder: str, label_path: str, prep_image: str | None = None,
+               checkpoint: str | None = None, model_file: str | None = None) -> Provenance:
     """The Provenance of an Evaluation of the outputs in ``folder``; an .om ``model_file`` runs only on the NPU,
     whatever a summary beside the folder says."""
     facts = ASCEND_FACTS if str(model_file or "").endswith(".om") else inference_facts(folder)
@@ -163,7 +168,7 @@ def provenance(evaluation, folder, label_path, prep_image=None, checkpoint=None,
                       checkpoint=file_record(checkpoint))
 
 
-def details(evaluation, source: Provenance, result_name: str) -> dict:
+def details(evaluation: Evaluation, source: Provenance, result_name: str) -> dict:
     """Our figures beside the guide's JSON: counts, intervals, the subset, what the numbers were made from."""
     acc = evaluation.accuracy
     topk = {f"top{k}": 100.0 * hits / acc.num_images for k, hits in enumerate(acc.correct, 1)}

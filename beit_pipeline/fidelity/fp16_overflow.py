@@ -24,11 +24,13 @@ fp16 roundings in a row), and every image whose Top-1 differs from fp32's is a n
 emulation's own rounding flips either way.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import tempfile
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import onnx
@@ -48,6 +50,9 @@ from beit_pipeline.fidelity.om_emulation import (
 from beit_pipeline.graph import onnx_files
 from beit_pipeline.graph.index import GraphIndex, node_key
 from beit_pipeline.inference import sessions as onnx_models
+
+if TYPE_CHECKING:
+    from beit_pipeline.fidelity.runners import ImageRows
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +92,7 @@ class SaturatedNode:
 
 # ---------------------------------------------------------------- running the emulation
 
-def run_emulated(model: onnx.ModelProto, keep: KeepList, images, batch_size: int, folder: str,
+def run_emulated(model: onnx.ModelProto, keep: KeepList, images: np.ndarray | ImageRows, batch_size: int, folder: str,
                  count: bool = False) -> EmulatedRun:
     """Emulate ``model`` with ``keep`` and run it on ``images`` (N, 3, S, S: an array, or rows read on demand such
     as fidelity_runners.ImageRows) in batches, with probes: each rounding's per-image extremes (and NaNs) show

@@ -19,10 +19,14 @@ The first departing node is named by its op type and its position in the network
 from the structure (LayerNorms, Softmaxes, residual Adds), never from node names.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -33,6 +37,11 @@ from beit_pipeline.fidelity.om_emulation import GELU, LAYERNORM, MATMUL_BIAS, MO
 from beit_pipeline.graph.index import GraphIndex, node_key, weightless_copy
 from beit_pipeline.inference import sessions as onnx_models
 from beit_pipeline.preprocess import batches
+
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +65,7 @@ class TensorError:
     cosine: float
 
     @property
-    def departs(self):
+    def departs(self) -> bool:
         return not (self.cosine >= COSINE_LIMIT and self.rel_err <= REL_LIMIT)
 
 
@@ -82,7 +91,7 @@ class Layout:
     owner: dict  # node key -> FusedOp
 
 
-def layout(gi):
+def layout(gi: GraphIndex) -> Layout:
     """The block structure of a BEiT graph: two LayerNorms per block, the MLP's residual Add ends it."""
     fused = find_fused_ops(gi)
     order = {node_key(n): i for i, n in enumerate(gi.graph.node)}
@@ -116,7 +125,7 @@ def _role(gi, node, op, attention, before_softmax, nth_linear):
     return f"{phase} {node.op_type}"
 
 
-def positions(gi, lay):
+def positions(gi: GraphIndex, lay: Layout) -> dict[str, str]:
     """{tensor name: readable position of the node that makes it} for a BEiT graph and its layout()."""
     found, block, linear = {}, None, 0
     softmax_seen = False
@@ -144,7 +153,7 @@ def positions(gi, lay):
 
 # ---------------------------------------------------------------- comparing tensors
 
-def compare(reference, candidate):
+def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float] | None:
     """(rel err, cosine) of two tensors, the candidate cut to the reference's length on padded axes."""
     if reference.ndim != candidate.ndim:
         return None
@@ -164,7 +173,7 @@ def compare(reference, candidate):
     return rel, cosine
 
 
-def float_tensors(model):
+def float_tensors(model: onnx.ModelProto) -> dict[str, tuple[int, list[int]]]:
     """{tensor name: (elem type, shape)} of every fp32/fp16 tensor a node makes."""
     inferred = onnx.shape_inference.infer_shapes(weightless_copy(model)).graph
     found = {}
@@ -175,7 +184,7 @@ def float_tensors(model):
     return found
 
 
-def truncated(model, names, types):
+def truncated(model: onnx.ModelProto, names: list[str], types: dict[str, tuple[int, list[int]]]) -> onnx.ModelProto:
     """``model`` cut down to the nodes ``names`` depend on, with ``names`` as its outputs.
 
     Every exposed tensor stays allocated until the end of a run, so exposing them all
@@ -200,7 +209,7 @@ def truncated(model, names, types):
     return out
 
 
-def chunks(names, types):
+def chunks(names: Iterable[str], types: dict[str, tuple[int, list[int]]]) -> Iterator[list[str]]:
     """``names`` in runs of at most CHUNK_BYTES of tensor data."""
     run, size = [], 0
     for name in names:
@@ -224,7 +233,7 @@ class PairedRun:
     then small files that refer to them.
     """
 
-    def __init__(self, ref_model, cand_model, names, folder):
+    def __init__(self, ref_model: onnx.ModelProto, cand_model: onnx.ModelProto, names: Iterable[str], folder: str):
         self.types = [float_tensors(ref_model), float_tensors(cand_model)]
         self.names = [n for n in names if n in self.types[0] and n in self.types[1]]
         self.folder, self.models = folder, []
@@ -234,7 +243,7 @@ class PairedRun:
                             location=f"{label}.weights", size_threshold=1024)
             self.models.append(onnx.load(path, load_external_data=False))
 
-    def outputs(self, run, batch):
+    def outputs(self, run: list[str], batch: np.ndarray) -> list[dict[str, np.ndarray]]:
         """[{name: array} of the reference, of the candidate] for the tensors ``run``."""
         found = []
         for k, model in enumerate(self.models):
@@ -245,7 +254,7 @@ class PairedRun:
             del session
         return found
 
-    def errors(self, names, batch, describe):
+    def errors(self, names: Iterable[str], batch: np.ndarray, describe: Callable[[str, float, float], _T]) -> list[_T]:
         """[TensorError] of ``names`` (a subset of self.names), in their order."""
         found = []
         for run in chunks(names, self.types[0]):
@@ -257,7 +266,8 @@ class PairedRun:
         return found
 
 
-def scan(paired, batch, describe, to_the_end):
+def scan(paired: PairedRun, batch: np.ndarray, describe: Callable[[str, float, float], TensorError],
+         to_the_end: bool) -> tuple[TensorError | None, TensorError | None, dict[str, TensorError]]:
     """(first departing TensorError or None, worst, {tensor: TensorError}) over the shared tensors in order."""
     first, worst, seen = None, None, {}
     for run in chunks(paired.names, paired.types[0]):
@@ -270,7 +280,8 @@ def scan(paired, batch, describe, to_the_end):
     return first, worst, seen
 
 
-def locate(ref_path, cand_path, stage, reference, batch_path, image_size=batches.IMAGE_SIZE):
+def locate(ref_path: str, cand_path: str, stage: str, reference: str, batch_path: str,
+           image_size: int = batches.IMAGE_SIZE) -> Located:
     """The Located answer for two ONNX files on the batch file ``batch_path``."""
     ref_model, cand_model = onnx.load(ref_path), onnx.load(cand_path)
     gi = GraphIndex(ref_model)
@@ -303,7 +314,7 @@ def _worse(a, b):
     return (a.rel_err, -a.cosine) > (b.rel_err, -b.cosine)
 
 
-def report(found):
+def report(found: Located) -> None:
     """Print the answer: the first departing node, the worst tensor, the error after each block."""
     log.info(f"locate {found.stage} against {found.reference}: {found.compared} intermediate tensors compared "
              f"(departs: cosine < {COSINE_LIMIT} or max|a-b|/max|b| > {REL_LIMIT:g})")
@@ -326,7 +337,7 @@ def report(found):
 
 
 # Issue 21: --locate's figures kept for the HTML report (report_data.load_blocks reads them).
-def save(found, path, extra=None):
+def save(found: Located, path: str, extra: dict[str, Any] | None = None) -> None:
     """Write ``found`` (a Located) as JSON: the first departing tensor, the worst, the error after each block,
     and the keys of ``extra`` (for an emulated stage, ``first_saturating``: the first node whose fp16 rounding
     saturates, fp16_overflow.SaturatedNode as a dict, None when none does on the batch)."""

@@ -15,10 +15,13 @@ the sample, the audit, the base and, per stage, how it ran, its intervals and, f
 stages, ``saturated_nodes`` on the images they ran (README).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +53,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dots / np.where(norms > 0, norms, 1), np.where(dots == 0, 1.0, 0.0))
 
 
-def errors(runner, reference) -> tuple:
+def errors(runner: fidelity_runners.StageRunner, reference: fidelity_runners.StageRunner) -> tuple[float, float]:
     """(max|a-b|/max|b| over all logits, the lowest per-image cosine) on the images both ran, in chunks."""
     both = np.array(sorted(runner.logits.keys() & reference.logits.keys()), dtype=np.int64)
     diff = scale = 0.0
@@ -70,7 +73,7 @@ class Answers:
     rank: np.ndarray
 
 
-def answers(plan: fidelity_screen.Plan, runner, scored: np.ndarray) -> Answers:
+def answers(plan: fidelity_screen.Plan, runner: fidelity_runners.StageRunner, scored: np.ndarray) -> Answers:
     if plan.base is not None:
         argmax, rank = plan.base_argmax[scored].copy(), plan.base_rank[scored].copy()
     else:
@@ -91,7 +94,8 @@ def top5(row: np.ndarray) -> list:
     return [[int(c), round(float(row[c]), 6)] for c in order]
 
 
-def flipped_detail(plan: fidelity_screen.Plan, runner, reference, flipped: np.ndarray) -> list:
+def flipped_detail(plan: fidelity_screen.Plan, runner: fidelity_runners.StageRunner,
+                   reference: fidelity_runners.StageRunner, flipped: np.ndarray) -> list[dict[str, Any]]:
     """Per flipped image: its name, label, and both top-5 lists (the screen runs both stages on every flip)."""
     detail = []
     for i in flipped:
@@ -157,7 +161,7 @@ class Report:
     runners: dict = None  # {stage: its StageRunner (closed), with the logits it holds}: for --suggest_keep_dtype
 
 
-def run_report(wf: fidelity.WorkFolder, stages: list, options: fidelity.Options = None) -> Report:
+def run_report(wf: fidelity.WorkFolder, stages: list, options: fidelity.Options | None = None) -> Report:
     """Score ``stages`` (pytorch first) on the chosen images, each run only where it can matter (or everywhere)."""
     options, clock = options or fidelity.Options(), Clock()
     images = fidelity.select_images(wf, options.max_images, options.seed)
@@ -198,7 +202,7 @@ class Clock:
         self.laps[name] = round(now - self.last, 3)
         self.last = now
 
-    def total(self):
+    def total(self) -> float:
         return time.perf_counter() - self.start
 
 
@@ -252,7 +256,7 @@ def describe_screen(report: Report) -> list:
     return lines
 
 
-def prediction_line(result, report_images: str) -> str:
+def prediction_line(result: fidelity.StageResult, report_images: str) -> str:
     return (f"{result.top1:.2f}% (95% CI {_ci(result.top1_ci95)}), {result.delta_top1:+.2f} points vs PyTorch "
             f"({_signed_ci(result.delta_top1_ci95)}), on {report_images}")
 
@@ -312,7 +316,7 @@ class Prediction:
     every_image: bool  # True: scored on every image of the run
 
 
-def read_prediction(path: str) -> Prediction:
+def read_prediction(path: str) -> Prediction | None:
     """The Prediction of a fidelity report, or None when it has no om_emulation row (or is of another format)."""
     data = files.read_json(path) or {}
     row = next((s for s in data.get("stages") or [] if isinstance(s, dict) and s.get("name") == "om_emulation"), None)

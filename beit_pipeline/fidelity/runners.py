@@ -14,12 +14,16 @@ very batches; otherwise graph_modify is run here on every image (ONNX Runtime fp
 its LogitStore, and then is also that stage's own full run.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +92,7 @@ class ImageRows:
     it in batches, so that --suggest_keep_dtype holds no more than a batch of pixels): a slice reads those rows,
     an index array gives the ImageRows of those images."""
 
-    def __init__(self, images: ImageSet, indices):
+    def __init__(self, images: ImageSet, indices: Sequence[int] | np.ndarray):
         self.images, self.indices = images, np.asarray(indices, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -118,7 +122,8 @@ class StageRunner:
 
     reads_files = False  # True: its logits are read from files for every image, not run
 
-    def __init__(self, wf, stage, images, record, options):
+    def __init__(self, wf: WorkFolder, stage: str, images: ImageSet, record: dict[str, dict[str, Any]] | None,
+                 options: Options | None):
         self.wf, self.stage, self.images, self.record, self.options = wf, stage, images, record, options
         self.logits, self.reused = {}, 0
         self.load_seconds = self.run_seconds = 0.0
@@ -139,7 +144,7 @@ class StageRunner:
         self.load_seconds += time.perf_counter() - start
         return model
 
-    def store_key(self):
+    def store_key(self) -> dict[str, str | int]:
         """What makes this stage's logits: the model's content, engine, precision, and the input batches."""
         if self.stage == "pytorch":
             model = fingerprint.file_digest(self.wf.checkpoint)
@@ -151,7 +156,7 @@ class StageRunner:
                 "torch" if self.stage == "pytorch" else "onnxruntime",
                 "precision": CPU_PRECISION_STAGES.get(self.stage, "fp32"), "batch_size": self.wf.batch_size}
 
-    def ensure(self, indices) -> int:
+    def ensure(self, indices: Iterable[int]) -> int:
         """Compute the logits of the images ``indices`` that are not here yet; returns how many were new."""
         todo = sorted(set(int(i) for i in indices) - self.logits.keys())
         if not todo:
@@ -223,15 +228,15 @@ class StageRunner:
             batch[k] = read_image(*self.images.locations[i], size)
         return batch
 
-    def close(self):
+    def close(self) -> None:
         if self._store is not None:
             self._flush()
         self._model = None
 
-    def array(self, indices) -> np.ndarray:
+    def array(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         return np.stack([self.logits[i] for i in indices]) if len(indices) else np.zeros((0, 0), np.float32)
 
-    def saturated_nodes(self) -> list:
+    def saturated_nodes(self) -> list[dict[str, Any]] | None:
         """fp16 roundings that clamp on the images this stage ran: None, it has no fp16 emulation."""
         return None
 
@@ -241,7 +246,7 @@ class OutputReader(StageRunner):
 
     reads_files = True
 
-    def ensure(self, indices) -> int:
+    def ensure(self, indices: Iterable[int]) -> int:
         todo = sorted(set(int(i) for i in indices) - self.logits.keys())
         if not todo:
             return 0
@@ -281,7 +286,8 @@ class EmulatedRunner(StageRunner):
     kept only when both stores hold it, so a rerun that reuses the logits still reports saturation.
     """
 
-    def __init__(self, wf, stage, images, record, options):
+    def __init__(self, wf: WorkFolder, stage: str, images: ImageSet, record: dict[str, dict[str, Any]] | None,
+                 options: Options | None):
         super().__init__(wf, stage, images, record, options)
         self.clamps = {}  # image index: values clamped per rounding (one per Rounding of the emulation)
         self._emulation = self._flags = self._clamp_store = self._stored_clamps = self._scratch = None
@@ -369,18 +375,18 @@ class EmulatedRunner(StageRunner):
         super()._flush()
         self._clamp_store.flush()
 
-    def close(self):
+    def close(self) -> None:
         super().close()
         self._emulation = None  # its model is the size of the stage's: made again if saturated_nodes needs it
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 
-    def clamp_array(self, indices) -> np.ndarray:
+    def clamp_array(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """(images, roundings): the values each rounding clamps on the images ``indices`` (all ran)."""
         return np.stack([self.clamps[i] for i in indices]).astype(np.int64)
 
-    def saturated_nodes(self) -> list:
+    def saturated_nodes(self) -> list[dict[str, Any]]:
         """[SaturatedNode as a dict] of the roundings that clamp on the images this stage ran, in graph order."""
         ran = sorted(self.logits)
         clamped = self.clamp_array(ran).T if ran else np.zeros((0, 0), np.int64)
@@ -416,7 +422,7 @@ class Base:
     stage: str = None  # the stage whose own full run they are (then it ran on every image)
 
 
-def base_refusal(wf: WorkFolder, record: inference_record.OutputRecord) -> str:
+def base_refusal(wf: WorkFolder, record: inference_record.OutputRecord | None) -> str | None:
     """Why ais_out/bs{N} cannot be the base (None when it can): it must be beit_infer.py's fp32 run of the
     graph_modify model on exactly these batches, as its record says."""
     if record is None:
@@ -432,7 +438,7 @@ def base_refusal(wf: WorkFolder, record: inference_record.OutputRecord) -> str:
     return None
 
 
-def outputs_base(wf: WorkFolder, images: ImageSet) -> "Base":
+def outputs_base(wf: WorkFolder, images: ImageSet) -> Base | None:
     """The Base from the run's own fp32 outputs in ais_out/bs{N}, or None (logged why) when unusable."""
     folder = wf.file("om")
     if not os.path.isdir(folder):

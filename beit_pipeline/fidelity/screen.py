@@ -25,12 +25,19 @@ machine, independent of numpy's generators, and a prefix of one ranking serves a
 (audit within the stage sample within ``--max_images``).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from beit_pipeline.fidelity.runners import Base, StageRunner
+    from beit_pipeline.fidelity.stages import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ class Margins:
     scale: np.ndarray  # max |logit|: what a relative bound is relative to
 
 
-def chunks(count: int, size: int = None) -> list:
+def chunks(count: int, size: int | None = None) -> list[slice]:
     """Slices of ``range(count)`` of CHUNK_ROWS rows: 50,000 images' logits in float64 at once would be 400 MB."""
     size = size or CHUNK_ROWS
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
@@ -143,7 +150,7 @@ def can_change(m: Margins, *bounds: Bound) -> np.ndarray:
 
 
 def images_at_risk(base: np.ndarray, labels: np.ndarray, bound: Bound, audit: np.ndarray,
-                   reference: Bound = None) -> np.ndarray:
+                   reference: Bound | None = None) -> np.ndarray:
     """Sorted indices of the images where a stage with ``bound`` can matter: the audit plus the changeable.
 
     For a candidate change of a stage (issue 20's keep lists): run it on these images only; on the
@@ -186,7 +193,7 @@ class Plan:
                               self.bounds.get("pytorch"))
 
 
-def make_plan(images, base, audit: int, sample: int, seed: int) -> Plan:
+def make_plan(images: ImageSet, base: Base | None, audit: int, sample: int | None, seed: int) -> Plan:
     """The Plan for ``images`` (names, labels) and ``base`` (None: no screen); ``sample`` None: sample_size."""
     order = np.array(seeded_order(images.names, seed), dtype=np.int64)
     audit = min(audit, len(order))
@@ -198,18 +205,18 @@ def make_plan(images, base, audit: int, sample: int, seed: int) -> Plan:
     return Plan(images, base, found, argmax, rank, np.sort(order[:audit]), np.sort(order[:size]), seed)
 
 
-def _ran(runner) -> np.ndarray:
+def _ran(runner: StageRunner) -> np.ndarray:
     return np.array(sorted(runner.logits), dtype=np.int64)
 
 
-def measure(plan: Plan, runner) -> Bound:
+def measure(plan: Plan, runner: StageRunner) -> Bound:
     """The stage's Bound over every image it ran."""
     ran = _ran(runner)
     diffs = [largest_differences(runner.array(ran[part]), plan.base.logits[ran[part]]) for part in chunks(len(ran))]
     return bound_from(np.concatenate(diffs) if diffs else np.zeros(0), plan.margins.scale[ran])
 
 
-def departs(plan: Plan, runner) -> np.ndarray:
+def departs(plan: Plan, runner: StageRunner) -> np.ndarray:
     """The images the stage ran whose Top-1 class is not the base's: a flip there needs both sides' logits."""
     ran = _ran(runner)
     top = np.fromiter((int(np.argmax(runner.logits[i])) for i in ran), dtype=np.int64, count=len(ran))
@@ -234,7 +241,7 @@ def needed(plan: Plan, stage: str, runners: dict) -> np.ndarray:
     return np.union1d(np.flatnonzero(risky), np.concatenate(others + [plan.audit]))
 
 
-def choose_mode(plan: Plan, stage: str, runner) -> str:
+def choose_mode(plan: Plan, stage: str, runner: StageRunner) -> str:
     """screened, or sampled when the screen would leave most images to run and the sample is smaller."""
     if runner.reads_files:
         return "read"

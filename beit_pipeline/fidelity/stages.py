@@ -31,10 +31,13 @@ fidelity_runners.py runs stages and finds the base, fidelity_screen.py decides w
 fidelity_report.py scores and writes the files, stats.py the intervals.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +52,9 @@ from beit_pipeline.inference import outputs as output_files
 from beit_pipeline.inference import record as inference_record
 from beit_pipeline.pipeline import chain
 from beit_pipeline.preprocess import batches
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +80,10 @@ class WorkFolder:
     model: str
     keep_dtype: str = ""  # issue 20: the atc keep_dtype file the om_emulation stage is built with ("": none)
 
-    def path(self, relative):
+    def path(self, relative: str) -> str:
         return os.path.join(self.workdir, relative)
 
-    def files(self):
+    def files(self) -> dict[str, str]:
         """{role: relative path} of every file a stage reads or makes."""
         names = self.names
         return {"prep": names.prep, "onnx": names.onnx, "onnxsim": names.onnxsim, "graph_modify": names.graph_modify,
@@ -90,7 +96,7 @@ class WorkFolder:
         """The chain's file names for this batch size and model."""
         return chain.ChainFiles(self.batch_size, self.model)
 
-    def file(self, role):
+    def file(self, role: str) -> str:
         return self.path(self.files()[role])
 
 
@@ -139,7 +145,7 @@ class StageResult:
 
 # ---------------------------------------------------------------- where the inputs are
 
-def recorded_inputs(workdir, batch_size):
+def recorded_inputs(workdir: str, batch_size: int) -> tuple[str | None, str | None, str | None]:
     """(checkpoint, label file, model) as run_all.sh recorded them in the work folder; None where unknown."""
     state = files.read_json(os.path.join(workdir, STATE_NAME)) or {}
     checkpoint = label_file = model = None
@@ -153,7 +159,7 @@ def recorded_inputs(workdir, batch_size):
     return (checkpoint or run.get("checkpoint"), label_file or run.get("label_file"), model or run.get("model"))
 
 
-def work_folder(args, scoring=True) -> WorkFolder:
+def work_folder(args: argparse.Namespace, scoring: bool = True) -> WorkFolder:
     """The WorkFolder of the arguments, the checkpoint and label file defaulting to run_all.sh's record.
 
     ``scoring``: the report needs both; --locate (False) needs neither.
@@ -171,12 +177,12 @@ def work_folder(args, scoring=True) -> WorkFolder:
                       os.path.abspath(args.keep_dtype) if getattr(args, "keep_dtype", None) else "")
 
 
-def cli_check_folder(workdir):
+def cli_check_folder(workdir: str) -> None:
     if not os.path.isdir(workdir):
         raise UsageError(f"--workdir {workdir}: not a folder")
 
 
-def om_written_by_ais_bench(folder):
+def om_written_by_ais_bench(folder: str) -> bool:
     """True when ais_out/bs{N} holds outputs and no file of beit_infer.py's lies beside it (its record, its figures):
     ais_bench writes neither.  A record that describes another folder (this one copied, or replaced since) cannot
     tell who wrote these outputs, so they are not scored as the OM's (a CPU run shown as the OM would be the worse
@@ -197,7 +203,7 @@ def om_written_by_ais_bench(folder):
 _WARNED_UNKNOWN_OUTPUTS: set = set()
 
 
-def stage_needs(wf, stage):
+def stage_needs(wf: WorkFolder, stage: str) -> tuple[str, str]:
     """(the file STAGE needs, a description) in the work folder."""
     source = {"pytorch": ("checkpoint", "the checkpoint"),
               "guide_padding": ("onnxsim", "run_all.sh's onnxsim step"),
@@ -210,20 +216,20 @@ def stage_needs(wf, stage):
     return path, what
 
 
-def stage_available(wf, stage):
+def stage_available(wf: WorkFolder, stage: str) -> bool:
     path, _ = stage_needs(wf, stage)
     if stage in CPU_PRECISION_STAGES and not cpu_runs(CPU_PRECISION_STAGES[stage]):
         return False
     return om_written_by_ais_bench(path) if stage == "om" else os.path.isfile(path)
 
 
-def cpu_runs(precision):
+def cpu_runs(precision: str) -> bool:
     """Whether beit_infer.py --precision PRECISION runs here: an engine that has it and the CPU's instructions."""
     from beit_pipeline.inference import engines
     return engines.openvino_available() and bool(engines.native_support(precision, engines.cpu_flags()))
 
 
-def require_stage(wf, stage):
+def require_stage(wf: WorkFolder, stage: str) -> None:
     """PipelineFileError, naming the missing file and the step that makes it, unless ``stage`` can run."""
     if stage in CPU_PRECISION_STAGES and not cpu_runs(CPU_PRECISION_STAGES[stage]):
         raise UsageError(f"stage {stage}: this CPU or this install cannot run {CPU_PRECISION_STAGES[stage]} "
@@ -233,7 +239,7 @@ def require_stage(wf, stage):
         raise PipelineFileError(f"stage {stage} needs {path} ({what}), which is missing; nothing written")
 
 
-def choose_stages(wf, requested):
+def choose_stages(wf: WorkFolder, requested: list[str]) -> list[str]:
     """The stages to score: ``requested`` (all must be available) or every available one; pytorch first."""
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
@@ -257,11 +263,12 @@ class ImageSet:
     image_size: int = batches.IMAGE_SIZE  # the manifest's: 384 and 512 models read larger batches
 
     @property
-    def first_batch(self):
+    def first_batch(self) -> str:
         return self.locations[0][0]
 
 
-def select_images(wf: WorkFolder, max_images: int = None, seed: int = 0, with_labels: bool = True) -> ImageSet:
+def select_images(wf: WorkFolder, max_images: int | None = None, seed: int = 0,
+                  with_labels: bool = True) -> ImageSet:
     """Every image of the manifest, or a seeded random sample of ``max_images``; PipelineFileError when absent."""
     prep = wf.file("prep")
     if not os.path.isdir(prep):
@@ -289,7 +296,7 @@ def select_images(wf: WorkFolder, max_images: int = None, seed: int = 0, with_la
 
 # ---------------------------------------------------------------- the made models
 
-def make_guide(src, dst, batch_size):
+def make_guide(src: str, dst: str, batch_size: int) -> dict[str, int]:
     """The guide's own graph (graph_padding.modify_as_guide) of the onnxsim model."""
     import onnx
 
@@ -299,7 +306,7 @@ def make_guide(src, dst, batch_size):
     return dict(result.counts)
 
 
-def make_emulation(src, dst, batch_size, keep=None):
+def make_emulation(src: str, dst: str, batch_size: int, keep: keep_dtype.KeepList | None = None) -> dict[str, int]:
     """The fp16 emulation (om_emulation.emulate) of a padded model, with an atc keep_dtype list (issue 20)."""
     import onnx
 
@@ -315,7 +322,7 @@ DERIVED = {  # stage: (the stage whose model it is made from, how)
 }
 
 
-def read_derived_record(wf):
+def read_derived_record(wf: WorkFolder) -> dict[str, dict[str, Any]]:
     """{relative path: how it was made} of the models this report made before."""
     return files.read_json(wf.path(DERIVED_RECORD)) or {}
 
@@ -325,7 +332,7 @@ def _stat(path):
     return [[st.st_size, st.st_mtime_ns] for st in map(os.stat, onnx_files.model_files(path))]
 
 
-def ensure_model(wf, stage, record):
+def ensure_model(wf: WorkFolder, stage: str, record: dict[str, dict[str, Any]]) -> str:
     """The ONNX file of ``stage``, made (or remade, when its source changed) for the derived stages."""
     if stage not in DERIVED:
         return wf.file(stage)

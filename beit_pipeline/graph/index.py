@@ -4,8 +4,8 @@
 correct while a rewrite inserts, removes and rewires nodes through it.  Patterns are
 matched from an anchor op, declaratively, as ONNX Runtime's fusion passes do
 (``match_parent_path(node, op_types, input_indices)``, ``match_child_path``), never
-by node names.  graph_patterns.py / graph_padding.py (graph_modify), om_emulation.py
-and fp16_overflow.py work through it.  Nodes are identified by their first output
+by node names.  patterns.py / padding.py (graph_modify), fidelity/om_emulation.py,
+fidelity/fp16_overflow.py and fidelity/locate.py work through it.  Nodes are identified by their first output
 tensor (unique in an SSA graph); node names are optional in ONNX and only read
 where a tool outside (atc's keep_dtype file) names nodes.
 """

@@ -11,13 +11,20 @@ their final names (so the location recorded in the graph is already right), and 
 old model file removed first: a model file never points into another model's data file.
 """
 
+from __future__ import annotations
+
 import contextlib
 import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from beit_pipeline import files
+
+if TYPE_CHECKING:
+    import onnx
 
 PROTOBUF_LIMIT = 2 ** 31 - 1  # bytes: the largest message protobuf serialises
 EXTERNAL_ABOVE = PROTOBUF_LIMIT - 64 * 2 ** 20  # a model over this is written with external data
@@ -25,11 +32,11 @@ EXTERNAL_ABOVE = PROTOBUF_LIMIT - 64 * 2 ** 20  # a model over this is written w
 EXTERNAL_ABOVE_ENV = "BEIT_EXTERNAL_DATA_ABOVE"
 
 
-def external_above():
+def external_above() -> int:
     return int(os.environ.get(EXTERNAL_ABOVE_ENV) or EXTERNAL_ABOVE)
 
 
-def data_path(path):
+def data_path(path: str | os.PathLike[str]) -> str:
     """Where a model's external data lives, when it has any: ``<model>.onnx.data``."""
     return os.fspath(path) + ".data"
 
@@ -37,7 +44,7 @@ def data_path(path):
 GRAPH_READ_UP_TO = 64 * 2 ** 20  # bytes: a graph file this small is read for the data files it names
 
 
-def model_files(path):
+def model_files(path: str | os.PathLike[str]) -> list[str]:
     """The files a model consists of: ``[path]``, its ``.data`` file when there is one, and every other
     external-data file its graph names (another tool's layout, a renamed copy that still reads the old
     name's data).  A graph file over GRAPH_READ_UP_TO holds its weights itself and is not parsed."""
@@ -49,7 +56,7 @@ def model_files(path):
     return found
 
 
-def external_locations(path):
+def external_locations(path: str) -> set[str]:
     """The data file names a graph file records (relative to its folder); none for an unreadable file."""
     try:
         with open(path, "rb") as f:
@@ -66,16 +73,16 @@ def external_locations(path):
             for entry in t.external_data if entry.key == "location"}
 
 
-def model_bytes(path):
+def model_bytes(path: str | os.PathLike[str]) -> int:
     return sum(os.path.getsize(p) for p in model_files(path))
 
 
-def has_external_data(model):
+def has_external_data(model: onnx.ModelProto) -> bool:
     import onnx
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def fits_one_file(model):
+def fits_one_file(model: onnx.ModelProto) -> bool:
     """Whether ``model`` serialises as one protobuf message (ByteSize itself fails past 2 GiB)."""
     if has_external_data(model):
         return False
@@ -85,7 +92,7 @@ def fits_one_file(model):
         return False
 
 
-def save_model(model, path):
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Write ``model`` to ``path``: one file when it fits protobuf, else ``path`` + ``path``.data."""
     import onnx
     path = os.fspath(path)
@@ -99,7 +106,7 @@ def save_model(model, path):
                     location=os.path.basename(data_path(path)), size_threshold=1024)
 
 
-def consolidate(path):
+def consolidate(path: str | os.PathLike[str]) -> None:
     """Gather the weights of a model written with a file per tensor (torch's exporter past 2 GiB) into
     ``path``.data; ``path`` must be alone in a folder of its own (temporary_model's)."""
     import onnx
@@ -115,13 +122,13 @@ def consolidate(path):
             os.unlink(os.path.join(folder, n))
 
 
-def fsync_file(path):
+def fsync_file(path: str) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
-def temporary_model(target):
+def temporary_model(target: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a path named like ``target`` in a new hidden folder beside it; the folder is removed on exit.
 
     Write the model there (save_model, an exporter, onnxsim) and publish_model() it inside the block.
@@ -137,7 +144,7 @@ def temporary_model(target):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def publish_model(tmp, target):
+def publish_model(tmp: str, target: str | os.PathLike[str]) -> None:
     """Move a model written by temporary_model() (and its data file) to ``target``, durably.
 
     The old ``target`` goes first, then the data file, then the model file: killed in between, the
@@ -159,14 +166,14 @@ def publish_model(tmp, target):
     files.fsync_folder(os.path.dirname(os.path.abspath(target)))
 
 
-def write_model(model, path):
+def write_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """save_model() and publish_model() in one: ``path`` (and its data) complete or absent."""
     with temporary_model(path) as tmp:
         save_model(model, tmp)
         publish_model(tmp, path)
 
 
-def move_model(src, dst):
+def move_model(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Rename a model file and its data file; the graph's record of where its data lives follows.
 
     onnxsim names the data file after the file it wrote (``X.partial.onnx.data``), and the run's

@@ -9,8 +9,11 @@ modify_as_guide makes the guide's own graph instead (its four edits, unmasked),
 for the fidelity report's guide_padding stage.
 """
 
+from __future__ import annotations
+
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -18,6 +21,9 @@ from onnx import helper
 
 from beit_pipeline.graph import patterns as graph_patterns
 from beit_pipeline.graph.index import GraphIndex, PatternError, check_graph, drop_unused_initializers, infer_shapes
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 # Large, exact and finite in fp16 (a multiple of 16 below 2^15), so that atc's
 # fp16 conversion keeps it as is.  Scores added to it stay far from fp16's limit
@@ -37,7 +43,8 @@ class PaddingResult:
     padded: int
 
 
-def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True, guide=False):
+def modify(model: onnx.ModelProto, batch_size: int, pad_to: int = DEFAULT_PAD_TO, mask: bool = True,
+           guide: bool = False) -> PaddingResult:
     """Pad the token axis of a simplified BEiT graph in place; PatternError when the graph does not fit.
 
     ``guide``: the guide's own four edits instead (guide_passes); ``mask`` is then ignored.
@@ -55,7 +62,7 @@ def modify(model, batch_size, pad_to=DEFAULT_PAD_TO, mask=True, guide=False):
     return PaddingResult(counts, plan.stream.tokens, plan.stream.padded)
 
 
-def modify_as_guide(model, batch_size, pad_to=DEFAULT_PAD_TO):
+def modify_as_guide(model: onnx.ModelProto, batch_size: int, pad_to: int = DEFAULT_PAD_TO) -> PaddingResult:
     """The guide's graph_modify.py (MagicONNX), edit for edit, found structurally instead of by op counts.
 
     Its four edits, in its order: every Reshape constant 197 -> 208; a zero (B, 11, D)
@@ -80,7 +87,7 @@ def modify_as_guide(model, batch_size, pad_to=DEFAULT_PAD_TO):
 
 # ---------------------------------------------------------------- constants
 
-def padded_bias(bias, tokens, padded, masked):
+def padded_bias(bias: np.ndarray, tokens: int, padded: int, masked: bool) -> np.ndarray:
     """(…, T, T) bias -> (1, H, P, P): the real block kept, padded keys masked, padded query rows 0."""
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
     out = np.zeros(bias.shape[:2] + (padded, padded), dtype=bias.dtype)
@@ -90,7 +97,7 @@ def padded_bias(bias, tokens, padded, masked):
     return out
 
 
-def mask_only(tokens, padded, dtype=np.float32):
+def mask_only(tokens: int, padded: int, dtype: DTypeLike = np.float32) -> np.ndarray:
     out = np.zeros((1, 1, padded, padded), dtype=dtype)
     out[..., :, tokens:] = MASK_VALUE
     return out
@@ -98,7 +105,7 @@ def mask_only(tokens, padded, dtype=np.float32):
 
 # ---------------------------------------------------------------- rewrite passes
 
-def pad_token_stream(gi, plan):
+def pad_token_stream(gi: GraphIndex, plan: graph_patterns.PaddingPlan) -> str:
     """A Concat of zero tokens (B, P - T, D) after the cls Concat; every reader takes the padded stream."""
     s = plan.stream
     zeros = np.zeros((s.batch_size, s.padded - s.tokens, s.dim), dtype=np.float32)
@@ -112,7 +119,7 @@ def pad_token_stream(gi, plan):
     return padded_stream
 
 
-def append_zero_tokens(gi, plan):
+def append_zero_tokens(gi: GraphIndex, plan: graph_patterns.PaddingPlan) -> Counter[str]:
     """The guide's token padding: a zero (B, P - T, D) third input of the cls-token Concat itself."""
     s = plan.stream
     zeros = np.zeros((s.batch_size, s.padded - s.tokens, s.dim), dtype=np.float32)
@@ -120,7 +127,7 @@ def append_zero_tokens(gi, plan):
     return Counter({"guide: zero tokens appended to the cls-token Concat": 1})
 
 
-def zero_padded_keys(gi, plan, mask):
+def zero_padded_keys(gi: GraphIndex, plan: graph_patterns.PaddingPlan, mask: bool) -> Counter[str]:
     """The guide's key fix: k (B, H, P, hd) -> Slice [0:T] on axis 2 -> Concat zeros (B, H, P - T, hd)."""
     s, counts = plan.stream, Counter()
     bounds = [gi.add_const(f"graph_modify_guide_key_{what}", np.array([value], np.int64))
@@ -145,7 +152,7 @@ def zero_padded_keys(gi, plan, mask):
     return counts
 
 
-def pad_attention(gi, plan, mask):
+def pad_attention(gi: GraphIndex, plan: graph_patterns.PaddingPlan, mask: bool) -> Counter[str]:
     """Pad (and mask) each block's bias constant, shared constants once; without a bias, add a mask."""
     s, counts, new_bias = plan.stream, Counter(), {}
     for block in plan.blocks:
@@ -166,7 +173,7 @@ def pad_attention(gi, plan, mask):
     return counts
 
 
-def insert_mask_add(gi, softmax, mask_name):
+def insert_mask_add(gi: GraphIndex, softmax: onnx.NodeProto, mask_name: str) -> None:
     masked = gi.unique_name(softmax.input[0] + "_masked")
     add = helper.make_node("Add", [softmax.input[0], mask_name], [masked],
                            name=gi.unique_name("graph_modify_mask_add"))
@@ -174,7 +181,7 @@ def insert_mask_add(gi, softmax, mask_name):
     gi.set_input(softmax, 0, masked)
 
 
-def pad_token_constants(gi, plan, mask):
+def pad_token_constants(gi: GraphIndex, plan: graph_patterns.PaddingPlan, mask: bool) -> Counter[str]:
     """Per-token constants (1, T, D) grow to (1, P, D) with zeros (the padded tokens get nothing)."""
     counts, padded = Counter(), plan.stream.padded
     for const in plan.token_constants:
@@ -186,7 +193,7 @@ def pad_token_constants(gi, plan, mask):
     return counts
 
 
-def pad_token_reshapes(gi, plan, mask):
+def pad_token_reshapes(gi: GraphIndex, plan: graph_patterns.PaddingPlan, mask: bool) -> Counter[str]:
     """Each Reshape shape naming the token count gets the padded count on axis 1."""
     counts, tokens, padded = Counter(), plan.stream.tokens, plan.stream.padded
     for reshape in plan.token_reshapes:
@@ -198,7 +205,7 @@ def pad_token_reshapes(gi, plan, mask):
     return counts
 
 
-def restrict_pooling(gi, plan, mask):
+def restrict_pooling(gi: GraphIndex, plan: graph_patterns.PaddingPlan, mask: bool) -> Counter[str]:
     """The mean pooling stops at the last real token: the Slice's end, or a new Slice [0:T]."""
     pooling, tokens = plan.pooling, plan.stream.tokens
     if pooling.kind == "cls":
@@ -220,7 +227,7 @@ def restrict_pooling(gi, plan, mask):
     return Counter({f"pooling Slice [0:{tokens}] inserted": 1})
 
 
-def pooling_end(gi, plan, mask):
+def pooling_end(gi: GraphIndex, plan: graph_patterns.PaddingPlan, mask: bool) -> str | None:
     """The constant that holds the token count on purpose after restrict_pooling (the Slice end), or None."""
     if plan.pooling.kind != "mean" or not mask:
         return None
@@ -229,7 +236,8 @@ def pooling_end(gi, plan, mask):
 
 # ---------------------------------------------------------------- checks
 
-def check_result(model, stream, padded_stream, exempt):
+def check_result(model: onnx.ModelProto, stream: graph_patterns.TokenStream, padded_stream: str,
+                 exempt: set[str]) -> None:
     """onnx.checker, strict shape inference, and no token count left on the padded stream."""
     del model.graph.value_info[:]
     try:

@@ -7,13 +7,18 @@ before graph_padding.py changes anything.  A graph that does not fit raises
 PatternError naming the missing pattern.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from onnx import NodeProto
 
 from beit_pipeline.graph.index import GraphIndex, PatternError, attr, node_key, opset_version, reduce_axes
+
+if TYPE_CHECKING:
+    import onnx
 
 MIN_OPSET = 11
 # Ops that lie between the qkv Reshape and the q/k/v operands of the attention MatMuls.
@@ -33,7 +38,7 @@ class TokenStream:
     dim: int
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.concat.output[0]
 
 
@@ -91,7 +96,8 @@ class PaddingPlan:
     key_branches: list[KeyBranch] = field(default_factory=list)  # filled for the guide's padding only
 
 
-def plan_padding(model, batch_size, pad_to, keys=False):
+def plan_padding(model: onnx.ModelProto, batch_size: int, pad_to: int,
+                 keys: bool = False) -> tuple[GraphIndex, PaddingPlan]:
     """(GraphIndex, PaddingPlan) of a simplified BEiT graph; PatternError when it does not fit.
 
     ``keys``: also find each attention's key branch (the guide's padding zeroes the padded keys there).
@@ -113,7 +119,7 @@ def plan_padding(model, batch_size, pad_to, keys=False):
 
 # ---------------------------------------------------------------- input and token stream
 
-def check_input_batch(gi, batch_size):
+def check_input_batch(gi: GraphIndex, batch_size: int) -> str:
     """The single image input, with a static batch equal to BATCH_SIZE."""
     pattern = "static image input (B, 3, H, W)"
     inputs = [i for i in gi.graph.input if i.name not in gi.inits]
@@ -136,7 +142,7 @@ def check_input_batch(gi, batch_size):
     return inp.name
 
 
-def find_token_stream(gi, input_name, batch_size, pad_to):
+def find_token_stream(gi: GraphIndex, input_name: str, batch_size: int, pad_to: int) -> TokenStream:
     """graph input -> Conv -> Reshape/Flatten -> Transpose -> cls Concat, not yet padded."""
     patches, dim, count = _patch_embedding(gi, input_name, batch_size)
     concat = _cls_concat(gi, patches, batch_size, dim, count + 1)
@@ -194,7 +200,7 @@ def _cls_concat(gi, patches, batch_size, dim, tokens):
 
 # ---------------------------------------------------------------- attention
 
-def find_attention_blocks(gi, downstream, stream):
+def find_attention_blocks(gi: GraphIndex, downstream: list[NodeProto], stream: TokenStream) -> list[AttentionBlock]:
     """One AttentionBlock per Softmax after the token stream, each with its own qkv and output Reshape."""
     softmaxes = [n for n in downstream if n.op_type == "Softmax"]
     if not softmaxes:
@@ -209,7 +215,7 @@ def find_attention_blocks(gi, downstream, stream):
     return blocks
 
 
-def find_attention(gi, softmax, batch_size, tokens):
+def find_attention(gi: GraphIndex, softmax: NodeProto, batch_size: int, tokens: int) -> AttentionBlock:
     """The AttentionBlock anchored on ``softmax``."""
     sshape = gi.shape(softmax.input[0])
     if not sshape or len(sshape) != 4 or sshape[0] != batch_size or sshape[2:] != [tokens, tokens]:
@@ -264,7 +270,7 @@ def _attention_output(gi, attn_v, batch_size, tokens):
     return out_reshape
 
 
-def walk_to_reshape(gi, name):
+def walk_to_reshape(gi: GraphIndex, name: str) -> NodeProto:
     """From a q/k/v operand back through Transpose/Split/Squeeze/... to the qkv Reshape."""
     for _ in range(16):
         node = gi.producer.get(name)
@@ -283,7 +289,7 @@ def walk_to_reshape(gi, name):
                                   f"(walking through {', '.join(QKV_WALK_OPS)})")
 
 
-def scores_matmul(gi, block):
+def scores_matmul(gi: GraphIndex, block: AttentionBlock) -> NodeProto:
     """The q @ k^T MatMul whose output (plus the bias, if any) the block's Softmax reads."""
     if block.bias_add is None:
         return gi.producer[block.softmax.input[0]]
@@ -291,7 +297,7 @@ def scores_matmul(gi, block):
     return gi.producer[live]
 
 
-def find_key_branch(gi, block, stream):
+def find_key_branch(gi: GraphIndex, block: AttentionBlock, stream: TokenStream) -> KeyBranch:
     """The key tensor (B, H, T, hd) before the Transpose [0, 1, 3, 2] that feeds q @ k^T."""
     pattern = "attention key branch (k (B, H, T, hd) -> Transpose [0, 1, 3, 2] -> q @ k^T)"
     scores = scores_matmul(gi, block)
@@ -309,7 +315,7 @@ def find_key_branch(gi, block, stream):
 
 # ---------------------------------------------------------------- pooling
 
-def find_pooling(gi, after, tokens):
+def find_pooling(gi: GraphIndex, after: str, tokens: int) -> Pooling:
     """The token pooling before the head: Slice [1:] + ReduceMean(axis 1), or a cls-token Gather."""
     found = _pooling_candidates(gi, after, tokens)
     if len(found) != 1:
@@ -378,7 +384,7 @@ def _reaches_head(gi, node):
 
 # ---------------------------------------------------------------- per-token constants and Reshapes
 
-def find_token_constants(gi, downstream, tokens):
+def find_token_constants(gi: GraphIndex, downstream: list[NodeProto], tokens: int) -> list[TokenConstant]:
     """Per-token constants (1, T, D) added to, subtracted from or multiplied with the stream."""
     found = []
     for node in downstream:
@@ -397,7 +403,8 @@ def find_token_constants(gi, downstream, tokens):
     return found
 
 
-def find_token_reshapes(gi, downstream, tokens, blocks):
+def find_token_reshapes(gi: GraphIndex, downstream: list[NodeProto], tokens: int,
+                        blocks: list[AttentionBlock]) -> list[TokenReshape]:
     """Every Reshape downstream whose shape holds the token count, which must sit on axis 1."""
     qkv = {node_key(r) for b in blocks for r in b.qkv_reshapes}
     out = {node_key(b.out_reshape) for b in blocks}

@@ -12,6 +12,8 @@ its later copy in ait/msit, components/utils/file_open_check.py) refuses a path 
 its output ``<output>_linux_<arch>.om`` (om_candidates).
 """
 
+from __future__ import annotations
+
 import argparse
 import importlib.util
 import os
@@ -20,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 
 from beit_pipeline import cli
 from beit_pipeline.errors import UsageError
@@ -35,13 +38,13 @@ _CHIP = re.compile(r"(?:^|[\s|])(310P\d+|310B\d+|910B\d*|910[A-Z0-9]*|310)(?=[\s
 _HINT = "pass --soc_version (e.g. Ascend310P3)"
 
 
-def chip_name(npu_smi_text):
+def chip_name(npu_smi_text: str) -> str | None:
     """The first chip name in `npu-smi info`'s table, or None."""
     match = _CHIP.search(npu_smi_text)
     return match.group(1) if match else None
 
 
-def soc_version():
+def soc_version() -> str:
     """atc's --soc_version for this machine: "Ascend" + the chip `npu-smi info` shows."""
     if shutil.which("npu-smi") is None:
         raise UsageError(f"cannot tell the SoC: 'npu-smi' is not on PATH; {_HINT}")
@@ -55,12 +58,12 @@ def soc_version():
     return "Ascend" + chip
 
 
-def om_candidates(prefix):
+def om_candidates(prefix: str) -> list[str]:
     """The file names atc may give ``--output=PREFIX``: PREFIX.om, or PREFIX_linux_<arch>.om from CANN 7.0."""
     return [prefix + ".om"] + [f"{prefix}_linux_{arch}.om" for arch in OM_ARCHES]
 
 
-def path_problems(path):
+def path_problems(path: str) -> list[str]:
     """What ais_bench would refuse about ``path`` (a file or folder, existing or to be made), in words."""
     problems = []
     bad = sorted(set(ALLOWED_PATH.findall(path)))
@@ -76,7 +79,7 @@ def path_problems(path):
     return problems
 
 
-def umask_problem():
+def umask_problem() -> str | None:
     """Files made under a umask that lets group or others write are refused by ais_bench as its inputs."""
     mask = os.umask(0)
     os.umask(mask)
@@ -86,7 +89,7 @@ def umask_problem():
     return None
 
 
-def check_paths(paths):
+def check_paths(paths: Iterable[str]) -> None:
     """UsageError listing every ais_bench rule that ``paths`` or this process's umask breaks."""
     problems = [p for path in paths for p in path_problems(os.path.abspath(path))]
     problems += [p for p in [umask_problem()] if p]
@@ -94,7 +97,7 @@ def check_paths(paths):
         raise UsageError("the Ascend path's files would break ais_bench's path rules:\n  " + "\n  ".join(problems))
 
 
-def ais_bench_source(ais_infer):
+def ais_bench_source(ais_infer: str | None) -> tuple[str, str]:
     """(what runs inference, the text of its command-line code) for AIS_INFER or the ais_bench package."""
     if ais_infer:
         if not os.path.isfile(ais_infer):
@@ -113,7 +116,7 @@ def ais_bench_source(ais_infer):
     return (ais_infer or "the ais_bench package"), text
 
 
-def check_ais_bench(ais_infer=None):
+def check_ais_bench(ais_infer: str | None = None) -> None:
     """UsageError unless aclruntime imports and the inference tool takes --output_dirname."""
     what, text = ais_bench_source(ais_infer)
     if importlib.util.find_spec("aclruntime") is None:
@@ -125,7 +128,7 @@ def check_ais_bench(ais_infer=None):
                          "--output_dirname (the ais_bench package of Ascend/tools ais-bench_workload)")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m beit_pipeline.inference.ascend",
                                      description="Questions run_all.sh asks about the Ascend toolchain.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,7 +140,7 @@ def build_parser():
     return parser
 
 
-def run(args):
+def run(args: argparse.Namespace) -> None:
     if args.command == "check-ais-bench":
         check_ais_bench(os.environ.get("AIS_INFER") or None)
     elif args.command == "check-paths":
@@ -146,7 +149,7 @@ def run(args):
         print(soc_version())
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     return cli.run_main(build_parser(), run, argv)
 
 

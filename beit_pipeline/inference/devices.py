@@ -16,21 +16,28 @@ says otherwise), running at the same time, so the summed throughput is what the 
 delivers with that many concurrent streams.
 """
 
+from __future__ import annotations
+
 import copy
 import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from beit_pipeline.cli import check, setup_logging
 from beit_pipeline.errors import PipelineError
 from beit_pipeline.inference import runner as inference
 from beit_pipeline.inference import summary as inference_summary
 
+if TYPE_CHECKING:
+    import argparse
+
 log = logging.getLogger(__name__)
 
 
-def parse_devices(text):
+def parse_devices(text: str | int) -> list[int]:
     """``--device 0`` or ``0,1``: the device ids, each in [0, 255] (ais_bench's check_device_range_valid)."""
     try:
         devices = [int(d) for d in str(text).split(",")]
@@ -41,7 +48,7 @@ def parse_devices(text):
     return devices
 
 
-def run_inference(args):
+def run_inference(args: argparse.Namespace) -> inference_summary.RunSummary | dict[str, Any]:
     """Run the model over the batch files (or the pure input) and write ais_bench's outputs.
 
     ``args`` is the namespace beit_infer.build_parser() parses.  Returns the run's
@@ -57,7 +64,7 @@ def run_inference(args):
     return inference.run_one_device(args)
 
 
-def share_files(paths, jobs) -> list:
+def share_files(paths: Sequence[str], jobs: int) -> list:
     """ais_bench's list_share: ``len // jobs`` consecutive files each, one more for the first ``len % jobs``."""
     each, left = divmod(len(paths), jobs)
     shares, head = [], 0
@@ -68,7 +75,8 @@ def share_files(paths, jobs) -> list:
     return shares
 
 
-def device_args(args, devices, index, share, dirname, threads):
+def device_args(args: argparse.Namespace, devices: Sequence[int], index: int, share: Sequence[str] | None, dirname: str,
+                threads: int) -> argparse.Namespace:
     """The namespace of worker ``index``: its device, its input (all files, or its share), its own subfolder."""
     worker = copy.copy(args)
     worker.device = devices[index]
@@ -96,13 +104,13 @@ def _worker(payload):
             "start_time": start, "end_time": time.time(), "summary_path": result.ais_path}
 
 
-def worker_threads(args, providers_cpu, jobs):
+def worker_threads(args: argparse.Namespace, providers_cpu: bool, jobs: int) -> int:
     if args.engine_threads or not providers_cpu:
         return args.engine_threads
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def input_shares(args, devices) -> list:
+def input_shares(args: argparse.Namespace, devices: Sequence[int]) -> list:
     """Each worker's input files: None (every file, ais_bench's default) or its share (--divide_input True)."""
     if args.input is None or not args.divide_input:
         return [None] * len(devices)
@@ -113,7 +121,7 @@ def input_shares(args, devices) -> list:
     return shares
 
 
-def run_devices(args, devices):
+def run_devices(args: argparse.Namespace, devices: Sequence[int]) -> dict[str, Any]:
     """Run one worker per device at the same time; the summary of the whole: each device's figures and the sum."""
     inference.check_arguments(args)
     shares = input_shares(args, devices)

@@ -2,7 +2,7 @@
 
 beit_infer.py runs the ONNX file with ONNX Runtime (``--providers cpu,cuda,...``) or with
 OpenVINO's runtime (``--providers openvino``).  Both are wrapped in the same session
-interface (``get_inputs``/``get_outputs``/``get_providers``/``run``), so inference.py
+interface (``get_inputs``/``get_outputs``/``get_providers``/``run``), so runner.py
 does not care which one runs.
 
 Precisions (``--precision``):
@@ -19,10 +19,17 @@ The default (no ``--providers``) is the fastest exact engine, chosen by measurem
 (README): OpenVINO f32 where it is installed, else ONNX Runtime's CPU provider.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
+from collections.abc import Container, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from beit_pipeline.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # Which instruction sets give each reduced precision natively (any one of them will do).
@@ -32,7 +39,7 @@ OV_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 CPUINFO_ENV = "BEIT_CPUINFO"
 
 
-def cpu_flags(path=None):
+def cpu_flags(path: str | None = None) -> frozenset[str]:
     """The CPU's instruction-set flags from /proc/cpuinfo (or ``$BEIT_CPUINFO``, or ``path``); empty if unreadable."""
     path = path or os.environ.get(CPUINFO_ENV) or "/proc/cpuinfo"
     try:
@@ -45,12 +52,12 @@ def cpu_flags(path=None):
     return frozenset()
 
 
-def native_support(precision, flags):
+def native_support(precision: str, flags: Container[str]) -> list[str]:
     """The instruction sets of ``flags`` that run ``precision`` natively, best first (empty: none)."""
     return [f for f in NATIVE_FLAGS.get(precision, ()) if f in flags]
 
 
-def require_native(precision, flags):
+def require_native(precision: str, flags: Container[str]) -> list[str]:
     """Refuse a reduced precision the CPU has no instructions for; returns the instruction sets used."""
     if precision == "int8":
         raise UsageError("--precision int8 is not built: on this project's CPUs bf16 is faster (README, "
@@ -77,7 +84,7 @@ class EngineChoice:
     reason: str  # why this engine, for the log
 
 
-def openvino_available():
+def openvino_available() -> bool:
     try:
         import openvino  # noqa: F401
     except ImportError:
@@ -85,7 +92,7 @@ def openvino_available():
     return True
 
 
-def choose_engine(providers, precision="fp32", flags=None):
+def choose_engine(providers: str | None, precision: str = "fp32", flags: Container[str] | None = None) -> EngineChoice:
     """The engine for ``--providers`` (None: the default) and ``--precision``; UsageError where none has it."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
@@ -116,7 +123,7 @@ _OV_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "f64": "tensor(do
 
 @dataclasses.dataclass
 class PortInfo:
-    """ONNX Runtime's NodeArg, as far as inference.py reads it."""
+    """ONNX Runtime's NodeArg, as far as runner.py reads it."""
 
     name: str
     shape: list  # ints, or None for a dynamic axis
@@ -131,7 +138,7 @@ def _port(port):
 class OpenVinoSession:
     """An ONNX file compiled by OpenVINO for the CPU, answering like an onnxruntime.InferenceSession."""
 
-    def __init__(self, path, precision="fp32", threads=0):
+    def __init__(self, path: str, precision: str = "fp32", threads: int = 0):
         import openvino as ov
 
         core = ov.Core()
@@ -145,16 +152,16 @@ class OpenVinoSession:
         self._inputs = [_port(p) for p in self.compiled.inputs]
         self._outputs = [_port(p) for p in self.compiled.outputs]
 
-    def get_inputs(self):
+    def get_inputs(self) -> list[PortInfo]:
         return self._inputs
 
-    def get_outputs(self):
+    def get_outputs(self) -> list[PortInfo]:
         return self._outputs
 
-    def get_providers(self):
+    def get_providers(self) -> list[str]:
         return ["OpenVINO CPU"]
 
-    def run(self, output_names, feed):
+    def run(self, output_names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """The outputs named (None: all), in order, as numpy arrays (copies: the request reuses its buffers)."""
         result = self.request.infer({name: value for name, value in feed.items()})
         by_name = {o.get_any_name(): result[o] for o in self.compiled.outputs}
@@ -162,7 +169,7 @@ class OpenVinoSession:
         return [by_name[n].copy() for n in names]
 
 
-def engine_version(engine):
+def engine_version(engine: str) -> str:
     if engine == "openvino":
         import openvino
         return "openvino " + openvino.__version__.split("-")[0]

@@ -4,7 +4,7 @@ ais_bench never deletes anything (benchmark_process.py ``main``: ``os.makedirs``
 missing, then ``save_tensors_to_file`` writes each output over any file of the same name).  This
 module keeps to that, with one addition, the resume:
 
-- Files are deleted only when this folder's record (inference_record.py, beside the folder) lists
+- Files are deleted only when this folder's record (record.py, beside the folder) lists
   them as written by a run of beit_infer.py: the outputs of a run whose model, inputs, format,
   batch size, engine or precision differ, and the atomic-write temporaries of those names.
   Without a record nothing is deleted; outputs of the same names are overwritten, as ais_bench
@@ -15,19 +15,27 @@ module keeps to that, with one addition, the resume:
   anything runs.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import re
 import tempfile
 import time
-from typing import Optional
+from collections.abc import Container, Iterable
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 from beit_pipeline import files
 from beit_pipeline.cli import check
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.inference import outputs as output_files
 from beit_pipeline.inference import record as records
+
+if TYPE_CHECKING:
+    import argparse
+
+    from beit_pipeline.inference.runner import InputSet, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +66,24 @@ class InferencePlan:
     def groups(self) -> list:
         return self.inputs.groups()
 
-    def output_path(self, i, k=0):
+    def output_path(self, i: int, k: int = 0) -> str:
         return os.path.join(self.out_dir, output_name(self.inputs.stems[i], k, self.fmt))
 
-    def output_paths(self, i):
+    def output_paths(self, i: int) -> list[str]:
         return [self.output_path(i, k) for k in range(self.num_outputs)]
 
     def output_names(self) -> list:
         return [output_name(stem, k, self.fmt) for stem in self.inputs.stems for k in range(self.num_outputs)]
 
 
-def output_dir(args) -> Optional[str]:
+def output_dir(args: argparse.Namespace) -> Optional[str]:
     """``<output>/<--output_dirname or the date>``, or None without --output."""
     if args.output is None:
         return None
     return os.path.join(args.output, args.output_dirname or time.strftime("%Y_%m_%d-%H_%M_%S"))
 
 
-def refuse_folder_holding_inputs(out_dir, input_spec, paths) -> None:
+def refuse_folder_holding_inputs(out_dir: str | None, input_spec: str | None, paths: Iterable[str]) -> None:
     """An output folder that is the input folder or holds an input file: refused with one line (exit 2)."""
     if out_dir is None or input_spec is None:
         return
@@ -90,7 +98,7 @@ def refuse_folder_holding_inputs(out_dir, input_spec, paths) -> None:
 
 # ---------------------------------------------------------------- what is there
 
-def existing_output_ok(path, rows, num_classes, written_after_ns=0) -> bool:
+def existing_output_ok(path: str, rows: int, num_classes: int | None, written_after_ns: int = 0) -> bool:
     """Whether an output left by an earlier run is complete, has the right rows and was written after its record."""
     if not os.path.isfile(path) or os.path.islink(path) or os.stat(path).st_mtime_ns < written_after_ns:
         return False
@@ -107,7 +115,7 @@ def existing_output_ok(path, rows, num_classes, written_after_ns=0) -> bool:
     return arr is None or arr.shape[0] == rows
 
 
-def kept_outputs(plan: InferencePlan, num_classes, written_after_ns) -> list:
+def kept_outputs(plan: InferencePlan, num_classes: int | None, written_after_ns: int) -> list:
     """Indices of the inputs whose every output an earlier run (of a matching record) left complete."""
     return [i for i in range(len(plan.inputs.files))
             if all(existing_output_ok(plan.output_path(i, k), plan.inputs.rows[i], num_classes if k == 0 else None,
@@ -115,11 +123,11 @@ def kept_outputs(plan: InferencePlan, num_classes, written_after_ns) -> list:
                    for k in range(plan.num_outputs))]
 
 
-def present(out_dir, names) -> list:
+def present(out_dir: str, names: Iterable[str]) -> list:
     return sorted(n for n in set(names) if os.path.isfile(os.path.join(out_dir, n)))
 
 
-def remove_own_files(out_dir, record: Optional[records.OutputRecord], names=()) -> int:
+def remove_own_files(out_dir: str, record: Optional[records.OutputRecord], names: Iterable[str] = ()) -> int:
     """Delete the files ``record`` lists (only regular files, only in ``out_dir``) and the temporaries of
     ``names`` and of those; the record goes first, so a stop half way leaves nothing that looks trusted."""
     own = set(record.outputs) if record is not None else set()
@@ -134,7 +142,7 @@ def remove_own_files(out_dir, record: Optional[records.OutputRecord], names=()) 
     return removed
 
 
-def remove_temporaries(out_dir, names) -> None:
+def remove_temporaries(out_dir: str, names: Iterable[str]) -> None:
     """The ``.<name>.XXXXXXXX.tmp`` leftovers of interrupted atomic writes of ``names`` (never other files)."""
     names = set(names)
     for entry in os.listdir(out_dir):
@@ -143,7 +151,7 @@ def remove_temporaries(out_dir, names) -> None:
             files.remove_temporary(os.path.join(out_dir, entry))
 
 
-def report_foreign(out_dir, ours) -> None:
+def report_foreign(out_dir: str, ours: Container[str]) -> None:
     """Name the output-like files this run leaves alone (ais_bench never deletes either)."""
     others = sorted(n for n in os.listdir(out_dir) if n not in ours and _OUTPUT_LIKE_RE.match(n)
                     and os.path.isfile(os.path.join(out_dir, n)))
@@ -153,7 +161,7 @@ def report_foreign(out_dir, ours) -> None:
                     f"({shown}); beit_eval_acc.py --prep_image scores only the manifest's batches")
 
 
-def filesystem_now(out_dir) -> int:
+def filesystem_now(out_dir: str) -> int:
     """The time the folder's file system stamps on a file written now (its clock is coarser than time.time_ns:
     an output written just after time.time_ns() can carry an earlier mtime).  Measured beside the folder."""
     fd, path = tempfile.mkstemp(prefix=".beit_infer_clock.", suffix=".tmp",
@@ -167,14 +175,15 @@ def filesystem_now(out_dir) -> int:
 
 # ---------------------------------------------------------------- the decision
 
-def refuse_resume(out_dir, changed, fmt_was):
+def refuse_resume(out_dir: str, changed: list[str], fmt_was: str | None) -> NoReturn:
     hint = f"rerun with --outfmt {fmt_was.upper()}, " if fmt_was else ""
     raise PipelineFileError(f"{out_dir}: --resume, but its outputs cannot be kept: {'; '.join(changed)}. Nothing "
                             f"was deleted; {hint}drop --resume to recompute them all, or choose another "
                             "--output_dirname")
 
 
-def reuse_decision(args, out_dir, new, old) -> str:
+def reuse_decision(args: argparse.Namespace, out_dir: str, new: records.OutputRecord,
+                   old: records.OutputRecord | None) -> str:
     """keep (the record matches: resume), clear (recompute all) or fresh (nothing of ours or at our names).
 
     With --resume, outputs that cannot be kept are refused and nothing is deleted.
@@ -196,7 +205,8 @@ def reuse_decision(args, out_dir, new, old) -> str:
     return "keep" if args.output_dirname is not None else "clear"
 
 
-def prepare(args, model, inputs, out_dir, new: records.OutputRecord) -> InferencePlan:
+def prepare(args: argparse.Namespace, model: ModelInfo, inputs: InputSet, out_dir: str,
+            new: records.OutputRecord) -> InferencePlan:
     """The plan for ``out_dir`` (held under its lock): what to keep, what to run; the record written first."""
     old = records.read_record(out_dir) if os.path.isdir(out_dir) else None
     decision = reuse_decision(args, out_dir, new, old)

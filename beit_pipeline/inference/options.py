@@ -17,14 +17,20 @@ __main__.py ``get_args``, the tool run as ``python3 -m ais_bench``; its rules in
   on a model with a dynamic batch axis, else refused with the reason (``dynamic_batch``).
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import os
 import re
-from typing import Optional
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from beit_pipeline.cli import check
 from beit_pipeline.errors import UsageError
+
+if TYPE_CHECKING:
+    from beit_pipeline.inference.runner import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,7 @@ AIS_PATH_CHARS = re.compile(r"[^_A-Za-z0-9/.-]")  # path_security_check.py PATH_
 _BARE = object()  # a boolean flag given without a value
 
 
-def str2bool(text) -> bool:
+def str2bool(text: str) -> bool:
     """ais_bench's str2bool (args_check.py): yes/true/t/y/1 and no/false/f/n/0, any case."""
     value = str(text).lower()
     if value in ("yes", "true", "t", "y", "1"):
@@ -42,7 +48,7 @@ def str2bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"Boolean value expected true, 1, false, 0 with case insensitive, got {text!r}")
 
 
-def positive_int(text) -> int:
+def positive_int(text: str) -> int:
     """ais_bench's check_positive_integer."""
     value = int(text)
     if value <= 0:
@@ -50,7 +56,7 @@ def positive_int(text) -> int:
     return value
 
 
-def nonnegative_int(text) -> int:
+def nonnegative_int(text: str) -> int:
     """ais_bench's check_nonnegative_integer."""
     value = int(text)
     if value < 0:
@@ -66,7 +72,8 @@ class AisFlag(argparse.Action):
     ``upper``: choices ais_bench takes in capitals only (--outfmt); another case is a note.
     """
 
-    def __init__(self, option_strings, dest, ais=(), boolean=False, upper=None, **kwargs):
+    def __init__(self, option_strings: Sequence[str], dest: str, ais: Iterable[str] = (), boolean: bool = False,
+                 upper: Sequence[str] | None = None, **kwargs: Any):
         if boolean:
             kwargs.update(nargs="?", const=_BARE, type=str2bool)
         super().__init__(option_strings, dest, **kwargs)
@@ -129,7 +136,7 @@ REFUSED = {
 }
 
 
-def given_flags(args) -> dict:
+def given_flags(args: argparse.Namespace) -> dict:
     """{dest: the spelling used} of the ais_bench flags given on the command line."""
     return getattr(args, "given", None) or {}
 
@@ -139,7 +146,7 @@ def _is_set(args, dest) -> bool:
     return dest in given_flags(args) and value not in (None, False)
 
 
-def review(args) -> None:
+def review(args: argparse.Namespace) -> None:
     """After parsing: ais_bench's refusals, then one line per leniency and per ignored flag.
 
     Raises UsageError (exit 2) where ais_bench refuses, or where a flag would change what is
@@ -164,7 +171,7 @@ def review(args) -> None:
         log.info("--divide_input True: ignored with one --device (ais_bench divides the input only among several)")
 
 
-def ais_bench_refusals(args) -> None:
+def ais_bench_refusals(args: argparse.Namespace) -> None:
     """What ais_bench's args_rules (benchmark_process.py) and its argument types refuse."""
     check(not (args.output_dirname and os.path.isabs(args.output_dirname)),
           f"--output_dirname {args.output_dirname}: ais_bench refuses an absolute path (\"--output_dirname do not "
@@ -180,14 +187,14 @@ def ais_bench_refusals(args) -> None:
               f"only an existing {kind} file here")
 
 
-def path_arguments(args) -> list:
+def path_arguments(args: argparse.Namespace) -> list:
     """(flag, path) of every path argument, as ais_bench's path checks see them."""
     found = [("--model", args.model), ("--output", args.output), ("--output_dirname", args.output_dirname)]
     found += [("--input", p) for p in (args.input or "").split(",") if p]
     return [(flag, str(value)) for flag, value in found if value]
 
 
-def review_threads(args) -> None:
+def review_threads(args: argparse.Namespace) -> None:
     """ais_bench's --threads is the number of computing sessions of --pipeline mode (args_rules)."""
     if args.threads > 1 and not args.pipeline:
         log.info("need to set --pipeline when setting threads number to be more than one.")  # ais_bench's line
@@ -214,7 +221,7 @@ def parse_shape_spec(text: str, flag: str) -> dict:
     return shapes
 
 
-def dynamic_batch(args, model) -> Optional[int]:
+def dynamic_batch(args: argparse.Namespace, model: ModelInfo) -> Optional[int]:
     """The batch that --dymBatch, --dymDims or --dymShape choose (None: none given); refused where it cannot hold.
 
     ais_bench sets them on an OM converted with a dynamic batch or shape (set_session_options);
@@ -242,7 +249,7 @@ def dynamic_batch(args, model) -> Optional[int]:
     return shape[0]
 
 
-def auto_shape_mode(args, model) -> bool:
+def auto_shape_mode(args: argparse.Namespace, model: ModelInfo) -> bool:
     """--auto_set_dymshape_mode / --auto_set_dymdims_mode True: each file runs as its own batch (no joining)."""
     flags = [given_flags(args)[d] for d in ("auto_set_dymshape_mode", "auto_set_dymdims_mode") if _is_set(args, d)]
     if not flags:

@@ -5,6 +5,8 @@ space), ``<input_stem>_0.bin`` (raw, in the model output's dtype: float32 from O
 Runtime, float16 from an OM whose output atc left in fp16) or ``<input_stem>_0.npy``.
 """
 
+from __future__ import annotations
+
 import io
 import os
 import re
@@ -19,20 +21,20 @@ OUTPUT_FORMATS = ("txt", "bin", "npy")
 _OUTPUT_RE = re.compile(r"^(?P<stem>.+)_0\.(?P<fmt>txt|bin|npy)$", re.IGNORECASE)
 
 
-def output_file_name(input_stem, fmt):
+def output_file_name(input_stem: str, fmt: str) -> str:
     fmt = fmt.lower()
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
     return f"{input_stem}_0.{fmt}"
 
 
-def format_txt(array):
+def format_txt(array: np.ndarray) -> str:
     """ais_bench's TXT: one line per row, every value as %f followed by a space."""
     lines = ["".join(f"{v:f} " for v in row) for row in np.asarray(array).reshape(array.shape[0], -1)]
     return "\n".join(lines) + "\n"
 
 
-def write_output(path, array, fmt=None):
+def write_output(path: str | os.PathLike[str], array: np.ndarray, fmt: str | None = None) -> None:
     """Write one output tensor (2-D: batch x classes) in ais_bench's format."""
     path = os.fspath(path)
     fmt = (fmt or os.path.splitext(path)[1][1:]).lower()
@@ -52,7 +54,8 @@ def write_output(path, array, fmt=None):
 BIN_DTYPES = {"float32": np.float32, "float16": np.float16}  # what an ONNX model or an OM outputs here
 
 
-def bin_dtype(path, size, num_classes, batch_size=None, dtype=None):
+def bin_dtype(path: str, size: int, num_classes: int, batch_size: int | None = None,
+              dtype: str | None = None) -> type[np.floating]:
     """The dtype of a raw BIN output: ``dtype`` when known (the summary), else told by the file size.
 
     An OM writes whole batches (its input is padded), so with ``batch_size`` B a size of exactly
@@ -77,7 +80,8 @@ def bin_dtype(path, size, num_classes, batch_size=None, dtype=None):
     return BIN_DTYPES[(full or fits)[0]]
 
 
-def read_output(path, num_classes=NUM_CLASSES, batch_size=None, dtype=None):
+def read_output(path: str | os.PathLike[str], num_classes: int = NUM_CLASSES, batch_size: int | None = None,
+                dtype: str | None = None) -> np.ndarray:
     """Read one output file as a (rows, num_classes) float32 array.
 
     A BIN file's dtype is ``dtype`` or told by its size (bin_dtype).  Raises PipelineFileError naming
@@ -127,7 +131,7 @@ def read_output(path, num_classes=NUM_CLASSES, batch_size=None, dtype=None):
     return arr
 
 
-def find_outputs(folder):
+def find_outputs(folder: str | os.PathLike[str]) -> dict[str, str]:
     """Map input stem -> output file path for the ais_bench outputs in ``folder``.
 
     Other files (``sumary.json``, ``*_summary.json``, logs) are ignored.  Two

@@ -7,7 +7,7 @@ match.  It lives beside the folder, as ais_bench's ``<out_dir>_summary.json`` do
 that the folder holds nothing but outputs: the guide's beit_eval_acc.py lists every entry
 of the folder and parses each name as ``<prefix>_<5-digit batch>``, and a file of ours
 in there made it raise ValueError.  ``record_path(folder)`` is the one way every module
-finds it (fidelity.py tells beit_infer's outputs from ais_bench's by it; workstate.py
+finds it (fidelity/stages.py tells beit_infer's outputs from ais_bench's by it; workstate.py
 moves it with the folder when run_all.sh renames ``bs8_partial`` to ``bs8``).
 
 The record also says which files the run writes (``outputs``) and which folder it is
@@ -23,9 +23,12 @@ against another manifest, ``check_guide_rule_fits`` refuses the guide's naming r
 that manifest's rows are not the images 1, 2, 3 ... in order.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from typing import Optional
 
 from beit_pipeline import files, fingerprint
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 
 RECORD_SUFFIX = "_beit_infer.json"
 AIS_SUMMARY_SUFFIX = "_summary.json"  # ais_bench's <dir>_summary.json
-FIGURES_SUFFIX = "_beit_summary.json"  # beit_infer.py's own figures (inference_summary.py)
+FIGURES_SUFFIX = "_beit_summary.json"  # beit_infer.py's own figures (summary.py)
 LEGACY_RECORD_NAME = ".beit_infer.json"  # inside the output folder, before issue 18
 RECORD_FORMAT = 3  # 3: beside the folder, with the files written, the folder's identity and the row mapping
 
@@ -77,7 +80,7 @@ class OutputRecord:
 
 # ---------------------------------------------------------------- making it
 
-def inputs_digest(paths, manifest_fingerprint=None) -> str:
+def inputs_digest(paths: Iterable[str], manifest_fingerprint: str | None = None) -> str:
     """Digest of the batch files' names, sizes and mtimes (stat only: 50,000 images' batches are GBs)."""
     entries = []
     for path in paths:
@@ -92,7 +95,7 @@ def rows_digest(manifest: dict) -> str:
     return fingerprint.digest_json(batch_files.rows_from_manifest(manifest))
 
 
-def manifest_of(spec) -> Optional[dict]:
+def manifest_of(spec: str | None) -> Optional[dict]:
     """The complete manifest of an input folder, or None (no manifest, or a list of files)."""
     from beit_pipeline.preprocess import batches as batch_files
     if spec is None or not os.path.isdir(spec) or not os.path.lexists(os.path.join(spec, batch_files.MANIFEST_NAME)):
@@ -100,14 +103,15 @@ def manifest_of(spec) -> Optional[dict]:
     return batch_files.require_complete_manifest(spec)
 
 
-def manifest_fingerprint(spec) -> Optional[str]:
+def manifest_fingerprint(spec: str | None) -> Optional[str]:
     """The image-set fingerprint of an input folder's manifest, or None (no manifest, or a file list)."""
     manifest = manifest_of(spec)
     return manifest.get("fingerprint") if manifest else None
 
 
-def make_record(model_path, input_paths, manifest_print, outfmt, outputs_per_batch, batch_size, engine="onnxruntime",
-                precision="fp32", input_spec=None, outputs=()) -> OutputRecord:
+def make_record(model_path: str, input_paths: Sequence[str], manifest_print: str | None, outfmt: str,
+                outputs_per_batch: int, batch_size: int | None, engine: str = "onnxruntime", precision: str = "fp32",
+                input_spec: str | None = None, outputs: Iterable[str] = ()) -> OutputRecord:
     model = "+".join(fingerprint.file_digest(p) for p in onnx_files.model_files(model_path))
     manifest = manifest_of(input_spec)
     return OutputRecord(model=model,
@@ -120,29 +124,29 @@ def make_record(model_path, input_paths, manifest_print, outfmt, outputs_per_bat
                         image_source=manifest.get("source") if manifest else None)
 
 
-def folder_identity(out_dir) -> list:
+def folder_identity(out_dir: str) -> list:
     st = os.stat(out_dir)
     return [st.st_dev, st.st_ino]
 
 
 # ---------------------------------------------------------------- where it is, reading and writing
 
-def record_path(out_dir) -> str:
+def record_path(out_dir: str | os.PathLike[str]) -> str:
     """``<out_dir>_beit_infer.json``: beside the folder, never inside it (a trailing slash is ignored)."""
     return os.path.normpath(os.fspath(out_dir)) + RECORD_SUFFIX
 
 
-def beside(out_dir) -> list:
+def beside(out_dir: str | os.PathLike[str]) -> list:
     """Every file kept beside an output folder, which moves with it: ais_bench's summary, the record, our figures."""
     base = os.path.normpath(os.fspath(out_dir))
     return [base + AIS_SUMMARY_SUFFIX, record_path(out_dir), base + FIGURES_SUFFIX]
 
 
-def legacy_record_path(out_dir) -> str:
+def legacy_record_path(out_dir: str) -> str:
     return os.path.join(out_dir, LEGACY_RECORD_NAME)
 
 
-def read_record(out_dir) -> Optional[OutputRecord]:
+def read_record(out_dir: str) -> Optional[OutputRecord]:
     """The OutputRecord of ``out_dir``, or None when it is missing, not one, or another folder's."""
     data = files.read_json(record_path(out_dir))
     if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
@@ -156,19 +160,19 @@ def read_record(out_dir) -> Optional[OutputRecord]:
     return record
 
 
-def write_record(out_dir, record: OutputRecord) -> None:
+def write_record(out_dir: str, record: OutputRecord) -> None:
     record.folder_id = folder_identity(out_dir)
     files.write_json_atomic(record_path(out_dir), record.to_json())
 
 
-def remove_record(out_dir) -> None:
+def remove_record(out_dir: str) -> None:
     try:
         os.unlink(record_path(out_dir))
     except FileNotFoundError:
         pass
 
 
-def remove_legacy_record(out_dir) -> bool:
+def remove_legacy_record(out_dir: str) -> bool:
     """Remove an older version's ``.beit_infer.json`` inside the folder (only that file); True if there was one."""
     path = legacy_record_path(out_dir)
     data = files.read_json(path) if os.path.isfile(path) and not os.path.islink(path) else None
@@ -207,7 +211,7 @@ def _describe(record: OutputRecord) -> str:
             f"{record.manifest_fingerprint})")
 
 
-def check_manifest_matches(out_dir, prep_image) -> None:
+def check_manifest_matches(out_dir: str, prep_image: str) -> None:
     """Refuse to score outputs against a manifest other than the one their record says they were made from.
 
     Outputs without a record of ours (ais_bench's) cannot be checked and pass.
@@ -238,7 +242,7 @@ def guide_rule_mismatch(manifest: dict, batch_size: int) -> Optional[tuple]:
     return None
 
 
-def check_guide_rule_fits(out_dir, batch_size: int) -> None:
+def check_guide_rule_fits(out_dir: str, batch_size: int) -> None:
     """Refuse the guide's rule (row i of input_k is image k*bs+i+1) where the outputs' manifest says otherwise.
 
     The guide's preprocessing orders images by their number; ours orders by path, so class

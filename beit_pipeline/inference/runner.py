@@ -2,8 +2,8 @@
 
 The steps of beit_infer.py, each one function: open the model and check that it is
 an image model (ModelInfo), list and check the input batches (InputSet), plan the
-output folder against its record (inference_folder.py, inference_record.py), warm up,
-time and write the outputs (Timings), then the summaries (inference_summary.py).
+output folder against its record (folder.py, record.py), warm up,
+time and write the outputs (Timings), then the summaries (summary.py).
 
 Input files and model batches follow ais_bench (io_oprations.py): a file holds one
 model batch, or, where every file holds the same smaller number of images that divides
@@ -20,6 +20,8 @@ outputs once, as ais_bench's session loop does (ModelInferenceProcessor.cpp: ``E
 from engines.py.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import logging
@@ -27,7 +29,8 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -42,6 +45,11 @@ from beit_pipeline.inference import record as records
 from beit_pipeline.inference import sessions as onnx_models
 from beit_pipeline.inference import summary as summaries
 from beit_pipeline.preprocess import batches as batch_files
+
+if TYPE_CHECKING:
+    import argparse
+
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +75,11 @@ class ModelInfo:
     precision: str = "fp32"  # the precision that really runs
     instructions: list = dataclasses.field(default_factory=list)  # CPU instruction sets a reduced precision uses
 
-    def feed(self, batch):
+    def feed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return {self.input_name: batch.astype(self.input_dtype, copy=False)}
 
 
-def check_image_model(session, path):
+def check_image_model(session: onnxruntime.InferenceSession | engines.OpenVinoSession, path: str) -> None:
     """Refuse a model that is not one (N, 3, H, W) square-image input: the batch files hold nothing else."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -89,7 +97,7 @@ def _static(dim):
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
-def describe_model(session, path):
+def describe_model(session: onnxruntime.InferenceSession | engines.OpenVinoSession, path: str) -> ModelInfo:
     """ModelInfo of an open session (checked with check_image_model)."""
     check_image_model(session, path)
     meta = session.get_inputs()[0]
@@ -104,7 +112,8 @@ def describe_model(session, path):
 _OV_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
-def open_model(path, providers="cpu", device=0, threads=0, precision="fp32"):
+def open_model(path: str, providers: str | None = "cpu", device: int = 0, threads: int = 0,
+               precision: str = "fp32") -> tuple[onnxruntime.InferenceSession | engines.OpenVinoSession, ModelInfo]:
     """(session, ModelInfo) of an image model, through the pipeline's one session factory.
 
     ``providers`` None picks the engine (engines.choose_engine); the precision that
@@ -124,7 +133,7 @@ def open_model(path, providers="cpu", device=0, threads=0, precision="fp32"):
     return session, model
 
 
-def expected_batch(model, batchsize, dynamic=None):
+def expected_batch(model: ModelInfo, batchsize: int | None, dynamic: int | None = None) -> int | None:
     """The batch every file must hold: the model's static batch, else the one ais_bench's dynamic flags chose
     (``dynamic``) or --batchsize, else None (each file's)."""
     if model.static_batch is not None and batchsize is not None and batchsize != model.static_batch:
@@ -137,7 +146,7 @@ def expected_batch(model, batchsize, dynamic=None):
     return model.static_batch or dynamic or batchsize
 
 
-def model_batch(args, model):
+def model_batch(args: argparse.Namespace, model: ModelInfo) -> tuple[int | None, bool]:
     """(the batch every file must hold or None, whether files run unjoined: ais_bench's auto_set_* modes)."""
     auto = inference_options.auto_shape_mode(args, model)
     batch = expected_batch(model, args.batchsize, inference_options.dynamic_batch(args, model))
@@ -157,17 +166,17 @@ class InputSet:
     files_per_batch: int = 1  # files joined into one model batch (ais_bench's filesperbatch)
     real: Optional[list] = None  # real images in each file, from the manifest (None: no manifest)
 
-    def groups(self):
+    def groups(self) -> list[list[int]]:
         """Indices of the files of each model batch, in order (the last group may be short: padded when run)."""
         n, k = len(self.files), self.files_per_batch
         return [list(range(start, min(start + k, n))) for start in range(0, n, k)]
 
-    def real_in(self, group):
+    def real_in(self, group: Iterable[int]) -> int:
         """Real images in a model batch made of ``group`` (the copies that pad a short group never count)."""
         return sum((self.real or self.rows)[i] for i in group)
 
 
-def output_stem(path):
+def output_stem(path: str) -> str:
     """ais_bench's rule: the basename up to its first dot (``input_00000.bin`` -> ``input_00000``)."""
     return os.path.basename(path).split(".")[0]
 
@@ -179,7 +188,7 @@ def _natural_key(path):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def list_folder(folder):
+def list_folder(folder: str) -> list[str]:
     """The batch files of a folder: beit_preprocess.py's, else any .bin/.npy in natural order (as ais_bench)."""
     found = batch_files.list_batch_files(folder)
     if not found:
@@ -191,7 +200,7 @@ def list_folder(folder):
     return found
 
 
-def list_inputs(spec):
+def list_inputs(spec: str) -> list[str]:
     """The batch files named by --input: a folder, or comma-separated files as ais_bench takes them."""
     parts = [p for p in spec.split(",") if p]
     check(parts, "--input is empty")
@@ -208,7 +217,7 @@ def list_inputs(spec):
     return parts
 
 
-def finished_manifest_print(spec):
+def finished_manifest_print(spec: str | None) -> str | None:
     """Refuse an input folder whose manifest says beit_preprocess.py did not finish; its fingerprint or None.
 
     A folder without a manifest (plain ais_bench input, not ours) is not checked;
@@ -218,14 +227,14 @@ def finished_manifest_print(spec):
     return manifest.get("fingerprint") if manifest else None
 
 
-def files_per_batch(rows, expected):
+def files_per_batch(rows: Sequence[int], expected: int | None) -> int:
     """ais_bench's filesperbatch: model batch / the first file's rows, where that divides; else 1."""
     if expected is None or not rows or rows[0] >= expected or expected % rows[0]:
         return 1
     return expected // rows[0]
 
 
-def real_images(spec, paths, rows):
+def real_images(spec: str | None, paths: Sequence[str], rows: Sequence[int]) -> list[int] | None:
     """Real images of each file, from the manifest of the input folder; None without one."""
     manifest = records.manifest_of(spec)
     if manifest is None:
@@ -234,7 +243,8 @@ def real_images(spec, paths, rows):
     return [real.get(output_stem(p), n) for p, n in zip(paths, rows)]
 
 
-def log_files_per_batch(paths, rows, model, expected, per_batch):
+def log_files_per_batch(paths: Sequence[str], rows: Sequence[int], model: ModelInfo, expected: int | None,
+                        per_batch: int) -> None:
     """ais_bench's line (io_oprations.py get_files_count_per_batch): the first file's and the input's bytes."""
     size0 = rows[0] * batch_files.image_nbytes(model.image_size)
     tensor0 = (expected or rows[0]) * batch_files.image_nbytes(model.image_size)
@@ -242,7 +252,7 @@ def log_files_per_batch(paths, rows, model, expected, per_batch):
              f"runcount:{-(-len(paths) // per_batch)}")
 
 
-def load_inputs(spec, model, expected, join=True):
+def load_inputs(spec: str, model: ModelInfo, expected: int | None, join: bool = True) -> InputSet:
     """Check every batch file against the model before anything is written: a mismatch half way
     through would leave a folder of outputs that looks complete to a later step.  ``join`` False:
     each file is its own batch (ais_bench's auto_set_* modes, a dynamic model)."""
@@ -264,7 +274,8 @@ def load_inputs(spec, model, expected, join=True):
 
 # ---------------------------------------------------------------- running
 
-def timed_run(session, model, batch, timings, real=None):
+def timed_run(session: onnxruntime.InferenceSession | engines.OpenVinoSession, model: ModelInfo, batch: np.ndarray,
+              timings: summaries.Timings, real: int | None = None) -> list[np.ndarray]:
     """One engine run, timed into ``timings`` (``real``: the real images in it); returns the outputs."""
     start = time.perf_counter()
     outs = session.run(model.output_names, model.feed(batch))
@@ -273,7 +284,8 @@ def timed_run(session, model, batch, timings, real=None):
     return outs
 
 
-def warm_up(session, model, batch, count):
+def warm_up(session: onnxruntime.InferenceSession | engines.OpenVinoSession, model: ModelInfo, batch: np.ndarray,
+            count: int) -> None:
     for _ in range(count):
         session.run(model.output_names, model.feed(batch))
     log.info(f"warm up {count} done")
@@ -282,7 +294,7 @@ def warm_up(session, model, batch, count):
 PURE_STEM = "pure_infer_data"  # ais_bench's name for the input of a run without --input
 
 
-def pure_batch(model, batch_size, data_type):
+def pure_batch(model: ModelInfo, batch_size: int, data_type: str) -> np.ndarray:
     """ais_bench's pure-inference input: zeros by default; ``random``: a seeded standard-normal batch
     (ais_bench fills random bytes, which as float32 are mostly huge or NaN; normal values time the same)."""
     shape = (batch_size, 3, model.image_size, model.image_size)
@@ -291,7 +303,9 @@ def pure_batch(model, batch_size, data_type):
     return np.zeros(shape, dtype=np.float32)
 
 
-def run_pure(session, model, args, batch_size, out_dir=None):
+def run_pure(session: onnxruntime.InferenceSession | engines.OpenVinoSession, model: ModelInfo,
+             args: argparse.Namespace, batch_size: int,
+             out_dir: str | None = None) -> tuple[summaries.Timings, list[str]]:
     """ais_bench without --input: time the pure batch ``--loop`` times; with an output folder, write the
     outputs of the last run as ``pure_infer_data_<k>.<fmt>``, as ais_bench does.  (timings, output paths)."""
     from beit_pipeline import progress  # issue 21: plain lines when stderr is a log
@@ -313,14 +327,14 @@ def run_pure(session, model, args, batch_size, out_dir=None):
     return timings, written
 
 
-def write_outputs(plan, i, outs):
+def write_outputs(plan: folders.InferencePlan, i: int, outs: Iterable[np.ndarray]) -> None:
     for k, out in enumerate(outs):
         path = plan.output_path(i, k)
         with files.naming_errors(path):
             output_files.write_output(path, out, plan.fmt)
 
 
-def join_group(read, group, per_batch):
+def join_group(read: Callable[[int], np.ndarray], group: Sequence[int], per_batch: int) -> np.ndarray:
     """One model batch from the files of ``group``, padded with its first file (ais_bench's padding file)."""
     if per_batch == 1:
         return read(group[0])
@@ -329,7 +343,7 @@ def join_group(read, group, per_batch):
     return np.concatenate(arrays, axis=0)
 
 
-def split_outputs(outs, per_batch, axis):
+def split_outputs(outs: Sequence[np.ndarray], per_batch: int, axis: int) -> list[list[np.ndarray]]:
     """Each output split into ``per_batch`` equal parts along ``axis`` (ais_bench's save_tensors_to_file)."""
     parts = []
     for k, out in enumerate(outs):
@@ -340,13 +354,14 @@ def split_outputs(outs, per_batch, axis):
     return [[p[j] for p in parts] for j in range(per_batch)]
 
 
-def planned_groups(plan):
+def planned_groups(plan: folders.InferencePlan) -> list[list[int]]:
     """The groups of files with at least one output to write (all of a group runs: it is one batch)."""
     todo = set(plan.todo)
     return [g for g in plan.inputs.groups() if todo.intersection(g)]
 
 
-def run_files(session, model, plan, args):
+def run_files(session: onnxruntime.InferenceSession | engines.OpenVinoSession, model: ModelInfo,
+              plan: folders.InferencePlan, args: argparse.Namespace) -> summaries.Timings:
     """Run each planned batch ``--loop`` times back to back (each run timed) and write its outputs once."""
     from beit_pipeline import progress  # issue 21: plain lines when stderr is a log
 
@@ -373,7 +388,7 @@ def run_files(session, model, plan, args):
 
 # ---------------------------------------------------------------- the whole run
 
-def check_arguments(args):
+def check_arguments(args: argparse.Namespace) -> str | None:
     """Flag values and path arguments (exit 2), before the model is opened; the output folder (or None)."""
     check(args.batchsize is None or args.batchsize >= 1, "--batchsize must be positive")
     check(args.output is not None or args.output_dirname is None, "--output_dirname needs --output (as in ais_bench)")
@@ -396,7 +411,9 @@ def check_arguments(args):
     return out_dir
 
 
-def run_with_inputs(session, model, args, inputs, out_dir, expected):
+def run_with_inputs(session: onnxruntime.InferenceSession | engines.OpenVinoSession, model: ModelInfo,
+                    args: argparse.Namespace, inputs: InputSet, out_dir: str | None,
+                    expected: int | None) -> tuple[folders.InferencePlan, summaries.Timings]:
     """Files mode: plan the output folder (under its lock when there is one), run, write."""
     if out_dir is None:
         plan = folders.InferencePlan(inputs, None, args.outfmt.lower(), len(model.output_names),
@@ -414,11 +431,11 @@ def run_with_inputs(session, model, args, inputs, out_dir, expected):
     return plan, run_files(session, model, plan, args)
 
 
-def plan_names(inputs, outfmt, model):
+def plan_names(inputs: InputSet, outfmt: str, model: ModelInfo) -> list[str]:
     return [output_name(stem, k, outfmt) for stem in inputs.stems for k in range(len(model.output_names))]
 
 
-def run_one_device(args):
+def run_one_device(args: argparse.Namespace) -> summaries.RunSummary:
     """One device's run (``args.device`` an int); inference_devices.run_inference chooses it or one per device."""
     out_dir = check_arguments(args)
     if getattr(args, "debug", False):
@@ -445,7 +462,7 @@ def run_one_device(args):
     return result
 
 
-def report_batch(timings, expected, inputs):
+def report_batch(timings: summaries.Timings, expected: int | None, inputs: InputSet | None) -> float:
     """ais_bench's batchsize of the throughput formula: the timed runs' mean, else the model's batch."""
     if timings.batch_sizes:
         return float(np.mean(timings.batch_sizes))

@@ -9,18 +9,26 @@ whole output: scaled by the largest reference logit, because an element-wise rat
 blows up on logits that happen to be near zero and would flag harmless rounding.
 """
 
+from __future__ import annotations
+
 import logging
 import os
-import subprocess
-import sys
 import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from beit_pipeline import files
-from beit_pipeline.errors import ModelsDisagree, OnnxCheckError, UsageError
+from beit_pipeline.errors import BatchShapeError, ModelsDisagree, OnnxCheckError, UsageError
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from beit_pipeline.inference.engines import OpenVinoSession
 
 log = logging.getLogger(__name__)
+
+Session = Union["onnxruntime.InferenceSession", "OpenVinoSession"]  # open_session's answer: the same interface
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -35,7 +43,7 @@ _DEVICE_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "CANN
 
 # ---------------------------------------------------------------- errors between outputs
 
-def output_errors(actual, expected):
+def output_errors(actual: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
     """Max absolute error, relative error (max|a-b| / max|b|) and top-1 agreement of two (N, C) outputs."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
@@ -60,7 +68,7 @@ def output_errors(actual, expected):
     }
 
 
-def format_errors(errors):
+def format_errors(errors: Mapping[str, Any]) -> str:
     return (f"max abs error {errors['max_abs']:.3e}, max rel error {errors['max_rel']:.3e} "
             f"(max|a-b|/max|b|), top-1 agrees on {round(errors['argmax_agreement'] * errors['rows'])}"
             f"/{errors['rows']} rows")
@@ -68,7 +76,7 @@ def format_errors(errors):
 
 # ---------------------------------------------------------------- running models
 
-def session_input_shape(session):
+def session_input_shape(session: Session) -> list[int | None]:
     """The single input's shape, with None for each dynamic axis."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -76,35 +84,37 @@ def session_input_shape(session):
     return [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
 
 
-def batch_shape(cand_shape, ref_shape=None, batch_size=None, name="the candidate"):
+def feed_shape(cand_shape: Sequence[int | None], ref_shape: Sequence[int | None] | None = None,
+                batch_size: int | None = None, name: str = "the candidate") -> tuple[int, ...]:
     """The shape to feed both models: static dims of the candidate, then the reference, then --batch_size.
 
     The batch (first) axis takes ``batch_size`` where it is dynamic in the
-    candidate; where it is static, a different ``batch_size`` is an error.
+    candidate; where it is static, a different ``batch_size`` is an error (BatchShapeError, exit 2).
     """
     shape = []
     for axis, dim in enumerate(cand_shape):
         ref_dim = ref_shape[axis] if ref_shape is not None and axis < len(ref_shape) else None
         if axis == 0:
             if dim is not None and batch_size is not None and dim != batch_size:
-                raise OnnxCheckError(f"{name}: batch size is fixed at {dim}, not {batch_size}")
+                raise BatchShapeError(f"{name}: batch size is fixed at {dim}, not {batch_size}")
             dim = dim or batch_size or ref_dim
             if dim is None:
-                raise OnnxCheckError("both models take any batch size: give --batch_size")
+                raise BatchShapeError("both models take any batch size: give --batch_size")
         elif dim is None:
             dim = ref_dim
             if dim is None:
-                raise OnnxCheckError(f"input axis {axis} is dynamic in both models; cannot choose its size")
+                raise BatchShapeError(f"input axis {axis} is dynamic in both models; cannot choose its size")
         shape.append(int(dim))
     return tuple(shape)
 
 
-def random_batch(shape, seed=0):
+def random_batch(shape: Sequence[int], seed: int = 0) -> np.ndarray:
     """A seeded standard-normal float32 batch: the value range of mean/std-normalised images."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def run_session(session, batch, path="model", every_output=False):
+def run_session(session: Session, batch: np.ndarray, path: str = "model",
+                every_output: bool = False) -> np.ndarray | list[np.ndarray]:
     """The first output of ``session`` on ``batch`` (``every_output``: the list of all its outputs)."""
     name = session.get_inputs()[0].name
     want = session_input_shape(session)
@@ -119,7 +129,8 @@ def run_session(session, batch, path="model", every_output=False):
     return outputs if every_output else outputs[0]
 
 
-def compare_models(ref_path, cand_path, batch, seed=0):
+def compare_models(ref_path: str | os.PathLike[str], cand_path: str | os.PathLike[str],
+                   batch: np.ndarray | int | None, seed: int = 0) -> dict[str, Any]:
     """Run both models on ``batch`` and return output_errors() plus the batch shape and timings.
 
     ``batch`` is an (N, C, H, W) float32 array, or an int N (or None where the
@@ -130,12 +141,13 @@ def compare_models(ref_path, cand_path, batch, seed=0):
     cand = open_session(cand_path)
     if batch is None or isinstance(batch, (int, np.integer)):
         size = None if batch is None else int(batch)
-        shape = batch_shape(session_input_shape(cand), session_input_shape(ref), size, os.fspath(cand_path))
+        shape = feed_shape(session_input_shape(cand), session_input_shape(ref), size, os.fspath(cand_path))
         batch = random_batch(shape, seed)
     return compare_sessions(ref, cand, batch, os.fspath(ref_path), os.fspath(cand_path))
 
 
-def compare_sessions(ref, cand, batch, ref_name="reference", cand_name="candidate"):
+def compare_sessions(ref: Session, cand: Session, batch: np.ndarray, ref_name: str = "reference",
+                     cand_name: str = "candidate") -> dict[str, Any]:
     """compare_models() on sessions that are already open."""
     batch = np.ascontiguousarray(batch, dtype=np.float32)
     start = time.perf_counter()
@@ -152,9 +164,9 @@ def compare_sessions(ref, cand, batch, ref_name="reference", cand_name="candidat
     return errors
 
 
-# ---------------------------------------------------------------- onnxsim, checked
+# ---------------------------------------------------------------- model files
 
-def model_input_shape(path):
+def model_input_shape(path: str | os.PathLike[str]) -> list[int | None]:
     """Input shape read from the ONNX file (None for dynamic axes), without ONNX Runtime."""
     import onnx
 
@@ -173,38 +185,9 @@ def model_input_shape(path):
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
 
 
-def simplify(in_path, out_path, batch_size, tolerance=DEFAULT_TOLERANCE, seed=0, timeout=1800, module="onnxsim"):
-    """Run ``python -m onnxsim`` (or ``module``: beit_pipeline.graph.simplify takes its command line and writes the same
-    graph) with the batch size fixed, check the result, then keep it.
-
-    onnxsim writes to a temporary file next to ``out_path``; that file is
-    compared with ``in_path`` on a seeded batch of ``batch_size`` and renamed
-    to ``out_path`` only when its relative error is within ``tolerance``.
-    Returns compare_models()'s dict plus ``simplify_seconds``.  Raises
-    OnnxCheckError (and leaves no ``out_path``) otherwise.
-    """
-    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    shape = batch_shape(model_input_shape(in_path), batch_size=batch_size, name=in_path)
-    with files.temporary_beside(out_path) as tmp:
-        cmd = [sys.executable, "-m", module, in_path, tmp, "--overwrite-input-shape", ",".join(map(str, shape))]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0 or os.path.getsize(tmp) == 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise OnnxCheckError(f"{in_path}: {module} exited {proc.returncode}:\n{tail}")
-        errors = compare_models(in_path, tmp, random_batch(shape, seed))
-        errors["simplify_seconds"] = seconds
-        if not errors["max_rel"] <= tolerance:
-            raise OnnxCheckError(f"{out_path}: onnxsim changed the results beyond tolerance {tolerance:g}: "
-                                 + format_errors(errors))
-        files.publish_temporary(tmp, out_path)
-    return errors
-
-
 # ---------------------------------------------------------------- sessions
 
-def resolve_providers(requested, available):
+def resolve_providers(requested: str, available: Sequence[str]) -> tuple[list[str], list[str]]:
     """Map ``cpu,cuda,...`` to ONNX Runtime provider names, keeping only the available ones.
 
     Returns (providers to pass, warnings).  A requested provider that this
@@ -229,7 +212,8 @@ def resolve_providers(requested, available):
     return wanted, warnings
 
 
-def open_session(path, providers="cpu", device=0, threads=0, precision="fp32"):
+def open_session(path: str | os.PathLike[str], providers: str = "cpu", device: int = 0, threads: int = 0,
+                 precision: str = "fp32") -> Session:
     """An ONNX Runtime session on the first available requested provider (CPU as the fallback).
 
     ``providers``: comma-separated names of PROVIDERS or ONNX Runtime's own, or ``openvino``

@@ -16,19 +16,28 @@ it ran, so it carries the last FULL measurement of the same outputs (every batch
 says that none was made.  ``run_figures(out_dir)`` is how other modules read them (run_all.sh's table).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import datetime
 import json
 import logging
 import os
 import sys
-from typing import Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from beit_pipeline import files
 from beit_pipeline.inference import record as records
 from beit_pipeline.preprocess import batches as batch_files
+
+if TYPE_CHECKING:
+    import argparse
+
+    from beit_pipeline.inference.folder import InferencePlan
+    from beit_pipeline.inference.runner import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +73,7 @@ def now() -> str:
 
 # ---------------------------------------------------------------- ais_bench's statistics
 
-def timing_stats(times_ms) -> dict:
+def timing_stats(times_ms: Sequence[float]) -> dict:
     """min/max/mean/median/percentile(99%)/count of compute times in ms, as ais_bench reports them.
 
     An empty list gives zeros (ais_bench's ListInfo defaults), so that a resumed run with
@@ -79,7 +88,7 @@ def timing_stats(times_ms) -> dict:
             "count": int(arr.size)}
 
 
-def throughput(batch_sizes, times_ms):
+def throughput(batch_sizes: Sequence[int], times_ms: Sequence[float]) -> float:
     """ais_bench's 1000 * batchsize.mean / compute_time.mean (rows per second); 0 when nothing ran (as ais_bench)."""
     if len(times_ms) == 0 or float(np.sum(times_ms)) == 0.0:
         return 0
@@ -92,7 +101,7 @@ def real_image_rate(timings: Timings) -> Optional[float]:
     return 1000.0 * float(np.sum(timings.real_images)) / total if total else None
 
 
-def files_info(plan, pure_outputs=()) -> dict:
+def files_info(plan: InferencePlan | None, pure_outputs: Sequence[str] = ()) -> dict:
     """ais_bench's ``filesinfo``: for each input file (sample id), its path and its output files."""
     if plan is None:
         return {"0": {"infiles": ["pure_infer_data"], "outfiles": list(pure_outputs)}} if pure_outputs else {}
@@ -100,12 +109,13 @@ def files_info(plan, pure_outputs=()) -> dict:
             for i, path in enumerate(plan.inputs.files)}
 
 
-def command_line(args) -> list:
+def command_line(args: argparse.Namespace) -> list:
     """ais_bench's ``args``: the argv list (beit_infer.main puts it on the namespace; else this process's)."""
     return list(getattr(args, "argv", None) or sys.argv)
 
 
-def ais_bench_summary(args, plan, timings: Timings, pure_outputs=()) -> dict:
+def ais_bench_summary(args: argparse.Namespace, plan: InferencePlan | None, timings: Timings,
+                      pure_outputs: Sequence[str] = ()) -> dict:
     """Exactly the keys of ais_bench's summary JSON, in its order (summary.py Summary.record)."""
     return {
         "filesinfo": files_info(plan, pure_outputs),
@@ -134,11 +144,12 @@ def measurement(timings: Timings, batches_total: int, full: bool, images: bool) 
             "throughput_ais_bench": throughput(timings.batch_sizes, timings.times_ms)}
 
 
-def options(args) -> dict:
+def options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("argv", "given", "lenient")}
 
 
-def our_summary(args, model, plan, timings: Timings, previous: Optional[dict]) -> dict:
+def our_summary(args: argparse.Namespace, model: ModelInfo, plan: InferencePlan | None, timings: Timings,
+                previous: Optional[dict]) -> dict:
     """Our figures of a run (``plan`` None: pure input).  ``previous``: the summary an earlier run left."""
     from beit_pipeline.inference import engines
 
@@ -172,22 +183,22 @@ class RunSummary:
     ours_path: Optional[str] = None
 
     @property
-    def throughput(self):
+    def throughput(self) -> float:
         return self.ais["throughput"]
 
 
-def summary_paths(out_dir) -> tuple:
+def summary_paths(out_dir: str | os.PathLike[str]) -> tuple:
     """(ais_bench's ``<out_dir>_summary.json``, our ``<out_dir>_beit_summary.json``)."""
     ais, _, ours = records.beside(out_dir)
     return ais, ours
 
 
-def read_previous(out_dir) -> Optional[dict]:
+def read_previous(out_dir: str | None) -> Optional[dict]:
     data = files.read_json(summary_paths(out_dir)[1]) if out_dir else None
     return data if isinstance(data, dict) and data.get("format") == OUR_FORMAT else None
 
 
-def write_summaries(result: RunSummary, out_dir) -> None:
+def write_summaries(result: RunSummary, out_dir: str) -> None:
     """``<out_dir>_summary.json`` as ais_bench writes it (json.dump, one line), ours beside it."""
     result.ais_path, result.ours_path = summary_paths(out_dir)
     with files.naming_errors(result.ais_path):
@@ -231,7 +242,7 @@ class RunFigures:
                 f"counted: {ais}; {when}")
 
 
-def run_figures(out_dir, prep_image=None) -> RunFigures:
+def run_figures(out_dir: str, prep_image: str | None = None) -> RunFigures:
     """The figures of the outputs in ``out_dir``: ours where beit_infer.py wrote them, else ais_bench's summary.
 
     For ais_bench's outputs the real-image rate needs ``prep_image`` (the manifest) and a summary that
@@ -252,7 +263,7 @@ def run_figures(out_dir, prep_image=None) -> RunFigures:
     return RunFigures(None, None, rate, float(ais["throughput"]), real, when, False, ais_path)
 
 
-def ais_bench_real_rate(ais: dict, prep_image) -> tuple:
+def ais_bench_real_rate(ais: dict, prep_image: str | None) -> tuple:
     """(real images, img/s over them) from ais_bench's compute-time list, when it timed each batch once."""
     if prep_image is None or not os.path.exists(batch_files.manifest_path(prep_image)):
         return None, None
@@ -271,7 +282,7 @@ def _stats_line(name, t):
             f"median = {t['median']}, percentile({PERCENTILE}%) = {t[f'percentile({PERCENTILE}%)']}")
 
 
-def report_devices(results) -> None:
+def report_devices(results: Sequence[dict[str, Any]]) -> None:
     """ais_bench's multidevice_run closing lines: one per device, then the summed throughput."""
     log.info(f"multidevice run end qsize:{2 * len(results)} result:0")
     for r in results:
@@ -302,7 +313,7 @@ def report_ours(ours: dict) -> None:
                  "rerun with --overwrite to time every batch")
 
 
-def report(result, display_all=False) -> None:
+def report(result: RunSummary | dict[str, Any], display_all: bool = False) -> None:
     """Our lines, then the closing lines worded as ais_bench's summary.display prints them (``[INFO] ``)."""
     if isinstance(result, dict) and "devices" in result:
         report_devices(result["devices"])

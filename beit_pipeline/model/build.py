@@ -9,7 +9,10 @@ opset 11.  It also makes randomly initialised checkpoints in the real unilm
 format, for tests and for the demo.
 """
 
+from __future__ import annotations
+
 import inspect
+from typing import TYPE_CHECKING, Any
 
 # timm's fused (SDPA) attention only exports at opset >= 14; the guide's atc takes opset 11.
 import timm.layers
@@ -23,13 +26,16 @@ from beit_pipeline import files  # noqa: E402
 from beit_pipeline.model.checkpoints import CheckpointError, read_checkpoint  # noqa: E402,F401  (re-exported)
 from beit_pipeline.model.variants import KNOWN_VARIANTS  # noqa: E402  (re-exported)
 
+if TYPE_CHECKING:
+    import os
 
-def load_state_dict(path, weights="auto"):
+
+def load_state_dict(path: str | os.PathLike[str], weights: str = "auto") -> dict[str, torch.Tensor]:
     """The checkpoint's state dict in unilm's layout, never running pickled code (every form: checkpoints.py)."""
     return read_checkpoint(path, weights).state_dict
 
 
-def infer_config(state_dict):
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Model keyword arguments read off the checkpoint's tensor shapes."""
     try:
         proj = state_dict["patch_embed.proj.weight"]
@@ -55,7 +61,7 @@ def infer_config(state_dict):
     )
 
 
-def variant_name(config):
+def variant_name(config: dict[str, Any]) -> str | None:
     """The published name for a configuration, or None."""
     for name, (dim, depth, heads, size) in KNOWN_VARIANTS.items():
         if (config["embed_dim"], config["depth"], config["num_heads"], config["img_size"]) == (dim, depth, heads, size) \
@@ -64,7 +70,7 @@ def variant_name(config):
     return None
 
 
-def config_for(name, num_classes=1000):
+def config_for(name: str, num_classes: int = 1000) -> dict[str, Any]:
     """Keyword arguments for a known variant name."""
     if name not in KNOWN_VARIANTS:
         raise CheckpointError(f"unknown model {name!r}; known: {', '.join(KNOWN_VARIANTS)}")
@@ -74,7 +80,7 @@ def config_for(name, num_classes=1000):
                 use_fc_norm=True, global_pool="avg")
 
 
-def create_model(config):
+def create_model(config: dict[str, Any]) -> Beit:
     if "use_fc_norm" not in inspect.signature(Beit.__init__).parameters:
         # timm < 1.0.31 has no use_fc_norm and derives it from global_pool == 'avg'.
         config = {k: v for k, v in config.items() if k != "use_fc_norm"}
@@ -83,7 +89,8 @@ def create_model(config):
     return model
 
 
-def build_model(state_dict, model_name=None):
+def build_model(state_dict: dict[str, torch.Tensor],
+                model_name: str | None = None) -> tuple[Beit, dict[str, Any], str | None]:
     """A timm BEiT in eval mode with the checkpoint loaded strictly.
 
     Returns (model, config, name).  Raises CheckpointError listing missing keys,
@@ -129,7 +136,8 @@ def build_model(state_dict, model_name=None):
     return model, config, name
 
 
-def random_checkpoint(name="beit_base_patch16_224", seed=0, num_classes=1000):
+def random_checkpoint(name: str = "beit_base_patch16_224", seed: int = 0,
+                      num_classes: int = 1000) -> dict[str, dict[str, torch.Tensor]]:
     """A randomly initialised checkpoint in the real unilm format: ``{'model': state_dict}``.
 
     Every tensor is random, including the ones that timm initialises to zero or
@@ -164,7 +172,7 @@ def random_checkpoint(name="beit_base_patch16_224", seed=0, num_classes=1000):
     return {"model": state}
 
 
-def save_random_checkpoint(path, name="beit_base_patch16_224", seed=0):
+def save_random_checkpoint(path: str | os.PathLike[str], name: str = "beit_base_patch16_224", seed: int = 0) -> None:
     """Write random_checkpoint() to ``path`` atomically: a killed run leaves no truncated file to reuse."""
     with files.temporary_beside(path) as tmp:
         torch.save(random_checkpoint(name, seed), tmp)

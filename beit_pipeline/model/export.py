@@ -1,18 +1,28 @@
 """ONNX export of a timm BEiT with the TorchScript exporter (opset 11 for the guide's atc), and its checks.
 
-beit_pth2onnx.py is the command line over this module: load_model() reads and
-identifies the checkpoint, export() writes the graph, check_graph() checks its
+beit_pth2onnx.py is the command line over this module: load_torch_model() reads and
+identifies the checkpoint, export() writes the graph, check_exported_graph() checks its
 interface and verify() compares ONNX Runtime with PyTorch on seeded batches.
 torch and timm are imported inside the functions, so that importing this module
 (the scripts' argument checks) stays fast.
 """
 
+from __future__ import annotations
+
 import contextlib
 import logging
 import types
 import warnings
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from beit_pipeline.errors import ExportError
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+    from timm.models.beit import Beit
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +31,7 @@ MIN_OPSET, MAX_OPSET = 11, 17
 DEFAULT_TOLERANCE = 1e-4
 
 
-def unilm_attention_forward(self, x, shared_rel_pos_bias=None):
+def unilm_attention_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
     """timm's BEiT attention (fused attention off) with q, k, v taken as unilm takes them.
 
     unilm's beit/modeling_finetune.py Attention.forward indexes ``q, k, v = qkv[0], qkv[1], qkv[2]``
@@ -47,7 +57,7 @@ def unilm_attention_forward(self, x, shared_rel_pos_bias=None):
 
 
 @contextlib.contextmanager
-def unilm_qkv_indexing(model):
+def unilm_qkv_indexing(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Every BEiT block's attention runs unilm_attention_forward inside the block, timm's own after it."""
     attentions = [block.attn for block in getattr(model, "blocks", [])]
     for attn in attentions:
@@ -59,7 +69,7 @@ def unilm_qkv_indexing(model):
             del attn.forward
 
 
-def export(model, path, batch_size, img_size, opset, dynamic):
+def export(model: torch.nn.Module, path: str, batch_size: int, img_size: int, opset: int, dynamic: bool) -> None:
     """Write ``model`` to ``path`` with the TorchScript exporter, q/k/v indexed as unilm does."""
     import torch
 
@@ -77,7 +87,7 @@ def export(model, path, batch_size, img_size, opset, dynamic):
                               dynamic_axes=dynamic_axes)
 
 
-def describe_foreign_checkpoint(state_dict):
+def describe_foreign_checkpoint(state_dict: dict[str, torch.Tensor]) -> str | None:
     """Why a state dict that build_model refused is not a fine-tuned BEiT, when that can be told; else None."""
     keys = set(state_dict)
     if "head.weight" not in keys and ({"lm_head.weight", "mask_token"} & keys):
@@ -91,7 +101,8 @@ def describe_foreign_checkpoint(state_dict):
     return None
 
 
-def load_model(source, model_name=None, weights="auto"):
+def load_torch_model(source: str | os.PathLike[str], model_name: str | None = None,
+               weights: str = "auto") -> tuple[Beit, dict[str, Any], str | None]:
     """(model, config, variant name) for a checkpoint in any form of checkpoints.py; CheckpointError otherwise.
 
     Logs one line saying which form was read and which weights were used.
@@ -109,7 +120,7 @@ def load_model(source, model_name=None, weights="auto"):
         raise beit_model.CheckpointError(message) from exc
 
 
-def check_graph(path, batch_size, num_classes, dynamic):
+def check_exported_graph(path: str, batch_size: int, num_classes: int, dynamic: bool) -> None:
     """The exported file is valid ONNX with the input and output the later steps expect."""
     import onnx
 
@@ -129,7 +140,8 @@ def check_graph(path, batch_size, num_classes, dynamic):
                           f"expected (N, {num_classes})")
 
 
-def verify(model, path, batch_sizes, img_size, seed=0):
+def verify(model: torch.nn.Module, path: str, batch_sizes: Iterable[int], img_size: int,
+           seed: int = 0) -> list[tuple[int, dict[str, Any]]]:
     """[(batch size, output_errors dict)] of ONNX Runtime against PyTorch on seeded random batches."""
     import torch
 
@@ -146,7 +158,7 @@ def verify(model, path, batch_sizes, img_size, seed=0):
     return results
 
 
-def verification_sizes(batch_size, dynamic):
+def verification_sizes(batch_size: int, dynamic: bool) -> list[int]:
     """The traced batch size and, for a dynamic model, a second one: a batch size baked into a
     Reshape by the tracer would only show up there."""
     return [batch_size] + ([1 if batch_size != 1 else 2] if dynamic else [])

@@ -4,6 +4,8 @@ Kept apart from beit_model.py (which imports torch and timm, seconds of start-up
 so that run_all.sh can check --model before any step runs.
 """
 
+from __future__ import annotations
+
 # The published BEiT variants, by the shapes that identify them.
 KNOWN_VARIANTS = {
     # name: (embed_dim, depth, num_heads, img_size)
@@ -28,11 +30,11 @@ PUBLISHED_CHECKPOINTS = {
 }
 
 
-def image_size(name):
+def image_size(name: str) -> int:
     """The input size (pixels per side) of a known variant."""
     return KNOWN_VARIANTS[name][3]
 
 
-def token_count(size, patch=16):
+def token_count(size: int, patch: int = 16) -> int:
     """Tokens of a BEiT at ``size``: the cls token and (size / patch)^2 patches (224: 197, 384: 577, 512: 1025)."""
     return 1 + (size // patch) ** 2

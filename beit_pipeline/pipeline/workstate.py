@@ -16,6 +16,8 @@ and which files the step owns: ``--force`` and a redo delete only those, and a
 file at an output path that no recorded step made is never touched.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import datetime
@@ -24,8 +26,10 @@ import logging
 import os
 import shutil
 import sys
+from typing import Any
 
 from beit_pipeline import cli, files, fingerprint
+from beit_pipeline.environment import REPO  # the repository: scripts, run_all.sh, Makefile
 from beit_pipeline.errors import EXIT_SKIP, PipelineError, PipelineFileError, UsageError
 from beit_pipeline.evaluation import results
 from beit_pipeline.graph import onnx_files
@@ -42,7 +46,6 @@ LEGACY_RECORD = "run_all_inputs.txt"  # run_all.sh before content-aware reruns
 STATE_FORMAT = 1
 DEFAULT_MODEL = "beit_base_patch16_224"
 DEFAULT_SIZE = 224
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _VERSIONS = {
     "demo": ("torch", "timm", "numpy", "pillow"),
@@ -79,11 +82,11 @@ class RunParams:
     providers: str = ""  # beit_infer.py's --providers (the ort backend; "": its default engine)
     keep_dtype: str = ""  # issue 20: atc's keep_dtype file (run_all.sh --keep_dtype), read by atc and fidelity
 
-    def path(self, relative):
+    def path(self, relative: str) -> str:
         return os.path.join(self.workdir, relative)
 
     @property
-    def tag(self):
+    def tag(self) -> str:
         """``_bf16``, ``_cpu``, ...: a non-default engine or precision writes its own outputs and results."""
         return results.result_tag(self.precision, self.providers) if self.backend == "ort" else ""
 
@@ -93,11 +96,11 @@ class RunParams:
         return chain.ChainFiles(self.batch_size, self.model, self.tag)
 
     @property
-    def outputs_dir(self):
+    def outputs_dir(self) -> str:
         return self.files.outputs
 
     @property
-    def result_name(self):
+    def result_name(self) -> str:
         """The guide's accuracy JSON of this run; its details are chain.details_name(result_name)."""
         return self.files.accuracy
 
@@ -116,13 +119,13 @@ class StepSpec:
     shared: list = dataclasses.field(default_factory=list)  # owned, one file for every batch size: not digested
 
     @property
-    def product(self):
+    def product(self) -> str:
         return self.outputs[0]
 
 
 # ---------------------------------------------------------------- the steps of a run
 
-def step_specs(run):
+def step_specs(run: RunParams) -> dict[str, StepSpec]:
     """{step name: StepSpec} for this run, in pipeline order."""
     n, names = run.batch_size, run.files
     prep, onnx, sim, mg, om = names.prep, names.onnx, names.onnxsim, names.graph_modify, names.om
@@ -158,19 +161,19 @@ def step_specs(run):
     return {step.name: step for step in steps}
 
 
-def beside(folder):
+def beside(folder: str) -> list[str]:
     """The files beside an inference output folder that move with it: ais_bench's summary, beit_infer.py's record
     (inference_record.record_path) and its figures (inference_record.beside)."""
     from beit_pipeline.inference import record as inference_record
     return inference_record.beside(folder)
 
 
-def with_data(names):
+def with_data(names: list[str]) -> list[str]:
     """ONNX files and the ``.data`` files that hold their weights past protobuf's 2 GiB (onnx_files)."""
     return names + [n + ".data" for n in names if n.endswith(".onnx")]
 
 
-def fidelity_spec(run, made):
+def fidelity_spec(run: RunParams, made: dict[str, str]) -> StepSpec:
     """beit_fidelity.py: every stage scored on the same images; it makes the guide's and the emulated OM's graphs."""
     n, names = run.batch_size, run.files
     inputs = {role: run.path(name) for role, name in made.items()}
@@ -184,7 +187,7 @@ def fidelity_spec(run, made):
                     shared=[chain.FIDELITY_DERIVED])
 
 
-def atc_spec(run, mg, om):
+def atc_spec(run: RunParams, mg: str, om: str) -> StepSpec:
     """atc writes beit_mg_bs{N}_partial.om, or (CANN >= 7.0) ..._partial_linux_<arch>.om: either is promoted."""
     from beit_pipeline.inference.ascend import om_candidates
     partial, *suffixed = om_candidates(run.files.om_partial_prefix)
@@ -194,12 +197,12 @@ def atc_spec(run, mg, om):
                     aliases={partial: suffixed}, shared=[chain.FUSION_RESULT])
 
 
-def keep_dtype_input(run):
+def keep_dtype_input(run: RunParams) -> dict[str, str]:
     """Issue 20: the keep_dtype file as an input (its content is part of the key of atc and fidelity)."""
     return {"the keep_dtype file": run.keep_dtype} if run.keep_dtype else {}
 
 
-def code_digest():
+def code_digest() -> str:
     """The pipeline's own code is a tool version too: every .py file of the scripts and the package."""
     paths = glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "beit_pipeline", "**", "*.py"), recursive=True)
     return fingerprint.source_digest(paths)
@@ -207,7 +210,7 @@ def code_digest():
 
 # ---------------------------------------------------------------- digests
 
-def input_digest(path, cache):
+def input_digest(path: str, cache: str) -> str | None:
     """A file's content digest (cached), a folder's digest of names, sizes and mtimes; None when missing."""
     if os.path.isdir(path):
         return "tree:" + tree_digest(path)
@@ -217,7 +220,7 @@ def input_digest(path, cache):
     return None
 
 
-def tree_digest(folder):
+def tree_digest(folder: str) -> str:
     """Digest of every file below ``folder`` (relative name, size, mtime); symlinks to files are followed."""
     names = []
     for root, dirs, names_here in os.walk(folder):
@@ -226,7 +229,7 @@ def tree_digest(folder):
     return fingerprint.image_set_digest(folder, sorted(names))
 
 
-def output_digest(path):
+def output_digest(path: str) -> str | None:
     """What a recorded output looked like: stat of a file, or tree_digest of a folder; None when missing."""
     if os.path.isdir(path):
         return "tree:" + tree_digest(path)
@@ -236,14 +239,14 @@ def output_digest(path):
     return None
 
 
-def made_from(spec, run, code):
+def made_from(spec: StepSpec, run: RunParams, code: str) -> dict[str, Any]:
     """Everything the step's output depends on, readable in the record (paths shown, but not keyed)."""
     cache = run.path(HASH_CACHE_NAME)
     inputs = {role: {"path": path, "digest": input_digest(path, cache)} for role, path in spec.inputs.items()}
     return {"inputs": inputs, "params": dict(spec.params, code=code)}
 
 
-def step_key(parts):
+def step_key(parts: dict[str, Any]) -> str:
     """The key: digests and parameters only, never the paths, so that equal content is equal."""
     digests = {role: value["digest"] for role, value in parts["inputs"].items()}
     return fingerprint.digest_json([digests, parts["params"]])
@@ -251,18 +254,18 @@ def step_key(parts):
 
 # ---------------------------------------------------------------- the record
 
-def load_state(workdir):
+def load_state(workdir: str) -> dict[str, Any] | None:
     state = files.read_json(os.path.join(workdir, STATE_NAME))
     if state is None or state.get("format") != STATE_FORMAT or not isinstance(state.get("outputs"), dict):
         return None
     return state
 
 
-def save_state(workdir, state):
+def save_state(workdir: str, state: dict[str, Any]) -> None:
     files.write_json_atomic(os.path.join(workdir, STATE_NAME), state)
 
 
-def owned_paths(state):
+def owned_paths(state: dict[str, Any] | None) -> set[str]:
     """Every output path (relative) that a recorded step lists as its own."""
     owned = set()
     for entry in (state or {}).get("outputs", {}).values():
@@ -270,14 +273,14 @@ def owned_paths(state):
     return owned
 
 
-def load_run(workdir):
+def load_run(workdir: str) -> RunParams:
     data = files.read_json(os.path.join(workdir, RUN_NAME))
     if data is None:
         raise PipelineError(f"{workdir}: no run in progress ({RUN_NAME} missing); run_all.sh calls 'begin' first")
     return RunParams(**data)
 
 
-def describe_change(old, new):
+def describe_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """Why a recorded output is out of date, in words: the first parameter or input that differs."""
     if not old:
         return "no record of how it was made"
@@ -292,7 +295,7 @@ def describe_change(old, new):
     return "its inputs changed"
 
 
-def now():
+def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -301,7 +304,7 @@ def now():
 ONNXSIM_UP_TO = 2 ** 30  # bytes of simplified ONNX; beyond, beit_pipeline.graph.simplify (the large variants)
 
 
-def onnx_bytes(name):
+def onnx_bytes(name: str) -> int:
     """About what the simplified and padded ONNX of a variant holds: its fp32 weights (12 D^2 per block)
     and the relative-position bias that the export folds into one (H, P, P) constant per block."""
     dim, depth, heads, size = KNOWN_VARIANTS[name]
@@ -309,20 +312,20 @@ def onnx_bytes(name):
     return 4 * depth * (12 * dim * dim + heads * padded * padded)
 
 
-def simplifier(name):
+def simplifier(name: str) -> str:
     """The module run_all.sh simplifies with: onnxsim itself, as the guide does, for the base variants;
     beit_pipeline.graph.simplify (the same graph, the weights held out) for the large ones, where onnxsim needs
     about ten times the model in memory (killed at 24 GB on large-512) and cannot write past 2 GiB."""
     return "onnxsim" if name not in KNOWN_VARIANTS or onnx_bytes(name) <= ONNXSIM_UP_TO else "beit_pipeline.graph.simplify"
 
 
-def check_model(name):
+def check_model(name: str) -> None:
     """UsageError unless ``name`` is a known variant."""
     if name not in KNOWN_VARIANTS:
         raise UsageError(f"--model {name}: unknown BEiT variant; known: {', '.join(sorted(KNOWN_VARIANTS))}")
 
 
-def checkpoint_shape(path):
+def checkpoint_shape(path: str) -> tuple[str | None, int | None]:
     """(variant name or None, input size or None) read off a checkpoint's tensor shapes.
 
     The size from the relative-position tables ((2W-1)^2 + 3 rows, W = size / 16); torch's mmap
@@ -344,7 +347,7 @@ def checkpoint_shape(path):
     return next((name for name, known in KNOWN_VARIANTS.items() if known == shape), None), size
 
 
-def run_model(model, checkpoint, demo):
+def run_model(model: str, checkpoint: str, demo: bool) -> tuple[str, int]:
     """(model name, input size): --model's; else the checkpoint's variant (the file name beit_base_patch16_224
     when it is none we know) and size; the demo's default model at 224."""
     if model:
@@ -355,7 +358,7 @@ def run_model(model, checkpoint, demo):
     return name or DEFAULT_MODEL, size or DEFAULT_SIZE
 
 
-def run_params(args):
+def run_params(args: argparse.Namespace) -> RunParams:
     """RunParams from `begin`'s arguments; the demo's inputs live in the work folder."""
     workdir = os.path.abspath(args.workdir)
     demo = not (args.image_path or args.label_file or args.checkpoint)
@@ -373,7 +376,7 @@ def run_params(args):
                      keep_dtype=os.path.abspath(args.keep_dtype) if args.keep_dtype else "")
 
 
-def unowned_outputs(run, state):
+def unowned_outputs(run: RunParams, state: dict[str, Any] | None) -> list[str]:
     """Output paths of this run that exist but that no recorded step made (never deleted, never overwritten)."""
     owned = owned_paths(state)
     found = []
@@ -382,7 +385,7 @@ def unowned_outputs(run, state):
     return found
 
 
-def begin(args):
+def begin(args: argparse.Namespace) -> None:
     """Check the work folder for this run and remember the run's parameters for the later calls."""
     if args.model:
         check_model(args.model)
@@ -406,7 +409,7 @@ def begin(args):
 
 # ---------------------------------------------------------------- start / finish: one step
 
-def start(args):
+def start(args: argparse.Namespace) -> int:
     """0 when the step must run now (its old outputs are gone), EXIT_SKIP when it is complete for these inputs."""
     run = load_run(args.workdir)
     spec = step_specs(run)[args.step]
@@ -433,7 +436,8 @@ def start(args):
     return 0
 
 
-def redo_reason(run, spec, entry, key, parts):
+def redo_reason(run: RunParams, spec: StepSpec, entry: dict[str, Any] | None, key: str,
+                parts: dict[str, Any]) -> str | None:
     """Why the step must run, or None when its recorded outputs are complete for these inputs."""
     if entry is None:
         return "not made yet"
@@ -452,14 +456,14 @@ def redo_reason(run, spec, entry, key, parts):
     return None if recorded else "no record of its outputs"
 
 
-def remove(path):
+def remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
 
 
-def finish(args):
+def finish(args: argparse.Namespace) -> None:
     """Promote the step's partial outputs, check them against their file contracts, record them complete."""
     run = load_run(args.workdir)
     spec = step_specs(run)[args.step]
@@ -481,7 +485,7 @@ def finish(args):
     save_state(run.workdir, state)
 
 
-def take_alias(run, partial, aliases):
+def take_alias(run: RunParams, partial: str, aliases: list[str]) -> None:
     """Rename the one alias a tool wrote (atc's _linux_<arch>.om) to ``partial``; refuse several."""
     found = [a for a in aliases if os.path.lexists(run.path(a))]
     if len(found) > 1:
@@ -498,7 +502,7 @@ RESULT_STEPS = ("eval", "fidelity")  # the steps whose outputs are numbers a per
 FULL_BELOW = 1 << 20  # bytes free under which a failed step's file system is called full
 
 
-def fail(args):
+def fail(args: argparse.Namespace) -> None:
     """A step failed or was stopped: remove what it left half-made and the results that depended on it.
 
     Prints one ``error:`` line naming the step, what of it was removed and, when its file system
@@ -529,7 +533,7 @@ def fail(args):
         log.warning(f"removed the results that depended on step {spec.name}, now out of date: {', '.join(stale)}")
 
 
-def free_bytes(folder):
+def free_bytes(folder: str) -> int | None:
     try:
         st = os.statvfs(folder)
     except OSError:
@@ -537,7 +541,8 @@ def free_bytes(folder):
     return st.f_bavail * st.f_frsize
 
 
-def remove_dependent_results(run, specs, failed, state):
+def remove_dependent_results(run: RunParams, specs: dict[str, StepSpec], failed: StepSpec,
+                             state: dict[str, Any]) -> list[str]:
     """Delete the recorded results (eval, fidelity) made from what ``failed`` was remaking; mark them stale."""
     produced = {run.path(p) for p in failed.outputs}
     order = list(specs)
@@ -561,7 +566,7 @@ def remove_dependent_results(run, specs, failed, state):
 
 # ---------------------------------------------------------------- questions before the first step
 
-def check_engine(args):
+def check_engine(args: argparse.Namespace) -> None:
     """Refuse (exit 2) a --precision or --providers that this CPU and these packages cannot run, before any
     step: the engine choice is engines.choose_engine's, the providers must be in this onnxruntime."""
     from beit_pipeline.inference import engines
@@ -579,7 +584,7 @@ def check_engine(args):
     print(f"{choice.engine} {choice.precision} ({choice.reason})")
 
 
-def check_workdir(args):
+def check_workdir(args: argparse.Namespace) -> None:
     """Refuse (exit 2) a work folder that cannot be made or written, naming why, before any step."""
     folder = os.path.abspath(args.workdir)
     try:
@@ -591,7 +596,7 @@ def check_workdir(args):
                          "--workdir") from exc
 
 
-def num_classes(run):
+def num_classes(run: RunParams) -> int:
     """The width of the model's output (classes), read from the padded ONNX graph (its weights left unread)."""
     import onnx
     from google.protobuf.message import DecodeError
@@ -608,18 +613,18 @@ def num_classes(run):
 
 # ---------------------------------------------------------------- the steps' output contracts
 
-def verify_product(run, spec):
+def verify_product(run: RunParams, spec: StepSpec) -> None:
     path = run.path(spec.product)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise PipelineFileError(f"step {spec.name} wrote no {path}")
 
 
-def verify_demo(run, spec):
+def verify_demo(run: RunParams, spec: StepSpec) -> None:
     if files.read_json(run.path("demo/demo.json")) is None:
         raise PipelineFileError(f"step demo left {run.path('demo')} without demo.json")
 
 
-def verify_preprocess(run, spec):
+def verify_preprocess(run: RunParams, spec: StepSpec) -> None:
     from beit_pipeline.preprocess import batches
     manifest = batches.require_complete_manifest(run.path(spec.product))
     if manifest["batch_size"] != run.batch_size:
@@ -627,7 +632,7 @@ def verify_preprocess(run, spec):
                                 f"not {run.batch_size}")
 
 
-def verify_inference(run, spec):
+def verify_inference(run: RunParams, spec: StepSpec) -> None:
     """Every batch of the manifest has an output in the promoted folder."""
     from beit_pipeline.inference import outputs
     from beit_pipeline.preprocess import batches
@@ -640,7 +645,7 @@ def verify_inference(run, spec):
                                 f"({missing[0]}_0.*, ...)")
 
 
-def verify_eval(run, spec):
+def verify_eval(run: RunParams, spec: StepSpec) -> None:
     """The guide's JSON (a title and three entries) and the details beside it, with numbers."""
     guide = files.read_json(run.path(spec.product)) or {}
     if guide.get("title") != "Overall statistical evaluation" or len(guide.get("value") or []) != 3:
@@ -648,7 +653,7 @@ def verify_eval(run, spec):
     results.read_details(run.path(spec.outputs[1]))
 
 
-def verify_fidelity(run, spec):
+def verify_fidelity(run: RunParams, spec: StepSpec) -> None:
     report = files.read_json(run.path(spec.product)) or {}
     if not isinstance(report.get("stages"), list) or not report["stages"]:
         raise PipelineFileError(f"{run.path(spec.product)}: the fidelity report lists no stages")
@@ -660,7 +665,7 @@ VERIFY = {"demo": verify_demo, "preprocess": verify_preprocess, "beit_infer": ve
 
 # ---------------------------------------------------------------- summary
 
-def summary(args):
+def summary(args: argparse.Namespace) -> None:
     """The closing table (backend, batch, images, Top-1, Top-5, throughput), then what the numbers are:
     counts and intervals, the subset, what they were made from, their cost against the fp32 result."""
     run = load_run(args.workdir)
@@ -686,7 +691,7 @@ def summary(args):
     log.info(f"results: {acc_path} (the guide's JSON) and {chain.details_name(run.result_name)} beside it")
 
 
-def print_what_it_is(run, acc):
+def print_what_it_is(run: RunParams, acc: dict[str, Any]) -> None:
     """Counts and 95% intervals, the subset statement, and what the numbers were made from."""
     n = int(acc["num_images"])
     images, labels = acc.get("images") or {}, acc.get("labels") or {}
@@ -700,12 +705,12 @@ def print_what_it_is(run, acc):
     print("made by: " + ", ".join(made + [f"engine {results.describe_run(acc)}"]))
 
 
-def interval(acc, key):
+def interval(acc: dict[str, Any], key: str) -> str:
     low, high = acc.get(f"{key}_interval_95") or (float("nan"), float("nan"))
     return f"{low:.2f}-{high:.2f}%"
 
 
-def recorded_results(run, state):
+def recorded_results(run: RunParams, state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """{result name: details} of this batch size's complete, unchanged results in the record."""
     found = {}
     for product, entry in ((state or {}).get("outputs") or {}).items():
@@ -722,7 +727,7 @@ def recorded_results(run, state):
     return found
 
 
-def print_costs(run, acc):
+def print_costs(run: RunParams, acc: dict[str, Any]) -> None:
     """The Top-1 of every other engine or precision against the fp32 result, on the same images, labels and
     checkpoint (what bf16 costs); nothing when there is no such pair."""
     default = chain.ChainFiles(run.batch_size).accuracy
@@ -736,7 +741,7 @@ def print_costs(run, acc):
         print("\n" + results.cost_line(reference, other, default, name))
 
 
-def print_prediction(run, acc):
+def print_prediction(run: RunParams, acc: dict[str, Any]) -> None:
     """The OM's Top-1 as the fidelity report predicts it (fp16 emulated on the CPU), beside the measured one:
     each with its images and 95% interval, the measured one named by the engine and precision that ran it."""
     report_path = run.path(run.files.fidelity_json)
@@ -756,7 +761,7 @@ def print_prediction(run, acc):
     print(f"measured here ({engine}): Top-1 {acc['top1']:.2f}% (95% CI {low:.2f}-{high:.2f}) on {count} images")
 
 
-def print_notes(run, acc, details_path):
+def print_notes(run: RunParams, acc: dict[str, Any], details_path: str) -> None:
     skipped = acc.get("skipped") or []
     if skipped:
         print(f"\nnote: {len(skipped)} images could not be read and were skipped (--skip_bad), so they are not "
@@ -771,7 +776,7 @@ def print_notes(run, acc, details_path):
 
 # ---------------------------------------------------------------- command line
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m beit_pipeline.pipeline.workstate",
                                      description="run_all.sh's record of which step is complete for which inputs.")
     parser.add_argument("--workdir", default=None, help="the work folder of run_all.sh")
@@ -827,19 +832,19 @@ COMMANDS = {"begin": begin, "start": start, "finish": finish, "summary": summary
 NO_WORKDIR = ("check-model", "lock-holder", "check-engine")
 
 
-def model_info(run):
+def model_info(run: RunParams) -> None:
     """run_all.sh's line: the ONNX file's name, the input size, the simplifier module and the result tag
     (``_bf16``: the outputs and results of a non-default engine or precision get their own names)."""
     print(run.model, run.image_size, simplifier(run.model), run.tag)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int | None:
     if args.command not in NO_WORKDIR and not args.workdir:
         raise UsageError("--workdir is required")
     return COMMANDS[args.command](args)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     return cli.run_main(build_parser(), run, argv, info_prefix="[run_all] ")
 
 

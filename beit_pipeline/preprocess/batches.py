@@ -7,10 +7,14 @@ Layout of a preprocessed folder (``--prep_image``)::
     manifest.json     which image is in which row, and how many rows are real
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -25,16 +29,16 @@ _BATCH_STEM_RE = re.compile(r"^input_(?P<index>\d+)$")
 _BATCH_EXTENSIONS = (".bin", ".npy")
 
 
-def batch_file_name(index):
+def batch_file_name(index: int) -> str:
     """``input_00000.bin``: the name ais_bench keeps as the stem of its output."""
     return f"{BATCH_PREFIX}{index:05d}.bin"
 
 
-def batch_shape(batch_size, image_size=IMAGE_SIZE):
+def batch_shape(batch_size: int, image_size: int = IMAGE_SIZE) -> tuple[int, int, int, int]:
     return (batch_size, 3, image_size, image_size)
 
 
-def batch_index(stem):
+def batch_index(stem: str) -> int | None:
     """The k of a batch stem ``input_k`` (``input_00003`` -> 3), or None for any other name.
 
     Also the stem of its outputs: ais_bench names them ``<input stem>_0.<fmt>``.
@@ -43,7 +47,7 @@ def batch_index(stem):
     return int(m.group("index")) if m else None
 
 
-def list_batch_files(folder):
+def list_batch_files(folder: str | os.PathLike[str]) -> list[str]:
     """The ``input_*.bin`` / ``input_*.npy`` files of ``folder`` in batch order."""
     found = []
     for name in os.listdir(folder):
@@ -54,12 +58,12 @@ def list_batch_files(folder):
     return [os.path.join(folder, name) for _, name in sorted(found)]
 
 
-def image_nbytes(image_size=IMAGE_SIZE):
+def image_nbytes(image_size: int = IMAGE_SIZE) -> int:
     """Bytes of one float32 (3, S, S) image in a .bin batch file."""
     return 3 * image_size * image_size * 4
 
 
-def batch_nbytes(batch_size, image_size=IMAGE_SIZE):
+def batch_nbytes(batch_size: int, image_size: int = IMAGE_SIZE) -> int:
     """Size of a .bin batch file of ``batch_size`` images."""
     return batch_size * image_nbytes(image_size)
 
@@ -93,7 +97,7 @@ def _load_npy_batch(path, image_size, mmap_mode=None):
     return arr
 
 
-def batch_rows(path, image_size=IMAGE_SIZE):
+def batch_rows(path: str | os.PathLike[str], image_size: int = IMAGE_SIZE) -> int:
     """How many (3, S, S) images a batch file holds, without reading its data.
 
     .bin: from the file size; .npy: from its header.  Raises PipelineFileError
@@ -105,7 +109,7 @@ def batch_rows(path, image_size=IMAGE_SIZE):
     return _bin_rows(path, image_size)
 
 
-def read_batch(path, image_size=IMAGE_SIZE, batch_size=None):
+def read_batch(path: str | os.PathLike[str], image_size: int = IMAGE_SIZE, batch_size: int | None = None) -> np.ndarray:
     """Read one batch file (.bin raw float32 or .npy) as an (N, 3, S, S) array."""
     path = os.fspath(path)
     if _is_npy(path):
@@ -119,7 +123,7 @@ def read_batch(path, image_size=IMAGE_SIZE, batch_size=None):
     return arr
 
 
-def write_batch(path, array):
+def write_batch(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Write one batch as raw float32 C-order bytes (no copy when it already is float32 C-order)."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     write_bytes_atomic(path, memoryview(array).cast("B"))
@@ -127,7 +131,7 @@ def write_batch(path, array):
 
 # ---------------------------------------------------------------- manifest
 
-def image_set_fingerprint(names):
+def image_set_fingerprint(names: Iterable[str]) -> str:
     """A short digest of the sorted image list: tells two image sets apart."""
     h = hashlib.sha256()
     for name in names:
@@ -135,13 +139,13 @@ def image_set_fingerprint(names):
     return h.hexdigest()[:16]
 
 
-def manifest_path(path):
+def manifest_path(path: str | os.PathLike[str]) -> str:
     """Accept either a prep folder or a manifest file."""
     path = os.fspath(path)
     return os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
 
 
-def load_manifest(path):
+def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check a manifest; raises PipelineFileError naming the file."""
     mpath = manifest_path(path)
     try:
@@ -180,7 +184,7 @@ def _is_batch_entry(batch):
             and batch["real"] == len(batch["images"]))
 
 
-def require_complete_manifest(path):
+def require_complete_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """load_manifest(), and refuse a manifest that does not say beit_preprocess.py finished.
 
     A run that was killed, or stopped by a bad image or a full disk, leaves
@@ -200,15 +204,15 @@ def require_complete_manifest(path):
     return manifest
 
 
-def save_manifest(folder, manifest):
+def save_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
     write_json_atomic(os.path.join(folder, MANIFEST_NAME), manifest)
 
 
-def rows_from_manifest(manifest):
+def rows_from_manifest(manifest: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """[(batch stem, [image names of the real rows])] in batch order."""
     return [(os.path.splitext(b["file"])[0], list(b["images"])) for b in manifest["batches"]]
 
 
-def guide_image_name(batch_index, row, batch_size):
+def guide_image_name(batch_index: int, row: int, batch_size: int) -> str:
     """The guide's rule without a manifest: row i of input_k is image k*bs+i+1."""
     return f"ILSVRC2012_val_{batch_index * batch_size + row + 1:08d}"

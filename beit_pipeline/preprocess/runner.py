@@ -9,6 +9,8 @@ written by a background thread; the manifest is written first (``complete:
 false``) and last (``complete: true``).
 """
 
+from __future__ import annotations
+
 import collections
 import contextlib
 import dataclasses
@@ -16,6 +18,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -34,6 +38,11 @@ from beit_pipeline.preprocess.workers import (
     write_error,
 )
 
+if TYPE_CHECKING:
+    import argparse
+
+    from beit_pipeline.preprocess.workers import ParallelDecoder, SerialDecoder
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -42,7 +51,7 @@ INTERRUPTED_HINT = "the batches written so far are kept; rerun the same command 
 
 # ---------------------------------------------------------------- the image folder
 
-def is_image_name(name):
+def is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -61,7 +70,7 @@ def _kind(name):
     return os.path.splitext(name)[1].lower() or "no extension"
 
 
-def scan_images(folder):
+def scan_images(folder: str) -> ImageListing:
     """The images in ``folder`` and its class sub-folders (one level), and the other files seen.
 
     Directory symlinks are not followed, so a link loop cannot hang the walk;
@@ -87,12 +96,12 @@ def scan_images(folder):
     return ImageListing(sorted(names), ignored)
 
 
-def list_images(folder):
+def list_images(folder: str) -> list[str]:
     """Relative names of the images in ``folder`` and its class sub-folders (one level), sorted."""
     return scan_images(folder).names
 
 
-def describe_ignored(ignored):
+def describe_ignored(ignored: collections.Counter[str]) -> str | None:
     """``ignored 3 files that are not images: .txt 2, .gif 1`` (most frequent first), or None."""
     if not ignored:
         return None
@@ -102,7 +111,7 @@ def describe_ignored(ignored):
             + ", ".join(f"{kind} {count}" for kind, count in kinds))
 
 
-def read_listing(folder):
+def read_listing(folder: str) -> ImageListing:
     """scan_images() with the refusals of a folder that cannot be used (usage errors, exit 2)."""
     if not os.path.isdir(folder):
         raise UsageError(f"{folder}: no such folder (--image_path)" if not os.path.exists(folder)
@@ -119,7 +128,7 @@ def read_listing(folder):
 
 # ---------------------------------------------------------------- argument checks
 
-def available_memory():
+def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (MemAvailable), or None when unknown."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -134,12 +143,12 @@ def available_memory():
         return None
 
 
-def buffer_bytes(batch_size, workers=1):
+def buffer_bytes(batch_size: int, workers: int = 1) -> int:
     """Memory the batch buffers take: the ring of float32 batches that the images are decoded into."""
     return ring_batches(batch_size, workers) * batches.batch_nbytes(batch_size, geometry().crop)
 
 
-def check_memory(batch_size, workers):
+def check_memory(batch_size: int, workers: int) -> None:
     """Refuse a batch size whose buffers cannot fit in memory (it used to end in a MemoryError traceback)."""
     need, have = buffer_bytes(batch_size, workers), available_memory()
     if have is not None and need > have:
@@ -148,7 +157,7 @@ def check_memory(batch_size, workers):
                          f"{have / 2**30:.1f} GiB of memory is available; use a smaller --batch_size")
 
 
-def cap_workers(requested, force):
+def cap_workers(requested: int, force: bool) -> int:
     """``--workers``, at most the usable cores unless ``--force_workers``: more only thrash."""
     cores = usable_cpus()
     if requested <= cores or force:
@@ -158,7 +167,7 @@ def cap_workers(requested, force):
     return cores
 
 
-def check_args(args):
+def check_args(args: argparse.Namespace) -> None:
     """Usage checks before any work (UsageError, exit 2); caps ``args.workers``."""
     cli.check(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
     cli.check(args.workers >= 1, f"--workers must be at least 1, got {args.workers}")
@@ -173,7 +182,9 @@ def check_args(args):
 
 # ---------------------------------------------------------------- the output folder
 
-def make_manifest(args, names, fingerprint, batch_entries, skipped, complete, wide=None):
+def make_manifest(args: argparse.Namespace, names: list[str], fingerprint: str, batch_entries: list[dict[str, Any]],
+                  skipped: list[dict[str, str]], complete: bool,
+                  wide: Mapping[str, str] | None = None) -> dict[str, Any]:
     geo = geometry()
     return {
         "format": batches.MANIFEST_FORMAT,
@@ -195,7 +206,7 @@ def make_manifest(args, names, fingerprint, batch_entries, skipped, complete, wi
     }
 
 
-def batch_entry(index, rows):
+def batch_entry(index: int, rows: Sequence[str]) -> dict[str, Any]:
     return {"file": batches.batch_file_name(index), "images": list(rows), "real": len(rows)}
 
 
@@ -213,7 +224,8 @@ def _check_settings(old, out, batch_size, fingerprint, num_images, source):
             f"in {source} (fingerprint {fingerprint}, image size {crop}). Batches of both are never mixed", out)
 
 
-def read_old_manifest(out, batch_size, fingerprint, num_images, source):
+def read_old_manifest(out: str, batch_size: int, fingerprint: str, num_images: int,
+                      source: str) -> dict[str, Any] | None:
     """The manifest an earlier run left in ``out`` (None when there is none); refuse one for other settings.
 
     Raises PipelineFileError (exit 2) with the message to print.  Call it holding the folder's lock:
@@ -242,7 +254,7 @@ def read_old_manifest(out, batch_size, fingerprint, num_images, source):
     return old
 
 
-def batches_on_disk(out, candidates, batch_size):
+def batches_on_disk(out: str, candidates: list[str], batch_size: int) -> list[dict[str, Any]]:
     """Manifest entries of the leading batches a killed run already wrote, with the right size.
 
     Batch k holds candidates[k*bs:(k+1)*bs]: every image skipped before it was
@@ -283,27 +295,27 @@ class RunPlan:
     wide: dict = dataclasses.field(default_factory=dict)  # {name: PIL mode} of images over 8 bits per channel
 
     @property
-    def out(self):
+    def out(self) -> str:
         return self.args.prep_image
 
     @property
-    def candidates(self):
+    def candidates(self) -> list[str]:
         bad = {s["name"] for s in self.skipped}
         return [n for n in self.names if n not in bad]
 
-    def manifest(self, complete):
+    def manifest(self, complete: bool) -> dict[str, Any]:
         """The manifest to write; an unfinished one lists no batches (a resume looks at the files)."""
         order = {name: i for i, name in enumerate(self.names)}
         self.skipped.sort(key=lambda s: order.get(s["name"], -1))
         return make_manifest(self.args, self.names, self.fingerprint, self.batches if complete else [],
                              self.skipped, complete, {n: self.wide[n] for n in sorted(self.wide)})
 
-    def save(self, complete):
+    def save(self, complete: bool) -> None:
         path = os.path.join(self.out, batches.MANIFEST_NAME)
         _writing(path, batches.save_manifest, self.out, self.manifest(complete))
 
 
-def now_decoding(folder, skipped):
+def now_decoding(folder: str, skipped: list[dict[str, str]]) -> list[str]:
     """The names among ``skipped`` (an earlier run's bad images) that decode now."""
     fixed = []
     for s in skipped:
@@ -315,7 +327,7 @@ def now_decoding(folder, skipped):
     return fixed
 
 
-def start_over(out, fixed):
+def start_over(out: str, fixed: list[str]) -> None:
     """Delete an earlier run's batches: a fixed image moves every later row, so none of them is valid."""
     log.info(f"redoing {out} from scratch: {len(fixed)} image{'s' if len(fixed) != 1 else ''} that an earlier "
              f"run skipped as bad now decode{'s' if len(fixed) == 1 else ''} ({', '.join(map(shown, fixed[:3]))}"
@@ -325,7 +337,7 @@ def start_over(out, fixed):
         _writing(path, os.unlink, path)
 
 
-def plan_run(args, listing):
+def plan_run(args: argparse.Namespace, listing: ImageListing) -> RunPlan:
     """The RunPlan for ``listing`` into ``args.prep_image``; call it holding the folder's lock."""
     out, bs, names = args.prep_image, args.batch_size, listing.names
     fingerprint = batches.image_set_fingerprint(names)
@@ -351,7 +363,7 @@ def plan_run(args, listing):
 
 # ---------------------------------------------------------------- the run
 
-def put_batch(plan, writer, ring, rows):
+def put_batch(plan: RunPlan, writer: BatchWriter, ring: BatchRing, rows: list[str]) -> None:
     """Hand this run's next batch to ``writer``; its rows [len(rows), bs) (the last batch's padding) zeroed."""
     index = len(plan.batches) - plan.resumed
     batch = ring.batch(index)
@@ -360,7 +372,7 @@ def put_batch(plan, writer, ring, rows):
     plan.batches.append(batch_entry(len(plan.batches), rows))
 
 
-def record_bad(plan, name, problem):
+def record_bad(plan: RunPlan, name: str, problem: str) -> None:
     if not plan.args.skip_bad:
         raise BadImageError(f"{problem}; nothing was written for its batch (use --skip_bad to leave bad "
                             "images out)")
@@ -368,7 +380,8 @@ def record_bad(plan, name, problem):
     plan.save(False)  # recorded before any later batch, which a resume relies on
 
 
-def batch_images(plan, decoder, writer, ring):
+def batch_images(plan: RunPlan, decoder: SerialDecoder | ParallelDecoder, writer: BatchWriter,
+                 ring: BatchRing) -> None:
     """Take the decoded images in the order of ``plan.todo``; hand every full batch, then the rest, to ``writer``.
 
     An image sits at the row where the decoder put it; after a skipped image the
@@ -398,7 +411,7 @@ def batch_images(plan, decoder, writer, ring):
         put_batch(plan, writer, ring, rows)
 
 
-def process(plan):
+def process(plan: RunPlan) -> int:
     """Decode, batch and write ``plan.todo``; returns the number of workers used."""
     args = plan.args
     workers = fork_workers(max(1, min(args.workers, len(plan.todo))))
@@ -411,7 +424,7 @@ def process(plan):
     return workers
 
 
-def finish(plan):
+def finish(plan: RunPlan) -> None:
     """Delete batch files beyond this run's (another run had fewer skips), then write the final manifest."""
     if not plan.batches:
         report_skipped(plan)
@@ -421,13 +434,13 @@ def finish(plan):
     plan.save(True)
 
 
-def report_skipped(plan):
+def report_skipped(plan: RunPlan) -> None:
     for s in plan.skipped:
         log.warning(f"skipped: {shown(s['error'])}")
     report_wide(plan.wide)
 
 
-def report_wide(wide):
+def report_wide(wide: Mapping[str, str]) -> None:
     """One line for the images of more than 8 bits per channel (torchvision's loader clips them too)."""
     if not wide:
         return
@@ -440,7 +453,7 @@ def report_wide(wide):
                 "what you want")
 
 
-def report(plan, workers, elapsed):
+def report(plan: RunPlan, workers: int, elapsed: float) -> None:
     report_skipped(plan)
     if plan.skipped:
         log.warning(f"{len(plan.skipped)} bad images skipped (listed in "
@@ -450,7 +463,7 @@ def report(plan, workers, elapsed):
              f"{plan.out}; {len(plan.todo)} processed in {elapsed:.2f} s ({rate:.1f} img/s, {workers} workers)")
 
 
-def run_locked(args, listing):
+def run_locked(args: argparse.Namespace, listing: ImageListing) -> None:
     """The run proper, holding the lock: plan, write, finish, report."""
     plan = plan_run(args, listing)
     if plan.already_complete:
@@ -468,7 +481,7 @@ def run_locked(args, listing):
     report(plan, workers, time.perf_counter() - start)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> None:
     """beit_preprocess.py's work: list the images, then the run holding ``--prep_image``'s lock."""
     listing = read_listing(args.image_path)
     ignored = describe_ignored(listing.ignored)
@@ -480,7 +493,7 @@ def run(args):
 
 
 @contextlib.contextmanager
-def pillow_limit(max_pixels):
+def pillow_limit(max_pixels: int) -> Iterator[None]:
     """Pillow's decompression-bomb guard at ``max_pixels`` here (pool workers get it from their initializer).
 
     Put back afterwards: run() may be called in-process (tests).

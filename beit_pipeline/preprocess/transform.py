@@ -9,19 +9,25 @@ The size is a process setting (``use_image_size``), made before any pool worker 
 
 ``preprocess_image(path)`` is the whole transform for one file; ``load_crop`` and
 ``to_float`` are its two halves (uint8 crop, then float32), which the folder run
-(preprocess.py) calls apart so that the crops can come from worker processes.
+(runner.py) calls apart so that the crops can come from worker processes.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import math
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile
 
 from beit_pipeline.errors import BadImageError
 from beit_pipeline.preprocess.batches import IMAGE_SIZE
+
+if TYPE_CHECKING:
+    import torchvision
 
 RESIZE_SIZE = 256  # unilm: int(224 / crop_pct) with crop_pct = 224 / 256
 CROP_SIZE = IMAGE_SIZE  # the default size; the active one is geometry().crop
@@ -40,12 +46,12 @@ class Geometry:
     crop: int
 
     @classmethod
-    def for_size(cls, size):
+    def for_size(cls, size: int) -> Geometry:
         """unilm's rule: below 384, Resize(int(size / (224/256))); from 384, Resize(size) (crop_pct 1.0)."""
         return cls(int(size / (224 / 256)) if size < UNILM_FULL_CROP_FROM else size, size)
 
     @property
-    def description(self):
+    def description(self) -> str:
         return (f"PIL convert('RGB') -> Resize({self.resize}, bicubic, short side) -> CenterCrop({self.crop}) "
                 "-> ToTensor -> Normalize(mean=0.5, std=0.5), as torchvision computes it on a PIL image")
 
@@ -54,13 +60,13 @@ _ACTIVE = [Geometry.for_size(IMAGE_SIZE)]  # the process setting; forked workers
 TRANSFORM = _ACTIVE[0].description
 
 
-def use_image_size(size):
+def use_image_size(size: int) -> Geometry:
     """Make ``size`` the model input size of this process's transform; returns its Geometry."""
     _ACTIVE[0] = Geometry.for_size(size)
     return _ACTIVE[0]
 
 
-def geometry():
+def geometry() -> Geometry:
     """The Geometry in use (224 -> Resize 256 + CenterCrop 224 unless use_image_size changed it)."""
     return _ACTIVE[0]
 
@@ -68,12 +74,12 @@ def geometry():
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def shown(path):
+def shown(path: str | bytes) -> str:
     """``path`` printable in any locale: bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def reference_transform(size=IMAGE_SIZE):
+def reference_transform(size: int = IMAGE_SIZE) -> torchvision.transforms.Compose:
     """unilm's eval transform for input ``size`` as a torchvision Compose (for tests and benchmarks)."""
     from torchvision import transforms
     geo = Geometry.for_size(size)
@@ -85,7 +91,8 @@ def reference_transform(size=IMAGE_SIZE):
     ])
 
 
-def resize_geometry(width, height, size=RESIZE_SIZE, crop=CROP_SIZE):
+def resize_geometry(width: int, height: int, size: int = RESIZE_SIZE,
+                    crop: int = CROP_SIZE) -> tuple[int, int, int, int]:
     """(new_width, new_height, crop_top, crop_left) exactly as torchvision computes them.
 
     Resize: the short side becomes ``size`` and the long side is truncated with
@@ -117,7 +124,7 @@ def _pillow_can_run_vertical_first():
 _VERTICAL_FIRST_EXISTS = _pillow_can_run_vertical_first()
 
 
-def pillow_vertical_first(width, height, new_w, new_h):
+def pillow_vertical_first(width: int, height: int, new_w: int, new_h: int) -> bool:
     """Pillow's choice of pass order for img.resize((new_w, new_h)) (src/libImaging/Resample.c)."""
     shrink_h, shrink_w = height - new_h, width - new_w
     return _VERTICAL_FIRST_EXISTS and shrink_h > 0 and shrink_h > shrink_w * 2
@@ -153,7 +160,7 @@ def _on_canvas(part, size, offset):
     return canvas
 
 
-def resize_center_crop(img, size=None, crop=None):
+def resize_center_crop(img: Image.Image, size: int | None = None, crop: int | None = None) -> np.ndarray:
     """The centre crop (geometry() unless given) of the bicubic resize of an RGB PIL image, as uint8 (H, W, 3).
 
     Pillow's img.resize((w, h), BICUBIC) is two separable passes, each rounding
@@ -181,7 +188,7 @@ def resize_center_crop(img, size=None, crop=None):
     return np.asarray(part)[top:top + crop]
 
 
-def to_float(crops_chw, out=None):
+def to_float(crops_chw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std, the same float32 steps as ToTensor + Normalize."""
     if out is None:
         out = np.empty(crops_chw.shape, np.float32)
@@ -199,18 +206,18 @@ class WideImage:
     mode: str
 
 
-def is_wide_mode(mode):
+def is_wide_mode(mode: str) -> bool:
     """PIL modes of more than 8 bits per channel, which convert("RGB") clips at 255: torchvision's loader does
     the same (mostly white images), so the bytes are kept and the run warns."""
     return mode in ("I", "F") or mode.startswith("I;16")
 
 
-def decode_rgb(path):
+def decode_rgb(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> Image.Image:
     """Open and fully decode an image as RGB; raise BadImageError naming the file."""
     return decode_noting_mode(path)[0]
 
 
-def decode_noting_mode(path):
+def decode_noting_mode(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tuple[Image.Image, str]:
     """(the image as RGB, its file's PIL mode); BadImageError naming the file."""
     path = os.fspath(path)
     try:
@@ -237,12 +244,12 @@ def decode_noting_mode(path):
         raise BadImageError(f"{shown(path)}: cannot decode ({type(exc).__name__}: {exc})") from exc
 
 
-def load_crop(path):
+def load_crop(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> np.ndarray:
     """Decode ``path`` and return its resized centre crop as uint8 (3, S, S), S = geometry().crop."""
     crop = resize_center_crop(decode_rgb(path))
     return np.ascontiguousarray(crop.transpose(2, 0, 1))
 
 
-def preprocess_image(path):
+def preprocess_image(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> np.ndarray:
     """One image file -> float32 (3, S, S), equal to reference_transform() on img.convert("RGB")."""
     return to_float(load_crop(path))

@@ -7,6 +7,8 @@ buffers to one background thread, which writes them (600 KB an image, fsynced)
 with O_DIRECT where the file system allows it.
 """
 
+from __future__ import annotations
+
 import collections
 import contextlib
 import ctypes
@@ -20,6 +22,7 @@ import os
 import queue
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -46,19 +49,19 @@ TASKS_PER_WORKER = 2  # one decoding, one queued: a worker never waits for the p
 DIRECT_ALIGN = 4096  # O_DIRECT's alignment of memory, offset and length: a page covers every common disk
 
 
-def write_error(path, exc):
+def write_error(path: str, exc: Exception) -> WriteError:
     reason = (exc.strerror or exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
     return WriteError(f"cannot write {path}: {reason}")
 
 
-def usable_cpus():
+def usable_cpus() -> int:
     """Cores this process may run on (a container or taskset may allow fewer than os.cpu_count())."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
 
 
-def keep_freed_memory():
+def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
 
     Each image allocates a few buffers of 150 KB to 1 MB, which glibc by
@@ -77,7 +80,7 @@ def keep_freed_memory():
 
 # ---------------------------------------------------------------- the ring of batch buffers
 
-def ring_batches(batch_size, workers):
+def ring_batches(batch_size: int, workers: int) -> int:
     """Batch buffers a run needs: queued + being written + being filled, and room for the images that workers
     decode ahead (one process decodes into the batch being filled)."""
     ahead = workers * TASKS_PER_WORKER * CHUNK if workers > 1 else 0
@@ -92,7 +95,7 @@ class BatchRing:
     its batch is written, and the decoder never runs ``count`` batches ahead.
     """
 
-    def __init__(self, batch_size, count):
+    def __init__(self, batch_size: int, count: int):
         crop = geometry().crop
         self.batch_size, self.count = batch_size, count
         nbytes = batches.batch_nbytes(batch_size, crop)
@@ -102,16 +105,16 @@ class BatchRing:
         self.buffers = [np.frombuffer(memory, np.float32, nbytes // 4, k * stride).reshape(shape)
                         for k in range(count)]
 
-    def batch(self, index):
+    def batch(self, index: int) -> np.ndarray:
         return self.buffers[index % self.count]
 
-    def row(self, position):
+    def row(self, position: int) -> np.ndarray:
         return self.batch(position // self.batch_size)[position % self.batch_size]
 
 
 # ---------------------------------------------------------------- decoding
 
-def decode_into(row, path):
+def decode_into(row: np.ndarray, path: str) -> WideImage | str | None:
     """Decode ``path`` into ``row`` (float32 (3, S, S)).  Returns None; a WideImage (decoded, but its file has
     more than 8 bits per channel); or the message of a bad image (row untouched)."""
     try:
@@ -169,10 +172,10 @@ class Placement:
 class SerialDecoder:
     """Decode in this process, each image straight into its final row."""
 
-    def __init__(self, paths, ring):
+    def __init__(self, paths: Sequence[str], ring: BatchRing):
         self.paths, self.ring = paths, ring
 
-    def images(self, placement, writer):
+    def images(self, placement: Placement, writer: BatchWriter) -> Iterator[tuple[int, int, WideImage | str | None]]:
         """Yield (index, position, outcome) for every path in order (decode_into's outcome); the row at
         ``position`` holds the image."""
         for index, path in enumerate(self.paths):
@@ -180,7 +183,7 @@ class SerialDecoder:
             writer.wait_done(position // self.ring.batch_size - self.ring.count + 1)
             yield index, position, decode_into(self.ring.row(position), path)
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
@@ -198,7 +201,7 @@ class ParallelDecoder:
     handed out twice while in use, and never beyond the batches the writer has freed.
     """
 
-    def __init__(self, paths, ring, workers, max_pixels):
+    def __init__(self, paths: Sequence[str], ring: BatchRing, workers: int, max_pixels: int):
         self.paths, self.ring = paths, ring
         context = multiprocessing.get_context("fork")
         self.workers = []
@@ -213,7 +216,7 @@ class ParallelDecoder:
         # At once: the workers decode while the parent starts the writer and imports tqdm (25 ms).
         self._hand_out(Placement(), 0)
 
-    def images(self, placement, writer):
+    def images(self, placement: Placement, writer: BatchWriter) -> Iterator[tuple[int, int, WideImage | str | None]]:
         """Yield (index, position, outcome) for every path in order (decode_into's outcome); the row at
         ``position`` holds the image."""
         pending = self.pending
@@ -270,7 +273,7 @@ class ParallelDecoder:
         return PipelineError(f"a decoding worker {how} with {shown(self.paths[chunk.first])} or one of the "
                              f"{chunk.count - 1} images after it to decode")
 
-    def close(self):
+    def close(self) -> None:
         for process, conn, _ in self.workers:
             if process.is_alive():
                 process.terminate()
@@ -279,7 +282,7 @@ class ParallelDecoder:
             conn.close()
 
 
-def fork_workers(requested):
+def fork_workers(requested: int) -> int:
     """``requested``, or 1 where this platform cannot fork (the workers rely on it)."""
     if requested > 1 and "fork" not in multiprocessing.get_all_start_methods():
         log.warning("no fork() on this platform; decoding with 1 worker")
@@ -288,7 +291,8 @@ def fork_workers(requested):
 
 
 @contextlib.contextmanager
-def decoded(paths, ring, workers, max_pixels):
+def decoded(paths: Sequence[str], ring: BatchRing, workers: int,
+            max_pixels: int) -> Iterator[ParallelDecoder | SerialDecoder]:
     """A decoder of ``paths`` into ``ring`` (see images()); its workers are gone afterwards."""
     decoder = ParallelDecoder(paths, ring, workers, max_pixels) if workers > 1 else SerialDecoder(paths, ring)
     try:
@@ -299,13 +303,13 @@ def decoded(paths, ring, workers, max_pixels):
 
 # ---------------------------------------------------------------- writing
 
-def direct_writable(array):
+def direct_writable(array: np.ndarray) -> bool:
     """Whether ``array`` (float32, C order) may be written with O_DIRECT: aligned address and length."""
     return (getattr(os, "O_DIRECT", 0) != 0 and array.flags.c_contiguous and array.dtype == np.float32
             and array.ctypes.data % DIRECT_ALIGN == 0 and array.nbytes % DIRECT_ALIGN == 0)
 
 
-def write_batch_direct(path, array):
+def write_batch_direct(path: str, array: np.ndarray) -> bool:
     """batches.write_batch()'s atomic, fsynced write with O_DIRECT; False (nothing written) where refused.
 
     The disk reads the batch straight from ``array``: the buffered write's copy
@@ -338,7 +342,7 @@ class BatchWriter:
     the first write error, unless another exception is already on its way.
     """
 
-    def __init__(self, depth=WRITER_DEPTH):
+    def __init__(self, depth: int = WRITER_DEPTH):
         self.queue = queue.Queue(maxsize=depth)
         self.direct = True  # until the file system refuses O_DIRECT
         self.done = 0
@@ -369,12 +373,12 @@ class BatchWriter:
             self.direct = False  # refused once, refused for the rest of the run
         batches.write_batch(path, batch)
 
-    def wait_done(self, count):
+    def wait_done(self, count: int) -> None:
         """Wait until ``count`` batches are finished."""
         with self.finished:
             self.finished.wait_for(lambda: self.done >= count)
 
-    def put(self, path, batch):
+    def put(self, path: str, batch: np.ndarray) -> None:
         """Queue ``batch`` (a ring buffer, left untouched until ``done`` counts it) to be written to ``path``."""
         if self.error is not None:
             raise self.error

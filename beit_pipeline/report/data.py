@@ -25,13 +25,13 @@ import glob
 import json
 import math
 import os
+from typing import Any
 
+from beit_pipeline.evaluation import stats
 from beit_pipeline.pipeline.chain import OUTPUTS_ROOT, RUN, ChainFiles
 
-Z95 = 1.959963984540054
 
-
-def read_json(path: str):
+def read_json(path: str) -> Any:
     """The JSON value in ``path``, or None when it is missing or unreadable."""
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -40,7 +40,7 @@ def read_json(path: str):
         return None
 
 
-def number(value):
+def number(value: object) -> float | None:
     """A float from a number or a string such as '84.68%'; None otherwise."""
     if isinstance(value, bool):
         return None
@@ -55,16 +55,14 @@ def number(value):
 
 
 def wilson(hits: int, count: int) -> tuple | None:
-    """The 95% Wilson score interval of hits/count, in percent; None without a count."""
+    """The 95% Wilson score interval of hits/count (stats.wilson's), in percent; None without a count."""
     if not count:
         return None
-    p, z2 = hits / count, Z95 * Z95
-    centre = (p + z2 / (2 * count)) / (1 + z2 / count)
-    half = Z95 * math.sqrt(p * (1 - p) / count + z2 / (4 * count * count)) / (1 + z2 / count)
-    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+    low, high = stats.wilson(hits, count)
+    return 100 * low, 100 * high
 
 
-def interval(value) -> tuple | None:
+def interval(value: object) -> tuple | None:
     """A [low, high] pair from a file, or None."""
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(number(v) is not None for v in value):
         return number(value[0]), number(value[1])
@@ -171,7 +169,7 @@ def load_accuracy(workdir: str, batch_size: int) -> Accuracy | None:
     return Accuracy(path, int(count) if count else None, top1, top5, ci)
 
 
-def top5_list(value) -> list:
+def top5_list(value: object) -> list:
     """[(class, logit)] from [[c, l], ...] or [{"class": c, "logit": l}, ...]; [] otherwise."""
     pairs = []
     for item in value if isinstance(value, list) else []:
@@ -304,8 +302,9 @@ def load(workdir: str, batch_size: int) -> ReportData:
     data = ReportData(workdir, batch_size, load_inputs(workdir, batch_size), load_accuracy(workdir, batch_size),
                       stages, fidelity_images, load_blocks(workdir, batch_size), load_throughput(workdir, batch_size),
                       load_keep(workdir, batch_size), [])
-    for found, sentence in ((data.accuracy, f"no accuracy result (acc_bs{batch_size}.json)"),
-                            (data.stages, f"no fidelity report (fidelity_bs{batch_size}.json: beit_fidelity.py)"),
+    names = ChainFiles(batch_size)
+    for found, sentence in ((data.accuracy, f"no accuracy result ({names.accuracy})"),
+                            (data.stages, f"no fidelity report ({names.fidelity_json}: beit_fidelity.py)"),
                             (data.throughput, "no throughput figures (ais_out/*_summary.json)")):
         if not found:
             data.missing.append(sentence)

@@ -5,7 +5,7 @@ all as ``data:`` URIs.  It shows the accuracy with what it was computed on, the 
 intervals and a one-line verdict per stage (and a legend of the stage names), where the emulated stages'
 fp16 roundings saturate, the error after each block from ``beit_fidelity.py --locate`` (with the first
 saturating node), the images whose Top-1 flipped with both top-5 lists, the throughput
-per engine and precision, and atc's keep_dtype suggestion.  The data comes from report_data.py, which
+per engine and precision, and atc's keep_dtype suggestion.  The data comes from data.py, which
 tolerates missing files; a section without data says how to get it.
 
 ``python3 beit_report.py --workdir W --batch_size N`` writes it (run_all.sh does, and prints its path).
@@ -19,11 +19,15 @@ import html
 import io
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from beit_pipeline import files
 from beit_pipeline.errors import PipelineFileError
 from beit_pipeline.pipeline.chain import ChainFiles
 from beit_pipeline.report import data as report_data
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +58,23 @@ pre{background:#f3f5f9;padding:8px;overflow-x:auto}code{background:#f3f5f9;paddi
 """
 
 
-def esc(value) -> str:
+def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def pct(value, digits: int = 2) -> str:
+def pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}%"
 
 
-def ci(bounds) -> str:
+def ci(bounds: tuple[float, float] | None) -> str:
     return "" if not bounds else f" <span class=muted>[{bounds[0]:.1f}, {bounds[1]:.1f}]</span>"
 
 
-def sci(value) -> str:
+def sci(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3e}"
 
 
-def png_uri(figure) -> str:
+def png_uri(figure: Figure) -> str:
     """A matplotlib figure as a data: URI (the figure is closed)."""
     import matplotlib.pyplot as plt
 
