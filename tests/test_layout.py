@@ -160,6 +160,21 @@ def test_the_chains_file_names_are_spelled_only_in_chain_py():
     assert [line for line in code if re.search(r"_bs\$\{|ais_out/bs|acc_bs\$|_bs[0-9]", line)] == []
 
 
+def test_every_step_is_one_of_the_chains():
+    """run_all.sh's `step NAME`, workstate's specs and its version table name the steps of chain.STEPS, in order."""
+    from beit_pipeline.pipeline import workstate
+    with open(os.path.join(REPO, "run_all.sh"), encoding="utf-8") as f:
+        text = f.read()
+    in_shell = re.findall(r"\bstep ([a-z0-9_]+) run_(?:step|eval)", text) + re.findall(r"infer=\(([a-z_]+) python3", text)
+    assert set(in_shell) == set(chain.STEPS) - {"onnxsim"} and "step onnxsim onnxsim_and_check" in text
+    assert list(workstate._VERSIONS) == list(chain.STEPS)
+    for backend, demo in (("ort", True), ("ascend", False)):
+        run = workstate.RunParams(workdir="/w", batch_size=8, backend=backend, model="m", image_path="i",
+                                  label_file="l", checkpoint="c", demo=demo)
+        names = list(workstate.step_specs(run))
+        assert names == [step for step in chain.STEPS if step in names]
+
+
 def test_the_chain_names_are_the_guides():
     files = chain.ChainFiles(8, "beit_base_patch16_224")
     assert (files.prep, files.onnx, files.onnxsim, files.graph_modify, files.om, files.outputs, files.accuracy) == (

@@ -17,6 +17,11 @@ import os
 import shlex
 import sys
 
+# The steps run_all.sh runs, in order (one of beit_infer / ais_bench, atc only on the Ascend path, demo only without
+# images): workstate.step_specs says what each reads and writes, run_all.sh's `step NAME` runs it.
+STEPS = ("demo", "preprocess", "pth2onnx", "onnxsim", "graph_modify", "atc", "beit_infer", "ais_bench", "eval",
+         "fidelity")
+
 STATE = "run_all_state.json"  # workstate's record: per output, the key it was made with
 RUN = ".run_all_run.json"  # workstate's RunParams of the run in progress (the HTML report reads it)
 FIDELITY_DERIVED = ".fidelity_derived.json"  # beit_fidelity.py's record of the graphs it made, every batch size
