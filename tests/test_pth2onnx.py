@@ -420,3 +420,15 @@ def test_guide_graph_modify_reproduction_edits_every_block(onnx_exports, tmp_pat
     proc = run_script(["graph_modify.py", onnx_exports.simplified("tiny", 11, 2), str(out), "2", "--guide"])
     assert proc.returncode == 0, proc.stderr
     assert re.search(rf"padded keys zeroed \(Slice 0:197 \+ Concat zeros\)\D+{TINY_DEPTH}\b", proc.stdout), proc.stdout
+
+
+def test_a_random_checkpoint_is_the_same_bytes_whatever_its_path(tmp_path):
+    """torch.save named the archive's folder after the temporary file it wrote, so two saves of the same weights
+    differed and the demo's checkpoint SHA-256 (recorded in acc_bs{N}_details.json) changed from run to run."""
+    first, second = tmp_path / "a" / "random_checkpoint.pth", tmp_path / "b.pth"
+    first.parent.mkdir()
+    beit_model.save_random_checkpoint(first, TINY, seed=3)
+    beit_model.save_random_checkpoint(second, TINY, seed=3)
+    assert first.read_bytes() == second.read_bytes()
+    beit_model.save_random_checkpoint(second, TINY, seed=4)
+    assert first.read_bytes() != second.read_bytes()

@@ -175,5 +175,8 @@ def random_checkpoint(name: str = "beit_base_patch16_224", seed: int = 0,
 def save_random_checkpoint(path: str | os.PathLike[str], name: str = "beit_base_patch16_224", seed: int = 0) -> None:
     """Write random_checkpoint() to ``path`` atomically: a killed run leaves no truncated file to reuse."""
     with files.temporary_beside(path) as tmp:
-        torch.save(random_checkpoint(name, seed), tmp)
+        # Through a file object: torch.save names the archive's folder after a path it is given (here the random
+        # temporary name), which made two saves of the same weights differ and the checkpoint's SHA-256 change.
+        with open(tmp, "wb") as f:
+            torch.save(random_checkpoint(name, seed), f)
         files.publish_temporary(tmp, path)
