@@ -127,6 +127,7 @@ def test_report_of_a_crafted_folder_renders_in_chromium(tmp_path, capsys):
     text = path.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:|//)""", text)  # nothing from the network
     assert "Top-1 85.50%" in text and "on <b>200 images</b>" in text
+    assert "<th>backend</th><td>ort (engine openvino fp32)</td>" in text  # the engine that ran, not only --backend
     lo, hi = report_data.wilson(171, 200)
     assert f"[{lo:.1f}, {hi:.1f}]" in text  # the accuracy's own interval, from its counts
     assert "exact: the same Top-1 on every image" in text  # graph_modify's verdict

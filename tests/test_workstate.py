@@ -164,6 +164,24 @@ def test_label_file_fixed_in_place_redoes_only_the_eval(work):
     assert work.run() == ["eval"]
 
 
+def test_a_synset_mapping_beside_the_label_file_is_part_of_the_eval_key(work):
+    """Kaggle's CSV and the devkit's ground truth read their classes from LOC_synset_mapping.txt / meta.mat beside
+    them: a mapping fixed in place must redo the eval, never print the Top-1 of the old mapping."""
+    mapping = work.labels.parent / "LOC_synset_mapping.txt"
+    mapping.write_text("n01440764 tench\nn01443537 goldfish\n")
+    work.run()
+    assert work.run() == []
+    stat = mapping.stat()
+    mapping.write_text("n01443537 goldfish\nn01440764 tench\n")  # two classes swapped, same size and mtime
+    os.utime(mapping, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    code, _, _ = work.begin()
+    code, out, _ = work.call("start", "eval")
+    assert code == 0 and f"redo eval: acc_bs{BS}.json: the synset mapping LOC_synset_mapping.txt changed ({mapping})" in out
+    MAKERS["eval"](work)
+    assert work.call("finish", "eval")[0] == 0
+    assert work.run() == []
+
+
 def test_checkpoint_replaced_at_the_same_path_redoes_the_export_and_what_follows(work):
     work.run()
     stat = work.checkpoint.stat()

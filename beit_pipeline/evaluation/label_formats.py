@@ -143,6 +143,16 @@ def mapping_beside(path: str, name: str, synset_mapping: str | None, what: str, 
     return found
 
 
+def mappings_beside(label_path: str) -> list[str]:
+    """The synset mappings a label file in another form may read from beside it (LOC_synset_mapping.txt,
+    meta.mat), those that exist: run_all.sh keys its eval on them too, so a changed mapping redoes the eval."""
+    if os.path.isdir(label_path):  # class folders read no mapping but the one given as the label file
+        return []
+    folder = os.path.dirname(os.path.abspath(label_path))
+    return [path for path in (os.path.join(folder, name) for name in (KAGGLE_MAPPING, DEVKIT_META))
+            if os.path.isfile(path) and os.path.abspath(path) != os.path.abspath(label_path)]
+
+
 # ---------------------------------------------------------------- the label forms
 
 def read_kaggle_csv(path: str, num_classes: int, synset_mapping: str | None) -> LabelFile:

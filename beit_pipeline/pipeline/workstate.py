@@ -147,6 +147,7 @@ def step_specs(run: RunParams) -> dict[str, StepSpec]:
                   keep_on_redo=[partial] + beside(partial)[1:] if run.backend == "ort" else []),
         StepSpec("eval", [acc, chain.details_name(acc)], {"the outputs": run.path(out),
                                                             "the label file": run.label_file,
+                                                            **synset_mapping_inputs(run),
                                                             "the batches": run.path(prep)}, {"batch_size": n}),
     ]
     if run.backend == "ascend":
@@ -177,7 +178,7 @@ def fidelity_spec(run: RunParams, made: dict[str, str]) -> StepSpec:
     """beit_fidelity.py: every stage scored on the same images; it makes the guide's and the emulated OM's graphs."""
     n, names = run.batch_size, run.files
     inputs = {role: run.path(name) for role, name in made.items()}
-    inputs.update({"the checkpoint": run.checkpoint, "the label file": run.label_file})
+    inputs.update({"the checkpoint": run.checkpoint, "the label file": run.label_file, **synset_mapping_inputs(run)})
     inputs.update(keep_dtype_input(run))  # issue 20
     if run.backend == "ascend":
         inputs["the OM's outputs"] = run.path(names.fp32_outputs)
@@ -195,6 +196,14 @@ def atc_spec(run: RunParams, mg: str, om: str) -> StepSpec:
                     {"the padded model": run.path(mg), **keep_dtype_input(run)},
                     {"batch_size": run.batch_size, "soc_version": run.soc_version}, promote=[(partial, om)],
                     aliases={partial: suffixed}, shared=[chain.FUSION_RESULT])
+
+
+def synset_mapping_inputs(run: RunParams) -> dict[str, str]:
+    """A synset mapping beside the label file (Kaggle's CSV, the devkit's ground truth read their classes from
+    it): part of the eval's and the fidelity report's keys, so a changed mapping redoes them."""
+    from beit_pipeline.evaluation import label_formats
+    found = label_formats.mappings_beside(run.label_file) if run.label_file else []
+    return {f"the synset mapping {os.path.basename(path)}": path for path in found}
 
 
 def keep_dtype_input(run: RunParams) -> dict[str, str]:

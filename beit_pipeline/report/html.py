@@ -101,12 +101,20 @@ def thumbnail_uri(path: str) -> str | None:
 
 # ---------------------------------------------------------------- sections
 
+def engine_of(data: report_data.ReportData) -> str | None:
+    """The engine and precision that wrote this batch size's default outputs (ais_out/bs{N}), if recorded."""
+    main = next((t for t in data.throughput if t.folder == f"bs{data.batch_size}"), None)
+    return f"{main.engine or '?'} {main.precision or ''}".strip() if main else None
+
+
 def header(data: report_data.ReportData) -> str:
     inputs = data.inputs
     rows = [("work folder", data.workdir), ("batch size", data.batch_size)]
     rows += [(label, inputs[key]) for key, label in (("checkpoint", "checkpoint"), ("image_folder", "images"),
                                                     ("label_file", "labels"), ("model", "model"),
                                                     ("backend", "backend")) if inputs.get(key)]
+    if engine_of(data):  # run_all.sh's --backend (ort) says less than the engine that ran (openvino fp32)
+        rows = [(k, f"{v} (engine {engine_of(data)})" if k == "backend" else v) for k, v in rows]
     if inputs.get("label_file") and inputs.get("label_file") == inputs.get("image_folder"):
         rows = [(k, "the class sub-folders of the images" if k == "labels" else v) for k, v in rows]
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
@@ -126,8 +134,7 @@ def accuracy_section(data: report_data.ReportData) -> str:
     om = next((s for s in data.stages if s.name == "om_emulation"), None)
     predicted = (f"<p>Predicted OM Top-1 (om_emulation, on {om.num_images} images): <b>{pct(om.top1)}</b>"
                  f"{ci(om.top1_ci)}</p>") if om is not None else ""
-    main = next((t for t in data.throughput if t.folder == f"bs{data.batch_size}"), None)
-    engine = f"{main.engine or '?'} {main.precision or ''}".strip() if main else "an engine not recorded"
+    engine = engine_of(data) or "an engine not recorded"
     return (f"<h2>Accuracy</h2><p><span class=big>Top-1 {pct(acc.top1)}</span>{ci(acc.top1_ci)} &nbsp; "
             f"Top-5 {pct(acc.top5)} &nbsp; on <b>{acc.num_images if acc.num_images is not None else '?'} images</b>"
             f" <span class=muted>(95% Wilson interval in brackets)</span></p>"
