@@ -58,7 +58,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Top-1/Top-5 accuracy of BEiT inference outputs against val_label.txt (pipeline step 6): "
                     "writes the guide's accuracy JSON and, beside it, <name>_details.json with our figures.")
-    parser.add_argument("--folder_davinci_target", default=f"./{ChainFiles(64).outputs}/",  # the guide's defaults metavar="DIR",
+    parser.add_argument("--folder_davinci_target", default=f"./{ChainFiles(64).outputs}/", metavar="DIR",  # the guide's default
                         help="folder of inference outputs as ais_bench writes them (default: the guide's "
                              "%(default)s): <input_stem>_0.txt, _0.bin (raw float32, or float16 from an OM with "
                              "fp16 outputs: named by the summary's output_dtype or, with the manifest, told by the "

@@ -22,7 +22,7 @@ Usage::
 The output is byte-identical whatever ``--workers`` is, and a run that was
 killed finishes where it stopped when started again with the same arguments.
 The work is in beit_pipeline/preprocess/runner.py (the folder run),
-preprocess_transform.py (the transform) and preprocess_workers.py (decoding workers, batch ring, O_DIRECT writer).
+transform.py (the transform) and workers.py (decoding workers, batch ring, O_DIRECT writer) beside it.
 """
 
 import argparse

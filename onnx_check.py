@@ -19,9 +19,10 @@ over the whole output: scaled by the largest reference logit, because an
 element-wise ratio blows up on logits that happen to be near zero and would
 flag harmless float32 rounding.
 
-The comparison itself is beit_pipeline.inference.sessions.compare_models, the one every step uses
-(beit_pth2onnx.py's verification, graph_modify.py's, and graph.simplify.simplify_checked: onnxsim and
-this check in one call, for the benchmarks and the tests).
+The comparison itself is beit_pipeline.inference.sessions.compare_models, which graph_modify.py's
+verification and graph.simplify.simplify_checked (onnxsim and this check in one call, for the benchmarks
+and the tests) use too; beit_pth2onnx.py compares against PyTorch with the same run_session and
+output_errors.
 """
 
 import argparse

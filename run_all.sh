@@ -14,7 +14,9 @@ export PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" # python3 -m beit
 # Exit codes are beit_pipeline/errors.py's (README "Exit codes"), read from there; a missing python3 is the one
 # refusal made before they can be read.
 command -v python3 >/dev/null || { printf 'error: python3 is not on PATH (make demo puts .venv/bin first)\n' >&2 && exit 2; }
-eval "$(python3 -c 'from beit_pipeline.errors import shell_assignments; print(shell_assignments())')"
+EXIT_CODES="$(python3 -c 'from beit_pipeline.errors import shell_assignments; print(shell_assignments())' 2>&1)" ||
+  { printf 'error: python3 cannot read the exit codes from beit_pipeline/errors.py: %s\n' "${EXIT_CODES##*$'\n'}" >&2 && exit 2; }
+eval "${EXIT_CODES}"
 
 # Options, named after their flags (parse_args sets --image_path in IMAGE_PATH).
 BATCH_SIZE="" IMAGE_PATH="" LABEL_FILE="" CHECKPOINT="" WORKDIR="./work" BACKEND="auto"
@@ -143,7 +145,7 @@ choose_backend() { # ascend needs atc, aclruntime and an ais_bench (or AIS_INFER
 # One run_all.sh per work folder.  The kernel drops the lock when its holder dies; the steps inherit
 # it, so a step orphaned by a killed run_all.sh still keeps a second run out.
 lock_workdir() {
-  local lock="${WORKDIR}/.run_all.lock" holder
+  local lock="${lock_file}" holder
   exec {LOCK_FD}<>"${lock}"
   if ! flock -n "${LOCK_FD}"; then
     exec {LOCK_FD}>&- # so that the question below does not find this run among the holders
@@ -222,18 +224,17 @@ run_eval() {
 }
 
 run_demo_step() {
-  local args=(--out "${WORKDIR}/demo")
+  local args=(--out "${demo_dir}")
   log "demo: a random BEiT on real photographs labelled with its own PyTorch predictions: Top-1 measures"
   log "demo: fidelity to PyTorch (100% expected), not ImageNet accuracy"
-  IMAGE_PATH="${WORKDIR}/demo/images" LABEL_FILE="${WORKDIR}/demo/val_label.txt"
-  CHECKPOINT="${WORKDIR}/demo/random_checkpoint.pth"
+  IMAGE_PATH="${demo_images}" LABEL_FILE="${demo_labels}" CHECKPOINT="${demo_checkpoint}"
   if [[ -n "${MODEL}" ]]; then args+=(--model "${MODEL}"); fi
   step demo run_step demo python3 "${SCRIPT_DIR}/make_demo_data.py" "${args[@]}"
 }
 
 run_pipeline() {
   local n="${BATCH_SIZE}" w="${WORKDIR}" prep_args=() export_args=() infer=() model atc_keep=() fidelity_keep=()
-  local names prep onnx sim sim_partial mg om om_partial outputs_root outputs outputs_dirname accuracy_name
+  local names prep onnx sim sim_partial mg om om_partial outputs_root outputs outputs_partial_dirname accuracy_name
   # The chain's file names are spelled once, in beit_pipeline/pipeline/chain.py: one `var=quoted path` a line.
   names="$(pkg pipeline.chain shell --workdir "${w}" --batch_size "${n}" --model "${MODEL_FILE}" --tag "${TAG}")"
   eval "${names}"
@@ -264,7 +265,7 @@ run_pipeline() {
     model="${mg}"
   fi
   step "${infer[0]}" run_step "${infer[@]}" --input "${prep}" --output "${outputs_root}" \
-    --output_dirname "${outputs_dirname}_partial" --outfmt TXT --batchsize "${n}"
+    --output_dirname "${outputs_partial_dirname}" --outfmt TXT --batchsize "${n}"
   step eval run_eval --folder_davinci_target "${outputs}" \
     --annotation_file_path "${LABEL_FILE}" --result_json_path "${w}" --json_file_name "${accuracy_name}" \
     --batch_size "${n}" --prep_image "${prep}" --checkpoint "${CHECKPOINT}" --model_file "${model}"
@@ -292,10 +293,13 @@ preflight() {
 }
 
 main() {
-  local start="${SECONDS}" flags=() info
+  local start="${SECONDS}" flags=() info names lock_file demo_dir demo_images demo_labels demo_checkpoint
   parse_args "$@"
   export PYTHONUNBUFFERED=1 # the steps' stdout stays in order with their stderr when piped
   preflight
+  # The lock's and the demo's paths (the chain's file names are spelled once, in beit_pipeline/pipeline/chain.py).
+  names="$(pkg pipeline.chain shell --workdir "${WORKDIR}" --batch_size "${BATCH_SIZE}")"
+  eval "${names}"
   lock_workdir
   trap 'on_signal INT "${EXIT_INTERRUPTED}"' INT
   trap 'on_signal TERM "${EXIT_TERMINATED}"' TERM

@@ -92,6 +92,12 @@ class FileProxy:
         self.f.close()
 
 
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``proc``, asserted to have exited 0 (the message holds its output)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
 def run_script(args, cwd=None, env=None, timeout=600, check=False):
     """Run a repo script (``['beit_preprocess.py', '--flag', ...]``) with this Python.
 

@@ -40,7 +40,7 @@ from beit_pipeline.data import synthetic
 from beit_pipeline.inference import outputs as ais_outputs
 from beit_pipeline.model import export as beit_export
 from beit_pipeline.model import build as beit_model
-from helpers import REPO, TINY, FileProxy, make_bad_checkpoint, read_bytes, run_script
+from helpers import REPO, TINY, FileProxy, make_bad_checkpoint, ok, read_bytes, run_script
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
@@ -114,11 +114,6 @@ def eval_args(outputs, labels, result_dir, prep, *extra, name="acc.json"):
 
 def no_traceback(proc):
     assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
 
 

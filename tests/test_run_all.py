@@ -19,7 +19,7 @@ import torch
 from beit_pipeline.data import demo as make_demo_data
 from beit_pipeline.model import build as beit_model
 import guide_scripts
-from helpers import REPO, TINY, hang_env, run_script
+from helpers import REPO, TINY, hang_env, ok, run_script
 
 N_IMAGES = 19  # not a multiple of 8 or 16: the last batch is padded at every batch size tested
 WRONG_TOP1_ONLY = (2, 9)  # labels moved to the 2nd-ranked class: Top-1 misses, Top-5 still hits
@@ -101,11 +101,6 @@ def run_all(workdir, image_set, batch_size, *extra, env=None, cwd=None, fidelity
         args += ["--image_path", image_set["images"], "--label_file", image_set["labels"],
                  "--checkpoint", image_set["checkpoint"]]
     return run_script(args + list(extra), env=env, cwd=cwd)
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
 
 
 def table_row(stdout):

@@ -100,7 +100,7 @@ def make_outputs(work):
     for stem, _ in batches.rows_from_manifest(manifest):
         (out / f"{stem}_0.txt").write_text("0.0 \n" * BS)
     work.path(f"ais_out/bs{BS}{work.tag}_partial_summary.json").write_text(json.dumps({"throughput": 16.0}))
-    # beit_infer.py's own figures beside it (inference_summary.run_figures reads them): 12.5 img/s over real images
+    # beit_infer.py's own figures beside it (inference.summary.run_figures reads them): 12.5 img/s over real images
     work.path(f"ais_out/bs{BS}{work.tag}_partial_beit_summary.json").write_text(json.dumps(
         {"format": 1, "engine": "openvino", "precision": work.tag[1:] or "fp32", "resumed": False,
          "last_full_measurement": {"throughput_real_images": 12.5, "throughput_ais_bench": 16.0, "real_images": 3,

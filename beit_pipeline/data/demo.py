@@ -36,6 +36,7 @@ from beit_pipeline import files, progress  # progress: plain lines when stderr i
 from beit_pipeline.data import photos, synthetic
 from beit_pipeline.model import build as beit_model
 from beit_pipeline.model.variants import image_size
+from beit_pipeline.pipeline import chain
 
 # The labels must come from the pipeline's own transform, not a look-alike.
 from beit_pipeline.preprocess.transform import preprocess_image, use_image_size
@@ -43,10 +44,8 @@ from beit_pipeline.preprocess.transform import preprocess_image, use_image_size
 DEMO_FORMAT = 1
 DEFAULT_COUNT = 28  # synthetic images; the photographs are all of photos.PHOTOS by default
 IMAGE_KINDS = ("photos", "synthetic")
-IMAGES_DIR = "images"
-CHECKPOINT_NAME = "random_checkpoint.pth"
-LABELS_NAME = "val_label.txt"
-RECORD_NAME = "demo.json"
+IMAGES_DIR, LABELS_NAME, CHECKPOINT_NAME = chain.DEMO_IMAGES, chain.DEMO_LABELS, chain.DEMO_CHECKPOINT
+RECORD_NAME = chain.DEMO_RECORD
 TMP_IMAGES_PREFIX = "." + IMAGES_DIR + "."  # write_images()'s temporary folder: .images.XXXX.tmp
 TMP_SUFFIX = ".tmp"
 

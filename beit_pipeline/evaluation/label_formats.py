@@ -1,4 +1,4 @@
-"""ImageNet's other label forms, read into the same LabelFile as the guide's val_label.txt (labels.py).
+"""ImageNet's other label forms, read into the LabelFile (label_file.py) of the guide's val_label.txt (labels.py).
 
 The model's class index is the position of the image's synset (n01440764 ...) among the 1000 ImageNet-1k
 synsets in sorted order (torchvision's ImageFolder, timm and unilm train with it).  The forms:

@@ -18,7 +18,7 @@ finds a small keep_dtype list that brings the emulated OM back to fp32 (``sugges
 3. drop, last added first, every operator the list works without.
 
 A list is good when, on the images searched, no rounding saturates, max|a-b|/max|b|
-against the fp32 model is at most ORDINARY_REL_ERR (fidelity_locate.REL_LIMIT: about 20
+against the fp32 model is at most ORDINARY_REL_ERR (locate.REL_LIMIT: about 20
 fp16 roundings in a row), and every image whose Top-1 differs from fp32's is a near tie
 (its fp32 margin within 2 x ORDINARY_REL_ERR of the largest logit), which the
 emulation's own rounding flips either way.
@@ -95,7 +95,7 @@ class SaturatedNode:
 def run_emulated(model: onnx.ModelProto, keep: KeepList, images: np.ndarray | ImageRows, batch_size: int, folder: str,
                  count: bool = False) -> EmulatedRun:
     """Emulate ``model`` with ``keep`` and run it on ``images`` (N, 3, S, S: an array, or rows read on demand such
-    as fidelity_runners.ImageRows) in batches, with probes: each rounding's per-image extremes (and NaNs) show
+    as runners.ImageRows) in batches, with probes: each rounding's per-image extremes (and NaNs) show
     where it saturates; ``count``: a second pass over the saturating roundings and images counts the values
     clamped."""
     emulation = emulate(model, keep, probes=True)

@@ -58,7 +58,7 @@ class Images:
 def images_that_can_matter(report: fidelity_report.Report) -> np.ndarray:
     """Sorted indices of the images where the emulated OM can change Top-1 or Top-5: the report's screen for
     om_emulation (its audit plus every image whose base margins om_emulation and pytorch can move together
-    past a tie, fidelity_screen.images_at_risk); within its sample when the report sampled the stage (the
+    past a tie, screen.images_at_risk); within its sample when the report sampled the stage (the
     screen would have run most images); every image with --no_screen."""
     plan = report.plan
     if plan.base is None:

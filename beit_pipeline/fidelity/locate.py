@@ -336,7 +336,7 @@ def report(found: Located) -> None:
         previous = e.rel_err
 
 
-# Issue 21: --locate's figures kept for the HTML report (report_data.load_blocks reads them).
+# Issue 21: --locate's figures kept for the HTML report (report/data.py's load_blocks reads them).
 def save(found: Located, path: str, extra: dict[str, Any] | None = None) -> None:
     """Write ``found`` (a Located) as JSON: the first departing tensor, the worst, the error after each block,
     and the keys of ``extra`` (for an emulated stage, ``first_saturating``: the first node whose fp16 rounding

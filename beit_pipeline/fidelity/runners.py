@@ -8,7 +8,7 @@ rerun, or an interrupted report run again, computes only what is missing.  The o
 from ais_bench's output files instead (OutputReader); the emulated stages run their emulation
 with saturation probes and keep the values clamped beside the logits (EmulatedRunner).
 
-The base (fidelity_screen.py) is the run's own fp32 logits of the graph_modify model: the
+The base (screen.py) is the run's own fp32 logits of the graph_modify model: the
 outputs beit_infer.py wrote in ais_out/bs{N} when its record says fp32, that model, and these
 very batches; otherwise graph_modify is run here on every image (ONNX Runtime fp32), kept in
 its LogitStore, and then is also that stage's own full run.

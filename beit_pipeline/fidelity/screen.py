@@ -173,7 +173,7 @@ class Plan:
     own stage), ``read`` (the om stage's files, every image).
     """
     images: object  # fidelity.ImageSet
-    base: object  # fidelity_runners.Base, or None with --no_screen
+    base: object  # runners.Base, or None with --no_screen
     margins: Margins
     base_argmax: np.ndarray
     base_rank: np.ndarray  # the rank of each image's label in the base's logits

@@ -15,20 +15,20 @@ Stages, in pipeline order (each included when what it needs is in the work folde
 
 Which images: every image of prep_image_bs{N} by default, or a seeded random sample
 (``max_images``, ``seed``; never the first K).  What runs: a stage runs only on the images
-where it can change Top-1 or Top-5 (fidelity_screen.py: the base, the audit, the bounds);
+where it can change Top-1 or Top-5 (screen.py: the base, the audit, the bounds);
 every other image takes the base's answer, so every image is scored for about the cost of
 one inference pass.  A stage the screen cannot narrow (it would run on most images: the
 guide's padding) runs on a seeded random sample instead and says so.  ``screen=False`` runs
 every stage on every image (the brute-force check).  Per stage: Top-1 / Top-5 against the
 labels and Top-1 agreement with pytorch with 95% intervals, the images gained and lost
-against pytorch with a paired interval on the difference (stats.py), the images whose Top-1
+against pytorch with a paired interval on the difference (evaluation/stats.py), the images whose Top-1
 differs from pytorch's with both top-5 lists, and max|a-b|/max|b| and the lowest cosine on
 the images both ran; for the emulated stages, the fp16 roundings that saturate on the images
 they ran (``saturated_nodes``, fp16_overflow.py).
 
 This module holds the work folder, the stages, the images and the models the report makes;
-fidelity_runners.py runs stages and finds the base, fidelity_screen.py decides what runs where,
-fidelity_report.py scores and writes the files, stats.py the intervals.
+runners.py runs stages and finds the base, screen.py decides what runs where,
+report.py scores and writes the files, evaluation/stats.py the intervals.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class StageResult:
     source: str = ""
     seconds: float = 0.0  # loading (and making) its model plus running it
     seconds_load: float = 0.0  # of which loading or making the model: a fixed cost, whatever the image count
-    mode: str = ""  # screened | sampled | all | read (see fidelity_report.MODES)
+    mode: str = ""  # screened | sampled | all | read (see report.MODES)
     images_run: int = 0  # images that went through the stage's model (or were read, for om)
     images_reused: int = 0  # of those, kept from an earlier run (fidelity_logits_bs{N}/)
     top1_ci95: list = None

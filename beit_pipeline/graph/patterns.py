@@ -3,7 +3,7 @@
 Like ONNX Runtime's fusion passes, each pattern is found from an anchor (the
 graph input, the patch-embedding Conv, each Softmax, the pooling ReduceMean),
 never by node names, and every assumption the rewrite relies on is checked here,
-before graph_padding.py changes anything.  A graph that does not fit raises
+before padding.py changes anything.  A graph that does not fit raises
 PatternError naming the missing pattern.
 """
 

@@ -436,7 +436,7 @@ def plan_names(inputs: InputSet, outfmt: str, model: ModelInfo) -> list[str]:
 
 
 def run_one_device(args: argparse.Namespace) -> summaries.RunSummary:
-    """One device's run (``args.device`` an int); inference_devices.run_inference chooses it or one per device."""
+    """One device's run (``args.device`` an int); devices.run_inference chooses it or one per device."""
     out_dir = check_arguments(args)
     if getattr(args, "debug", False):
         logging.getLogger(LOGGER_NAME).setLevel(logging.DEBUG)  # the package's logger: setup_logging resets it

@@ -1,6 +1,6 @@
 """The BEiT variants the pipeline knows, as plain data.
 
-Kept apart from beit_model.py (which imports torch and timm, seconds of start-up)
+Kept apart from build.py (which imports torch and timm, seconds of start-up)
 so that run_all.sh can check --model before any step runs.
 """
 

@@ -24,6 +24,13 @@ STEPS = ("demo", "preprocess", "pth2onnx", "onnxsim", "graph_modify", "atc", "be
 
 STATE = "run_all_state.json"  # workstate's record: per output, the key it was made with
 RUN = ".run_all_run.json"  # workstate's RunParams of the run in progress (the HTML report reads it)
+HASH_CACHE = ".run_all_hashes.json"  # workstate's content digests, cached by stat
+LOCK = ".run_all.lock"  # run_all.sh's lock of the work folder (flock; the holder's PID inside)
+PARTIAL = "_partial"  # a step's output under construction, renamed when the step is complete
+# The built-in demo (make_demo_data.py): its folder in the work folder and what it holds.
+DEMO = "demo"
+DEMO_IMAGES, DEMO_LABELS, DEMO_CHECKPOINT = "images", "val_label.txt", "random_checkpoint.pth"
+DEMO_RECORD = "demo.json"  # what made the demo (model, count, seed): a changed recipe remakes it
 FIDELITY_DERIVED = ".fidelity_derived.json"  # beit_fidelity.py's record of the graphs it made, every batch size
 FUSION_RESULT = "fusion_result.json"  # atc writes it in the folder it runs in
 OUTPUTS_ROOT = "ais_out"  # ais_bench's --output: one dated or named folder per run inside
@@ -78,7 +85,7 @@ class ChainFiles:
     @property
     def om_partial_prefix(self) -> str:
         """atc's ``--output``: it writes PREFIX.om (or PREFIX_linux_<arch>.om, CANN >= 7.0)."""
-        return f"beit_mg_bs{self.batch_size}_partial"
+        return f"beit_mg_bs{self.batch_size}{PARTIAL}"
 
     @property
     def outputs_dirname(self) -> str:
@@ -88,6 +95,11 @@ class ChainFiles:
     @property
     def outputs(self) -> str:
         return f"{OUTPUTS_ROOT}/{self.outputs_dirname}"
+
+    @property
+    def outputs_partial(self) -> str:
+        """Where the inference step writes (ais_bench's --output_dirname), renamed to ``outputs`` when complete."""
+        return self.outputs + PARTIAL
 
     @property
     def fp32_outputs(self) -> str:
@@ -147,13 +159,15 @@ class ChainFiles:
         return f"report_bs{self.batch_size}.html"
 
     def in_workdir(self, workdir: str) -> dict[str, str]:
-        """The files run_all.sh names: {shell variable: absolute path}, and two names (ais_bench's --output_dirname,
-        beit_eval_acc.py's --json_file_name)."""
-        names = {"prep": self.prep, "onnx": self.onnx, "sim": self.onnxsim, "sim_partial": self.onnxsim_partial,
+        """The files run_all.sh names: {shell variable: absolute path}, and two names (ais_bench's --output_dirname
+        of the partial folder, beit_eval_acc.py's --json_file_name)."""
+        names = {"lock_file": LOCK, "demo_dir": DEMO, "demo_images": f"{DEMO}/{DEMO_IMAGES}",
+                 "demo_labels": f"{DEMO}/{DEMO_LABELS}", "demo_checkpoint": f"{DEMO}/{DEMO_CHECKPOINT}",
+                 "prep": self.prep, "onnx": self.onnx, "sim": self.onnxsim, "sim_partial": self.onnxsim_partial,
                  "mg": self.graph_modify, "om": self.om, "om_partial": self.om_partial_prefix,
                  "outputs_root": OUTPUTS_ROOT, "outputs": self.outputs}
         return {var: os.path.join(workdir, name) for var, name in names.items()} | {
-            "outputs_dirname": self.outputs_dirname, "accuracy_name": self.accuracy}
+            "outputs_partial_dirname": self.outputs_dirname + PARTIAL, "accuracy_name": self.accuracy}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     shell = sub.add_parser("shell", help="one shell assignment a line (var=quoted path), for eval")
     shell.add_argument("--workdir", required=True, help="the work folder the paths are in")
     shell.add_argument("--batch_size", type=int, required=True, help="the run's batch size")
-    shell.add_argument("--model", required=True, help="the exported ONNX file's stem (the variant name)")
+    shell.add_argument("--model", default="", help="the exported ONNX file's stem (the variant name; not known "
+                                                   "before workstate's begin, when only the lock and demo are asked)")
     shell.add_argument("--tag", default="", help="a non-default engine or precision's tag (_bf16, ...)")
     return parser
 

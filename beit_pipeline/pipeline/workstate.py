@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = chain.STATE
 RUN_NAME = chain.RUN  # the parameters of the run in progress, written by `begin`
-HASH_CACHE_NAME = ".run_all_hashes.json"
+HASH_CACHE_NAME = chain.HASH_CACHE
 LEGACY_RECORD = "run_all_inputs.txt"  # run_all.sh before content-aware reruns
 STATE_FORMAT = 1
 DEFAULT_MODEL = "beit_base_patch16_224"
@@ -130,7 +130,7 @@ def step_specs(run: RunParams) -> dict[str, StepSpec]:
     n, names = run.batch_size, run.files
     prep, onnx, sim, mg, om = names.prep, names.onnx, names.onnxsim, names.graph_modify, names.om
     out = run.outputs_dir
-    partial = f"{out}_partial"
+    partial = names.outputs_partial
     acc = run.result_name
     infer_name = "ais_bench" if run.backend == "ascend" else "beit_infer"
     steps = [
@@ -153,7 +153,7 @@ def step_specs(run: RunParams) -> dict[str, StepSpec]:
     if run.backend == "ascend":
         steps.insert(4, atc_spec(run, mg, om))
     if run.demo:
-        steps.insert(0, StepSpec("demo", ["demo"], {}, {"model": run.model}))
+        steps.insert(0, StepSpec("demo", [chain.DEMO], {}, {"model": run.model}))
     if run.fidelity:
         steps.append(fidelity_spec(run, {"the batches": prep, "the exported model": onnx,
                                          "the simplified model": sim, "the padded model": mg}))
@@ -372,8 +372,8 @@ def run_params(args: argparse.Namespace) -> RunParams:
     workdir = os.path.abspath(args.workdir)
     demo = not (args.image_path or args.label_file or args.checkpoint)
     if demo:
-        image_path, label_file, checkpoint = (os.path.join(workdir, "demo", name) for name in
-                                              ("images", "val_label.txt", "random_checkpoint.pth"))
+        image_path, label_file, checkpoint = (os.path.join(workdir, chain.DEMO, name) for name in
+                                              (chain.DEMO_IMAGES, chain.DEMO_LABELS, chain.DEMO_CHECKPOINT))
     else:
         image_path, label_file, checkpoint = (os.path.abspath(p) for p in
                                               (args.image_path, args.label_file, args.checkpoint))
@@ -629,8 +629,8 @@ def verify_product(run: RunParams, spec: StepSpec) -> None:
 
 
 def verify_demo(run: RunParams, spec: StepSpec) -> None:
-    if files.read_json(run.path("demo/demo.json")) is None:
-        raise PipelineFileError(f"step demo left {run.path('demo')} without demo.json")
+    if files.read_json(run.path(os.path.join(chain.DEMO, chain.DEMO_RECORD))) is None:
+        raise PipelineFileError(f"step demo left {run.path(chain.DEMO)} without {chain.DEMO_RECORD}")
 
 
 def verify_preprocess(run: RunParams, spec: StepSpec) -> None:

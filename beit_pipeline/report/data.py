@@ -28,7 +28,7 @@ import os
 from typing import Any
 
 from beit_pipeline.evaluation import stats
-from beit_pipeline.pipeline.chain import OUTPUTS_ROOT, RUN, ChainFiles
+from beit_pipeline.pipeline.chain import OUTPUTS_ROOT, PARTIAL, RUN, ChainFiles
 
 
 def read_json(path: str) -> Any:
@@ -245,7 +245,8 @@ def load_throughput(workdir: str, batch_size: int) -> list:
         name = os.path.basename(path)
         ours = name.endswith("_beit_summary.json")
         folder = name[: -len("_beit_summary.json") if ours else -len("_summary.json")]
-        if folder != f"bs{batch_size}" and not folder.startswith(f"bs{batch_size}_") or folder.endswith("_partial"):
+        own = ChainFiles(batch_size).outputs_dirname  # bs{N}, and bs{N}_<tag> beside it
+        if folder != own and not folder.startswith(own + "_") or folder.endswith(PARTIAL):
             continue
         data = read_json(path)
         if not isinstance(data, dict) or (folder in rows and not ours):
@@ -305,7 +306,7 @@ def load(workdir: str, batch_size: int) -> ReportData:
     names = ChainFiles(batch_size)
     for found, sentence in ((data.accuracy, f"no accuracy result ({names.accuracy})"),
                             (data.stages, f"no fidelity report ({names.fidelity_json}: beit_fidelity.py)"),
-                            (data.throughput, "no throughput figures (ais_out/*_summary.json)")):
+                            (data.throughput, f"no throughput figures ({OUTPUTS_ROOT}/*_summary.json)")):
         if not found:
             data.missing.append(sentence)
     return data

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from beit_pipeline import files
 from beit_pipeline.errors import PipelineFileError
-from beit_pipeline.pipeline.chain import ChainFiles
+from beit_pipeline.pipeline.chain import OUTPUTS_ROOT, ChainFiles
 from beit_pipeline.report import data as report_data
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GENERATOR = "beit_pipeline.report.html"
+GENERATOR = "beit_pipeline.report_html"  # the page's mark (this module's name before issue 22: old pages stay ours)
 THUMBNAIL = 128
 MAX_FLIPS_SHOWN = 24
 STAGE_LEGEND = {
@@ -103,7 +103,7 @@ def thumbnail_uri(path: str) -> str | None:
 
 def engine_of(data: report_data.ReportData) -> str | None:
     """The engine and precision that wrote this batch size's default outputs (ais_out/bs{N}), if recorded."""
-    main = next((t for t in data.throughput if t.folder == f"bs{data.batch_size}"), None)
+    main = next((t for t in data.throughput if t.folder == ChainFiles(data.batch_size).outputs_dirname), None)
     return f"{main.engine or '?'} {main.precision or ''}".strip() if main else None
 
 
@@ -304,7 +304,7 @@ def throughput_figure(rows: list) -> str:
 def throughput_section(data: report_data.ReportData) -> str:
     rows = data.throughput
     if not rows:
-        return "<h2>Throughput</h2><p>No throughput figures (ais_out/*_summary.json).</p>"
+        return f"<h2>Throughput</h2><p>No throughput figures ({OUTPUTS_ROOT}/*_summary.json).</p>"
     table = "".join(f"<tr><td>{esc(r.folder)}</td><td>{esc(r.engine or '?')}</td><td>{esc(r.precision or '?')}</td>"
                     f"<td>{esc(r.provider or '')}</td><td class=num>{r.img_per_s:.2f}</td><td class=num>"
                     f"{r.real_images if r.real_images is not None else ''}</td><td>{esc(r.measured_at or '')}</td></tr>"
