@@ -181,6 +181,9 @@ def test_the_chain_names_are_the_guides():
     assert (files.prep, files.onnx, files.onnxsim, files.graph_modify, files.om, files.outputs, files.accuracy) == (
         "prep_image_bs8", "beit_base_patch16_224.onnx", "beit_onnxsim_bs8.onnx", "beit_mg_bs8.onnx",
         "beit_mg_bs8.om", "ais_out/bs8", "acc_bs8.json")
+    assert [files.is_accuracy(n) for n in ("acc_bs8.json", "acc_bs8_bf16.json", "acc_bs80.json",
+                                           "acc_bs8_details.json", "acc_bs8_bf16_details.json")] == [
+        True, True, False, False, False]
     tagged = chain.ChainFiles(16, "m", "_bf16")
     assert (tagged.outputs, tagged.accuracy, tagged.accuracy_details, tagged.fp32_outputs) == (
         "ais_out/bs16_bf16", "acc_bs16_bf16.json", "acc_bs16_bf16_details.json", "ais_out/bs16")

@@ -111,6 +111,13 @@ class ChainFiles:
         """The guide's accuracy JSON; our details beside it are results.details_name(accuracy)."""
         return f"acc_bs{self.batch_size}{self.tag}.json"
 
+    def is_accuracy(self, name: str) -> bool:
+        """Whether ``name`` is this batch size's accuracy JSON of any engine or precision (``acc_bs8.json``,
+        ``acc_bs8_bf16.json``; not ``acc_bs80.json``, not the details beside them)."""
+        stem = dataclasses.replace(self, tag="").accuracy[:-len(".json")]
+        return (name.endswith(".json") and not name.endswith("_details.json")
+                and (name == stem + ".json" or name.startswith(stem + "_")))
+
     @property
     def accuracy_details(self) -> str:
         return details_name(self.accuracy)

@@ -725,7 +725,7 @@ def recorded_results(run: RunParams, state: dict[str, Any] | None) -> dict[str, 
     for product, entry in ((state or {}).get("outputs") or {}).items():
         if entry.get("step") != "eval" or entry.get("status") != "complete":
             continue
-        if not product.startswith(chain.ChainFiles(run.batch_size).accuracy[:-len(".json")]) or not product.endswith(".json"):
+        if not run.files.is_accuracy(product):
             continue
         recorded = entry.get("outputs") or {}
         if any(output_digest(run.path(rel)) != digest for rel, digest in recorded.items()):

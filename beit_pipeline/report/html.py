@@ -113,8 +113,9 @@ def header(data: report_data.ReportData) -> str:
     rows += [(label, inputs[key]) for key, label in (("checkpoint", "checkpoint"), ("image_folder", "images"),
                                                     ("label_file", "labels"), ("model", "model"),
                                                     ("backend", "backend")) if inputs.get(key)]
-    if engine_of(data):  # run_all.sh's --backend (ort) says less than the engine that ran (openvino fp32)
-        rows = [(k, f"{v} (engine {engine_of(data)})" if k == "backend" else v) for k, v in rows]
+    engine = engine_of(data)
+    if engine:  # run_all.sh's --backend (ort) says less than the engine that ran (openvino fp32)
+        rows = [(k, f"{v} (engine {engine})" if k == "backend" else v) for k, v in rows]
     if inputs.get("label_file") and inputs.get("label_file") == inputs.get("image_folder"):
         rows = [(k, "the class sub-folders of the images" if k == "labels" else v) for k, v in rows]
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
