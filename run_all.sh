@@ -11,8 +11,8 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 export PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}" # python3 -m beit_pipeline.* from any folder
-# Exit codes are beit_pipeline/errors.py's (README "Exit codes"), read from there; a missing python3 is the one
-# refusal made before they can be read.
+# Exit codes are beit_pipeline/errors.py's (README "Exit codes"), read from there; no python3, or one that cannot
+# import the package, are the two refusals made before they can be read (exit 2, usage, as README says).
 command -v python3 >/dev/null || { printf 'error: python3 is not on PATH (make demo puts .venv/bin first)\n' >&2 && exit 2; }
 EXIT_CODES="$(python3 -c 'from beit_pipeline.errors import shell_assignments; print(shell_assignments())' 2>&1)" ||
   { printf 'error: python3 cannot read the exit codes from beit_pipeline/errors.py: %s\n' "${EXIT_CODES##*$'\n'}" >&2 && exit 2; }
