@@ -135,7 +135,7 @@ def check_args(args):
 
 
 def write_results(args, result, label_path):
-    """Write the guide's JSON and our details beside it (each atomically); returns their paths.
+    """Write the guide's JSON and our details beside it (each atomically); returns their paths and the details.
 
     The details go first: a guide-shaped JSON never stands without the file that says what it measured.
     An OSError names the file it was writing (files.write_bytes_atomic).
@@ -149,9 +149,10 @@ def write_results(args, result, label_path):
     for path in (guide_path, details_path):
         # Only these files' leftovers: the result folder may be a work folder shared with other steps.
         files.remove_stale_temporaries_of(path)
-    files.write_json_atomic(details_path, results.details(result, source, args.json_file_name))
+    details = results.details(result, source, args.json_file_name)
+    files.write_json_atomic(details_path, details)
     files.write_text_atomic(guide_path, results.guide_json_text(acc.num_images, acc.num_classes, acc.correct[0]))
-    return guide_path, details_path
+    return guide_path, details_path, details
 
 
 def manifest_image_folder(prep_image):
@@ -169,11 +170,13 @@ def run(args):
     label_file = labels.read_labels(label_path, args.num_classes, args.synset_mapping)
     result = evaluation.evaluate_folder(args.folder_davinci_target, label_file, args.prep_image,
                                         args.batch_size, args.num_classes)
-    guide_path, details_path = write_results(args, result, label_path)
+    guide_path, details_path, details = write_results(args, result, label_path)
     acc = result.accuracy
     low, high = results.wilson_interval(acc.correct[0], acc.num_images)
+    model = os.path.basename((details.get("model") or {}).get("path") or "") or "a model not given (--model_file)"
     log.info(evaluation.summary_line(acc))
-    log.info(f"Top-1 {acc.correct[0]}/{acc.num_images} images (95% interval {low:.2f}-{high:.2f}%)")
+    log.info(f"Top-1 {acc.correct[0]}/{acc.num_images} images (95% interval {low:.2f}-{high:.2f}%): the outputs of "
+             f"{model} on {results.describe_run(details)}")
     log.info(f"wrote {guide_path} (the guide's JSON) and {details_path}")
 
 

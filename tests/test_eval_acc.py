@@ -186,6 +186,7 @@ def test_exact_topk_with_manifest_all_formats(tmp_path, capsys, fmt):
                                  'accuracy", "value": "64.71%"}]}')
     out = capsys.readouterr()
     assert "Top-1 accuracy: 64.71%  Top-5 accuracy: 88.24%  images: 17" in out.out
+    assert "(95% interval 41.30-82.69%): the outputs of a model not given (--model_file) on " in out.out
     assert "1 images were skipped" in out.err
 
 

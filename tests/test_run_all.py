@@ -225,6 +225,7 @@ def assert_says_what_it_is(proc, workdir, image_set, batch_size):
     assert re.search(r"^\[run_all\] step eval: .* --num_classes 1000$", proc.stdout, re.M)
     hits = round(image_set["top1"] * N_IMAGES / 100)
     assert f"Top-1: {hits}/{N_IMAGES} images (95% interval " in proc.stdout
+    assert f"%): the outputs of beit_mg_bs{batch_size}.onnx on openvino fp32" in proc.stdout  # beit_eval_acc.py's
     assert f"images: all {N_IMAGES} labelled images evaluated; image set {acc['images']['fingerprint']}" in proc.stdout
     assert f"made by: checkpoint {os.path.basename(image_set['checkpoint'])} (sha256 {checkpoint_sha}), model " \
            f"beit_mg_bs{batch_size}.onnx (sha256 {acc['model']['sha256']}), engine openvino fp32" in proc.stdout
